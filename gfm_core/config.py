@@ -1,0 +1,222 @@
+"""Typed experiment config: ``params.yaml`` -> pydantic models.
+
+``params.yaml`` holds the paper's values in its stage sections and named presets (``presets.demo``) that override
+some of them. The top-level ``preset`` key (or ``--preset`` on the CLI) picks the preset in force.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from gfm_core.errors import ConfigError
+
+
+class Section(BaseModel):
+    """Base of every config section: unknown keys are errors, values are immutable."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DemoDataCfg(Section):
+    """Embedded demo data built from real imagery shipped in registry packages."""
+
+    root: Path = Path("data/demo")
+    seed: int = 0
+    tile_size: int = Field(32, ge=8, description="task tile size in pixels of the 28.5 m NC Landsat grid")
+    block_tiles: int = Field(3, ge=1, description="spatial split block edge, in tiles (blocks never straddle splits)")
+    split_fractions: tuple[float, float, float] = (0.6, 0.2, 0.2)
+    min_valid_fraction: float = Field(0.99, gt=0, le=1, description="tiles with less valid imagery are dropped")
+    multilabel_min_fraction: float = Field(0.05, gt=0, lt=1, description="a class is present above this area share")
+    scene_classes: tuple[int, ...] = Field((1, 3, 5), description="land-cover codes kept for scene classification")
+    sr_scale: int = Field(4, ge=2)
+    pile_crops_per_source: int = Field(48, ge=1)
+    pile_crop_range: tuple[int, int] = (64, 160)
+
+    @model_validator(mode="after")
+    def _check(self) -> DemoDataCfg:
+        if abs(sum(self.split_fractions) - 1) > 1e-6:
+            raise ValueError(f"split_fractions must sum to 1, got {self.split_fractions}")
+        if self.tile_size % self.sr_scale:
+            raise ValueError(f"tile_size {self.tile_size} must be divisible by sr_scale {self.sr_scale}")
+        lo, hi = self.pile_crop_range
+        if not 8 <= lo <= hi:
+            raise ValueError(f"pile_crop_range must satisfy 8 <= min <= max, got {self.pile_crop_range}")
+        return self
+
+
+class StudentCfg(Section):
+    """The student backbone: a timm Swin created by name, random init (paper: Swin-B at 192 px, window 6)."""
+
+    arch: str = "swin_base_patch4_window7_224"
+    img_size: int = Field(192, ge=32)
+    window_size: int = Field(6, ge=1)
+    in_chans: int = Field(3, ge=1)
+    patch_size: int = Field(4, ge=1)
+    embed_dim: int | None = Field(None, ge=8, description="override the arch's width (tiny demo models)")
+    depths: tuple[int, ...] | None = None
+    num_heads: tuple[int, ...] | None = None
+    drop_path_rate: float = Field(0.0, ge=0, lt=1)
+
+    def timm_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for ``timm.create_model`` (unset overrides are left to the arch)."""
+        kw: dict[str, Any] = dict(
+            img_size=self.img_size, window_size=self.window_size, in_chans=self.in_chans,
+            patch_size=self.patch_size, drop_path_rate=self.drop_path_rate, num_classes=0,
+        )
+        for key in ("embed_dim", "depths", "num_heads"):
+            if getattr(self, key) is not None:
+                kw[key] = getattr(self, key)
+        return kw
+
+
+class TeacherCfg(Section):
+    """The frozen ImageNet teacher: any timm model loaded from a local checkpoint file."""
+
+    arch: str = "swin_base_patch4_window7_224"
+    checkpoint: Path | None = Field(
+        None, description="local weight file (.safetensors or .pth); nothing is ever downloaded"
+    )
+    img_size: int | None = Field(None, ge=32, description="input size; None = the arch's pretrained size")
+    feature_stage: int = Field(3, ge=1, description="1-based stage whose (pooled) output is distilled")
+
+
+class PretrainCfg(Section):
+    """Teacher-student continual pretraining (paper section 2; defaults are the paper's values)."""
+
+    student: StudentCfg = StudentCfg()
+    teacher: TeacherCfg = TeacherCfg()
+    mask_patch_size: int = Field(32, ge=1)
+    mask_ratio: float = Field(0.6, gt=0, lt=1)
+    w_mim: float = Field(1.0, ge=0, description="weight of the masked L1 reconstruction loss")
+    alpha: float = Field(1.0, ge=0, description="weight of the negative-cosine distillation loss")
+    crop_scale: tuple[float, float] = (0.67, 1.0)
+    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    batch_size: int = Field(128, ge=1, description="per-device micro-batch")
+    grad_accum: int = Field(1, ge=1)
+    epochs: int = Field(100, ge=1)
+    warmup_epochs: int = Field(10, ge=0)
+    max_steps: int | None = Field(None, ge=1, description="stop early after this many optimizer steps")
+    base_lr: float = Field(2e-4, gt=0, description="scaled by global batch / 512")
+    warmup_lr: float = Field(1e-6, ge=0)
+    min_lr: float = Field(1e-5, ge=0)
+    weight_decay: float = Field(0.05, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    clip_grad: float | None = Field(5.0, gt=0)
+    precision: Literal["fp32", "bf16", "fp16"] = "bf16"
+    backend: Literal["torch", "deepspeed"] = "torch"
+    zero_stage: Literal[0, 1, 2, 3] = 0
+    num_workers: int = Field(8, ge=0)
+    checkpoint_every: int = Field(1000, ge=1, description="optimizer steps between checkpoints")
+    log_every: int = Field(10, ge=1)
+    seed: int = 0
+    out_dir: Path = Path("outputs/pretrain")
+
+    @model_validator(mode="after")
+    def _check_geometry(self) -> PretrainCfg:
+        s = self.student
+        if s.img_size % self.mask_patch_size:
+            raise ValueError(
+                f"student.img_size {s.img_size} must be divisible by mask_patch_size {self.mask_patch_size}"
+            )
+        if self.mask_patch_size % s.patch_size:
+            raise ValueError(
+                f"mask_patch_size {self.mask_patch_size} must be divisible by student.patch_size {s.patch_size}"
+            )
+        depths = s.depths or (2, 2, 18, 2)
+        final_stride = s.patch_size * 2 ** (len(depths) - 1)
+        if s.img_size % final_stride:
+            raise ValueError(
+                f"student.img_size {s.img_size} must be divisible by the final stride {final_stride} "
+                f"(patch_size x 2^(stages-1))"
+            )
+        for i in range(len(depths)):
+            grid = s.img_size // (s.patch_size * 2**i)
+            if grid > s.window_size and grid % s.window_size:
+                raise ValueError(
+                    f"student.window_size {s.window_size} must divide the stage-{i + 1} grid {grid}x{grid} "
+                    f"(img_size {s.img_size} / patch {s.patch_size} / 2^{i})"
+                )
+        if self.warmup_epochs >= self.epochs:
+            raise ValueError(f"warmup_epochs {self.warmup_epochs} must be < epochs {self.epochs}")
+        return self
+
+
+class IngestCfg(Section):
+    """GeoPile ingestion (filled in by the ingestion stage)."""
+
+    root: Path = Path("data/GeoPileV0")
+    out_dir: Path = Path("outputs/geopile")
+    max_bad_fraction: float = Field(0.05, ge=0, le=1)
+
+
+class Params(Section):
+    """The whole ``params.yaml`` after the active preset is applied."""
+
+    preset: str | None = None
+    seed: int = 0
+    demo_data: DemoDataCfg = DemoDataCfg()
+    ingest: IngestCfg = IngestCfg()
+    pretrain: PretrainCfg = PretrainCfg()
+    presets: dict[str, dict[str, Any]] = Field(default_factory=dict)
+
+
+def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def _format_error(source: str, err: ValidationError) -> str:
+    lines = [f"{source}: {err.error_count()} invalid value(s)"]
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "<root>"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key (check the spelling against params.yaml's documented keys)"
+        elif e["type"] == "literal_error":
+            msg = f"{msg} (got {e.get('input')!r})"
+        lines.append(f"  {key}: {msg}")
+    return "\n".join(lines)
+
+
+def parse_params(raw: dict[str, Any], *, source: str = "params", preset: str | None = None) -> Params:
+    """Validate a raw mapping, applying ``preset`` (or the mapping's own ``preset`` key)."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: expected a mapping at the top level, got {type(raw).__name__}")
+    name = preset if preset is not None else raw.get("preset")
+    presets = raw.get("presets") or {}
+    merged = dict(raw)
+    if name:
+        if name not in presets:
+            valid = ", ".join(sorted(presets)) or "(none defined)"
+            raise ConfigError(f"{source}: preset: unknown preset {name!r}; valid presets: {valid}")
+        overrides = presets[name]
+        if not isinstance(overrides, dict):
+            raise ConfigError(f"{source}: presets.{name}: expected a mapping")
+        merged = _deep_merge(raw, overrides)
+    merged["preset"] = name or None
+    try:
+        return Params.model_validate(merged)
+    except ValidationError as e:
+        raise ConfigError(_format_error(source + (f" (preset {name!r})" if name else ""), e)) from None
+
+
+def load_params(path: str | Path = "params.yaml", preset: str | None = None) -> Params:
+    """Load and validate ``params.yaml``; errors name the file, the key and the problem."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: params file not found (pass --params PATH)") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    return parse_params(raw or {}, source=str(path), preset=preset)
