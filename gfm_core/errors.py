@@ -16,9 +16,9 @@ class ConfigError(GfmError, ValueError):
 class MissingDependencyError(GfmError, ImportError):
     """An optional package (demo data, weights) is not installed."""
 
-    def __init__(self, package: str, purpose: str) -> None:
+    def __init__(self, package: str, purpose: str, problem: str = "which is not installed") -> None:
         super().__init__(
-            f"{purpose} needs the package '{package}', which is not installed. "
+            f"{purpose} needs the package '{package}', {problem}. "
             f"Install it with: pip install --no-deps {package} (or run scripts/bootstrap.sh)"
         )
         self.package = package
