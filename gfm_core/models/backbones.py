@@ -1,0 +1,383 @@
+"""Student and teacher backbones from timm, and the one definition of "stage features" both sides use.
+
+Stage numbering is 1-based. For timm's ``SwinTransformer`` the paper's "stage L output" *includes* the patch
+merging that the original Swin code runs at the end of stage L; timm runs it at the start of stage L+1
+(``layers[L].downsample``), so here stage L = ``layers[L].downsample(layers[L-1](...))``: 6x6x1024 for the
+Swin-B student at 192 px and 7x7x1024 for the Swin-B teacher at 224 px (stage 3). The last stage has no merge
+after it. Every other timm model uses ``forward_intermediates(indices=[L - 1])``.
+
+Weights are only read from local files (``pretrained_cfg_overlay=dict(file=...)``); nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import re
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+import torch.nn.functional as F
+from timm.models.swin_transformer import SwinTransformer
+from torch import Tensor, nn
+
+from gfm_core.config import StudentCfg, TeacherCfg
+from gfm_core.errors import CheckpointError, ConfigError
+from gfm_core.io import read_json, sidecar_path
+
+_log = logging.getLogger(__name__)
+_TIMM_BUILDER_LOGGER = "timm.models._builder"
+
+
+def is_swin(model: nn.Module) -> bool:
+    """True for timm's (v1) ``SwinTransformer``, whose stage features include the following patch merging."""
+    return isinstance(model, SwinTransformer)
+
+
+def create_student(cfg: StudentCfg) -> nn.Module:
+    """A randomly initialised timm model (paper: Swin-B, 192 px, window 6, no head).
+
+    Raises:
+        ConfigError: unknown arch or kwargs the arch does not accept.
+    """
+    _check_arch(cfg.arch, "student.arch")
+    try:
+        return timm.create_model(cfg.arch, pretrained=False, **cfg.timm_kwargs())
+    except TypeError as e:
+        raise ConfigError(f"student: timm model {cfg.arch!r} rejects its arguments ({e})") from e
+
+
+class FrozenTeacher(nn.Module):
+    """A frozen timm model that maps a teacher-ready image to pooled stage features.
+
+    It stays in eval mode whatever ``train()`` is called with, has ``requires_grad=False`` everywhere and runs
+    under ``torch.no_grad()``.
+
+    Attributes:
+        model: the timm model.
+        stage: 1-based stage whose pooled output is returned.
+        input_size: ``(H, W)`` the teacher expects.
+        mean, std: the normalisation of the teacher's pretrained weights (``pretrained_cfg``).
+        source: the weight file it was loaded from.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        stage: int,
+        input_size: tuple[int, int],
+        mean: Sequence[float],
+        std: Sequence[float],
+        source: Path | None = None,
+    ) -> None:
+        super().__init__()
+        self.model = model
+        self.stage = stage
+        self.input_size = (int(input_size[0]), int(input_size[1]))
+        self.mean = tuple(float(v) for v in mean)
+        self.std = tuple(float(v) for v in std)
+        self.source = source
+        self.requires_grad_(False)
+        self.train(False)
+
+    def train(self, mode: bool = True) -> FrozenTeacher:
+        """Ignore ``mode``: the teacher is always in eval mode (BatchNorm statistics, dropout)."""
+        return super().train(False)
+
+    def preprocess(self, x: Tensor, mean: Sequence[float], std: Sequence[float]) -> Tensor:
+        """Student batch ``[B, C, H, W]`` normalised with ``mean``/``std`` -> teacher-ready input."""
+        return teacher_inputs(
+            x, self.input_size, src_mean=mean, src_std=std, dst_mean=self.mean, dst_std=self.std
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``x: [B, C, *input_size]`` teacher-normalised -> ``[B, D]`` pooled stage features (no grad)."""
+        with torch.no_grad():
+            return stage_features(self.model, x, self.stage)
+
+    @property
+    def feature_dim(self) -> int:
+        """Channels of the distilled feature."""
+        return feature_dim(self.model, self.stage, self.input_size)
+
+
+def create_teacher(cfg: TeacherCfg, **overrides: Any) -> FrozenTeacher:
+    """The frozen teacher, loaded from ``cfg.checkpoint`` through timm's own pretrained path.
+
+    timm's ``checkpoint_filter_fn`` for Swin accepts the original Swin release layout (``{"model": ...}``,
+    merges at the end of a stage, ``head.*``, ``relative_position_index``/``attn_mask`` buffers) as it is: it
+    detects ``layers.0.downsample.*``, shifts every merge to the next stage and drops the buffers; the head is
+    dropped because the teacher is built with ``num_classes=0``.
+
+    Args:
+        cfg: teacher section of the params.
+        **overrides: extra ``timm.create_model`` kwargs (tiny test teachers: ``embed_dim``, ``depths``, ...).
+
+    Raises:
+        ConfigError: no checkpoint configured, unknown arch, bad kwargs.
+        CheckpointError: the file is missing, unreadable, or does not match the arch (any missing or
+            unexpected key: timm itself only logs these when ``num_classes`` differs from the checkpoint's).
+    """
+    if cfg.checkpoint is None:
+        raise ConfigError(
+            "teacher.checkpoint: a local weight file is required; nothing is downloaded "
+            "(set teacher.checkpoint in params.yaml, e.g. weights/swin_base_patch4_window7_224_22k.pth)"
+        )
+    kwargs: dict[str, Any] = dict(num_classes=0, **overrides)
+    if cfg.img_size is not None:
+        kwargs.setdefault("img_size", cfg.img_size)
+    model = load_timm_weights(
+        cfg.arch, cfg.checkpoint, field="teacher.checkpoint", arch_field="teacher.arch", **kwargs
+    )
+    pcfg = model.pretrained_cfg
+    if cfg.img_size is not None:
+        input_size = (cfg.img_size, cfg.img_size)
+    else:
+        input_size = tuple(pcfg["input_size"][-2:])
+    return FrozenTeacher(
+        model, cfg.feature_stage, input_size, pcfg["mean"], pcfg["std"], Path(cfg.checkpoint)
+    )
+
+
+def load_timm_weights(
+    arch: str,
+    file: str | Path,
+    *,
+    field: str = "checkpoint",
+    arch_field: str = "arch",
+    overlay: dict[str, Any] | None = None,
+    **kwargs: Any,
+) -> nn.Module:
+    """``timm.create_model(arch, pretrained=True, pretrained_cfg_overlay=dict(file=file), **kwargs)``, strict.
+
+    ``overlay`` adds ``pretrained_cfg`` fields (mean, std, input_size, num_classes of the file).
+    ``img_size`` is dropped for architectures that do not take it (CNNs accept any input size). Loading is
+    strict: a key the model misses or the checkpoint has in excess raises (timm only logs those when the
+    classifier is being replaced, e.g. ``num_classes=0``).
+
+    Raises:
+        ConfigError: unknown arch or kwargs.
+        CheckpointError: missing, unreadable or mismatching file.
+    """
+    _check_arch(arch, arch_field)
+    path = Path(file).expanduser().resolve()
+    if not path.is_file():
+        raise CheckpointError(
+            f"{field}: weight file {path} not found; copy the weights there or point {field} at a local "
+            f".safetensors/.pth file (nothing is downloaded)"
+        )
+    # source='' so that a hub-only pretrained_cfg cannot route the load to the Hugging Face hub
+    overlay = {**(overlay or {}), "file": str(path), "source": ""}
+
+    def create(kw: dict[str, Any]) -> nn.Module:
+        return timm.create_model(arch, pretrained=True, pretrained_cfg_overlay=overlay, **kw)
+
+    try:
+        with _capture_load_report() as report:
+            try:
+                model = create(kwargs)
+            except TypeError as e:
+                if "img_size" not in str(e) or "img_size" not in kwargs:
+                    raise
+                kwargs = {k: v for k, v in kwargs.items() if k != "img_size"}
+                model = create(kwargs)
+    except TypeError as e:  # raised while building the model, before any weight is read
+        raise ConfigError(f"{arch_field}: timm model {arch!r} rejects its arguments {kwargs} ({e})") from e
+    except Exception as e:  # unpickling, safetensors header, size mismatch in load_state_dict, bad geometry
+        raise CheckpointError(
+            f"{field}: cannot load {path} into {arch} with {kwargs} ({type(e).__name__}: {_short(e)}); check "
+            f"that the file holds weights for this architecture and that the size kwargs are valid"
+        ) from e
+    problems = _load_problems(report, model, replaced_head=kwargs.get("num_classes", 0) != 0)
+    if problems:
+        raise CheckpointError(
+            f"{field}: {path} does not match {arch} with {kwargs}: {'; '.join(problems)}. "
+            f"Set the arch (and its size kwargs) the file was trained with"
+        )
+    return model
+
+
+_LOAD_MSG = re.compile(r"^(Missing|Unexpected) keys \((.*)\) (?:discovered|found) while loading", re.S)
+
+
+def _load_problems(report: list[str], model: nn.Module, *, replaced_head: bool) -> list[str]:
+    """Turn timm's load messages into problems; a new classifier's missing keys are expected."""
+    classifiers = model.pretrained_cfg.get("classifier") or ()
+    prefixes = tuple(f"{c}." for c in ((classifiers,) if isinstance(classifiers, str) else classifiers))
+    problems = []
+    for msg in report:
+        match = _LOAD_MSG.match(msg)
+        if match is None:
+            problems.append(_short(msg))
+            continue
+        kind, keys = match.group(1).lower(), [k.strip() for k in match.group(2).split(",") if k.strip()]
+        if kind == "missing" and replaced_head:
+            keys = [k for k in keys if not k.startswith(prefixes)]
+        if keys:
+            problems.append(_short(f"{len(keys)} {kind} key(s): {', '.join(keys)}"))
+    return problems
+
+
+@contextlib.contextmanager
+def _capture_load_report() -> Iterator[list[str]]:
+    """Collect timm's "Missing keys"/"Unexpected keys" load messages (it logs them instead of raising)."""
+    messages: list[str] = []
+
+    class _Handler(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            msg = record.getMessage()
+            if msg.startswith(("Missing keys", "Unexpected keys")):
+                messages.append(msg)
+
+    logger = logging.getLogger(_TIMM_BUILDER_LOGGER)
+    handler = _Handler(logging.INFO)
+    old_level = logger.level
+    logger.addHandler(handler)
+    if logger.getEffectiveLevel() > logging.INFO:
+        logger.setLevel(logging.INFO)
+    try:
+        yield messages
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(old_level)
+
+
+def _short(obj: object, limit: int = 400) -> str:
+    text = str(obj)
+    return text if len(text) <= limit else text[:limit] + " ..."
+
+
+def _check_arch(arch: str, field: str) -> None:
+    if not timm.is_model(arch):
+        raise ConfigError(f"{field}: {arch!r} is not a timm model name (see timm.list_models())")
+
+
+def stage_map(model: nn.Module, x: Tensor, stage: int) -> Tensor:
+    """The output map of a 1-based ``stage``: ``[B, C, h, w]`` (NCHW for every model).
+
+    Swin: ``layers[stage].downsample(layers[stage - 1](...))`` (the paper's stage including its patch merging;
+    the last stage has none). Other models: ``forward_intermediates(x, indices=[stage - 1])``.
+
+    Raises:
+        ConfigError: stage out of range, or a model without ``forward_intermediates``.
+    """
+    if is_swin(model):
+        layers = model.layers
+        _check_stage(stage, len(layers), type(model).__name__)
+        t = model.patch_embed(x)  # NHWC
+        for i in range(stage):
+            t = layers[i](t)
+        if stage < len(layers):
+            t = layers[stage].downsample(t)
+        return t.permute(0, 3, 1, 2)
+    if not hasattr(model, "forward_intermediates"):
+        raise ConfigError(
+            f"{type(model).__name__} has no forward_intermediates(); pick a timm model that has"
+        )
+    num_stages = len(getattr(model, "feature_info", []) or []) or None
+    if num_stages is not None:
+        _check_stage(stage, num_stages, type(model).__name__)
+    (out,) = model.forward_intermediates(x, indices=[stage - 1], intermediates_only=True)
+    if out.dim() != 4:
+        raise ConfigError(
+            f"{type(model).__name__} stage {stage}: expected an NCHW map, got {tuple(out.shape)}"
+        )
+    return out
+
+
+def _check_stage(stage: int, num_stages: int, name: str) -> None:
+    if not 1 <= stage <= num_stages:
+        raise ConfigError(
+            f"feature_stage {stage} is out of range for {name} with {num_stages} stages (1-based)"
+        )
+
+
+def stage_features(model: nn.Module, x: Tensor, stage: int) -> Tensor:
+    """``[B, C]``: :func:`stage_map` averaged over its spatial positions (no norm)."""
+    return stage_map(model, x, stage).mean(dim=(2, 3))
+
+
+def feature_dim(model: nn.Module, stage: int, img_size: int | tuple[int, int]) -> int:
+    """Channels of :func:`stage_features`, found by one no-grad forward of a zero image in eval mode."""
+    size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+    param = next(model.parameters())
+    in_chans = int(getattr(model, "in_chans", None) or model.pretrained_cfg.get("input_size", (3,))[0])
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            x = torch.zeros(1, in_chans, *size, device=param.device, dtype=param.dtype)
+            return int(stage_map(model, x, stage).shape[1])
+    finally:
+        model.train(was_training)
+
+
+def teacher_inputs(
+    x: Tensor,
+    size: tuple[int, int],
+    *,
+    src_mean: Sequence[float],
+    src_std: Sequence[float],
+    dst_mean: Sequence[float],
+    dst_std: Sequence[float],
+) -> Tensor:
+    """Resize a normalised batch to the teacher's size and re-normalise it to the teacher's mean/std.
+
+    Resizing is bilinear with ``align_corners=True`` (GFM's ``F.interpolate(x, (224, 224), ...)``); a
+    per-channel affine map commutes with it, so the order does not matter. Equal normalisations are left
+    untouched.
+
+    Args:
+        x: ``[B, C, H, W]`` normalised with ``src_mean``/``src_std``.
+        size: ``(H_t, W_t)``.
+
+    Returns:
+        ``[B, C, H_t, W_t]`` normalised with ``dst_mean``/``dst_std``.
+    """
+    if len(src_mean) != x.shape[1] or len(dst_mean) != x.shape[1]:
+        raise ConfigError(
+            f"teacher input: {x.shape[1]} channels but student mean has {len(src_mean)} and teacher mean "
+            f"{len(dst_mean)} values (student and teacher must see the same bands)"
+        )
+    if tuple(x.shape[-2:]) != tuple(size):
+        x = F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=True)
+    if tuple(src_mean) != tuple(dst_mean) or tuple(src_std) != tuple(dst_std):
+        kw = dict(device=x.device, dtype=x.dtype)
+        s_mean = torch.tensor(src_mean, **kw).view(1, -1, 1, 1)
+        s_std = torch.tensor(src_std, **kw).view(1, -1, 1, 1)
+        d_mean = torch.tensor(dst_mean, **kw).view(1, -1, 1, 1)
+        d_std = torch.tensor(dst_std, **kw).view(1, -1, 1, 1)
+        x = (x * s_std + s_mean - d_mean) / d_std
+    return x
+
+
+def load_backbone(path: str | Path, **overrides: Any) -> nn.Module:
+    """Load a backbone written by :func:`gfm_core.objectives.export_backbone`, using its JSON sidecar.
+
+    Equivalent to ``timm.create_model(arch, pretrained=True, pretrained_cfg_overlay=dict(file=path, ...),
+    **timm_kwargs)``, with strict key checking; ``overrides`` replace sidecar kwargs (e.g. ``num_classes=10``,
+    ``window_size=8``).
+    """
+    path = Path(path)
+    side = sidecar_path(path)
+    if not side.is_file():
+        raise CheckpointError(
+            f"{path}: sidecar {side.name} not found; export with gfm_core.objectives.export_backbone"
+        )
+    meta = read_json(side)
+    try:
+        arch, kwargs = meta["arch"], dict(meta["timm_kwargs"])
+    except (KeyError, TypeError) as e:
+        raise CheckpointError(f"{side}: missing 'arch'/'timm_kwargs' ({e})") from e
+    kwargs.update(overrides)
+    num_classes = kwargs.get("num_classes", 0)
+    pcfg = {
+        k: (tuple(v) if isinstance(v, list) else v) for k, v in dict(meta.get("pretrained_cfg", {})).items()
+    }
+    model = load_timm_weights(arch, path, field=str(path), arch_field=f"{side}: arch", overlay=pcfg, **kwargs)
+    if num_classes:  # timm drops nothing for a headless file; the new head keeps its random init
+        _log.info("%s: new %d-class head is randomly initialised", path, num_classes)
+    return model

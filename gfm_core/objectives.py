@@ -1,0 +1,212 @@
+"""GFM teacher-student continual pretraining as one ``nn.Module`` that returns named loss parts.
+
+``ContinualPretrain.forward(batch)`` takes ``{"image": [B, C, H, W] normalised, "mask": [B, h, w]}``.
+The student encodes the masked image; the decoder reconstructs pixels (masked L1 on the normalised image); the
+pooled student stage-3 feature (incl. patch merging) goes through the projector and is pulled towards the
+frozen teacher's pooled stage feature of the *unmasked* image, resized and re-normalised for the teacher
+(negative cosine).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from gfm_core.config import PretrainCfg
+from gfm_core.errors import ConfigError
+from gfm_core.io import save_weights, sha256_file, sidecar_path, write_json
+from gfm_core.losses import gfm_loss
+from gfm_core.models.backbones import FrozenTeacher, create_student, create_teacher
+from gfm_core.models.simmim import MaskedSwin, PixelShuffleDecoder, make_projector
+
+STUDENT_FEATURE_STAGE = 3
+"""The student's distilled stage (paper: stage 3 incl. its patch merging, 6x6x1024 for Swin-B at 192 px)."""
+
+_NO_DECAY_KEYS = ("mask_token", "relative_position_bias_table", "absolute_pos_embed")
+
+
+def skips_weight_decay(name: str, param: Tensor) -> bool:
+    """GFM's AdamW rule: no decay for 1-D params, biases, the mask token and position tables."""
+    return param.ndim <= 1 or name.endswith(".bias") or any(key in name for key in _NO_DECAY_KEYS)
+
+
+class ContinualPretrain(nn.Module):
+    """The GFM objective: student (masked) + decoder + projector, against a frozen teacher.
+
+    Args:
+        student: the mask-token Swin encoder.
+        decoder: ``[B, C_4, h, w] -> [B, C, H, W]`` reconstruction head.
+        projector: ``[B, C_s] -> [B, D_teacher]``.
+        teacher: the frozen teacher, or ``None`` for a MIM-only run (then ``alpha`` must be 0).
+        w_mim: weight of the masked L1 loss (0 = distillation only; the parts are still computed and logged).
+        alpha: weight of the distillation loss (0 = MIM only; the teacher is not run at all).
+        mean, std: the normalisation of ``batch["image"]`` (re-normalised to the teacher's own for it).
+    """
+
+    def __init__(
+        self,
+        student: MaskedSwin,
+        decoder: nn.Module,
+        projector: nn.Module,
+        teacher: FrozenTeacher | None,
+        *,
+        w_mim: float = 1.0,
+        alpha: float = 1.0,
+        mean: Sequence[float],
+        std: Sequence[float],
+    ) -> None:
+        super().__init__()
+        if w_mim < 0 or alpha < 0:
+            raise ConfigError(f"w_mim {w_mim} and alpha {alpha} must be >= 0")
+        if w_mim == 0 and alpha == 0:
+            raise ConfigError("w_mim and alpha are both 0: the objective would train nothing")
+        if alpha > 0 and teacher is None:
+            raise ConfigError(f"alpha {alpha} > 0 needs a teacher (set teacher.checkpoint or alpha: 0)")
+        if len(mean) != student.in_chans or len(std) != student.in_chans:
+            raise ConfigError(
+                f"student normalisation has {len(mean)} mean / {len(std)} std values for {student.in_chans} "
+                f"input channels"
+            )
+        if teacher is not None and len(teacher.mean) != student.in_chans:
+            raise ConfigError(
+                f"teacher expects {len(teacher.mean)} channels (its pretrained mean/std) but the student "
+                f"takes {student.in_chans}; both see the same image"
+            )
+        self.student = student
+        self.decoder = decoder
+        self.projector = projector
+        self.teacher = teacher
+        self.w_mim = float(w_mim)
+        self.alpha = float(alpha)
+        self.mean = tuple(float(v) for v in mean)
+        self.std = tuple(float(v) for v in std)
+
+    def forward(self, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """One objective evaluation.
+
+        Args:
+            batch: ``{"image": [B, C, H, W] normalised, "mask": [B, h, w] token resolution, 1 = masked}``.
+
+        Returns:
+            Scalar tensors ``loss`` (= w_mim * mim + alpha * distill), ``mim``, ``distill`` (negative cosine,
+            exactly 0 when the teacher is skipped), and, detached, ``cosine`` (mean teacher-student cosine;
+            0 when the teacher is skipped) and ``embed_std`` (std over the batch of the L2-normalised
+            projected student features, averaged over dims: about ``1/sqrt(D)`` when healthy, near 0 on
+            collapse; 0 for B = 1).
+        """
+        x, mask = batch["image"], batch["mask"]
+        feature, final_map = self.student(x, mask)
+        pred = self.decoder(final_map)
+        p = self.student.patch_size
+        mask_pixels = mask.repeat_interleave(p, dim=-2).repeat_interleave(p, dim=-1).unsqueeze(1)
+        projected = self.projector(feature)
+        target = None
+        if self.alpha > 0 and self.teacher is not None:
+            target = self.teacher(self.teacher.preprocess(x, self.mean, self.std))
+        parts = gfm_loss(pred, x, mask_pixels, projected, target, w_mim=self.w_mim, alpha=self.alpha)
+        with torch.no_grad():
+            cosine = -parts["distill"].detach() if target is not None else torch.zeros((), device=x.device)
+            unit = F.normalize(projected.detach().float(), dim=-1)
+            embed_std = unit.std(dim=0, correction=0).mean()
+        return {**parts, "cosine": cosine, "embed_std": embed_std}
+
+    def no_weight_decay_names(self) -> set[str]:
+        """Names (as in ``named_parameters()``) of trainable params that AdamW must not decay.
+
+        Build the groups as
+        ``decay = [p for n, p in named_parameters() if p.requires_grad and n not in nwd]`` and
+        ``no_decay = [p ... if p.requires_grad and n in nwd]``; the teacher's params have
+        ``requires_grad=False`` and belong in neither.
+        """
+        return {n for n, p in self.named_parameters() if p.requires_grad and skips_weight_decay(n, p)}
+
+
+def build_continual_pretrain(
+    cfg: PretrainCfg,
+    *,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+) -> ContinualPretrain:
+    """Build the paper's objective from the ``pretrain`` params section.
+
+    Args:
+        cfg: the pretrain section (student, teacher, w_mim, alpha).
+        mean, std: the data pipeline's normalisation; default the student arch's ``pretrained_cfg`` values
+            (ImageNet for Swin), which must have one value per input channel.
+
+    With ``alpha == 0`` no teacher is built (MIM-only baseline; ``teacher.checkpoint`` may be unset) and the
+    projector maps to the student's own stage dim so ``embed_std`` is still reported.
+
+    Raises:
+        ConfigError, CheckpointError: from :func:`create_student` / :func:`create_teacher`.
+    """
+    encoder = create_student(cfg.student)
+    student = MaskedSwin(
+        encoder,
+        feature_stage=STUDENT_FEATURE_STAGE,
+        arch=cfg.student.arch,
+        timm_kwargs=cfg.student.timm_kwargs(),
+    )
+    pcfg = encoder.pretrained_cfg
+    mean = tuple(mean if mean is not None else pcfg["mean"])
+    std = tuple(std if std is not None else pcfg["std"])
+    if len(mean) != cfg.student.in_chans or len(std) != cfg.student.in_chans:
+        raise ConfigError(
+            f"student.in_chans {cfg.student.in_chans}: pass a mean/std with one value per channel "
+            f"(got {len(mean)}/{len(std)} values)"
+        )
+    decoder = PixelShuffleDecoder(student.num_features, student.out_stride, cfg.student.in_chans)
+    teacher = create_teacher(cfg.teacher) if cfg.alpha > 0 else None
+    teacher_dim = teacher.feature_dim if teacher is not None else student.stage_dim
+    projector = make_projector(student.stage_dim, teacher_dim)
+    return ContinualPretrain(
+        student, decoder, projector, teacher, w_mim=cfg.w_mim, alpha=cfg.alpha, mean=mean, std=std
+    )
+
+
+def export_backbone(
+    objective: ContinualPretrain, path: str | Path, meta: Mapping[str, Any] | None = None
+) -> Path:
+    """Save only the student encoder (timm key names, no mask token) as safetensors plus a JSON sidecar.
+
+    The file loads with ``timm.create_model(arch, pretrained=True, pretrained_cfg_overlay=dict(file=path),
+    **timm_kwargs)`` or :func:`gfm_core.models.backbones.load_backbone`. The sidecar (``<name>.json``) holds
+    ``arch``, ``timm_kwargs``, ``window_size``, ``pretrained_cfg`` (input_size, mean, std, num_classes 0),
+    ``weights_sha256`` and ``meta`` (what the caller passes: teacher id/sha256, data manifest hash, ...).
+
+    Raises:
+        ConfigError: ``path`` does not end in ``.safetensors`` (timm picks the reader by suffix).
+    """
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise ConfigError(
+            f"{path}: backbone exports must end in .safetensors (timm picks the loader by suffix)"
+        )
+    student = objective.student
+    save_weights(path, student.encoder.state_dict())
+    h, w = student.img_size
+    kwargs = dict(student.timm_kwargs)
+    write_json(
+        sidecar_path(path),
+        {
+            "format": "gfm-backbone/1",
+            "arch": student.arch,
+            "timm_kwargs": kwargs,
+            "window_size": kwargs.get("window_size"),
+            "pretrained_cfg": {
+                "architecture": student.arch,
+                "input_size": [student.in_chans, h, w],
+                "mean": list(objective.mean),
+                "std": list(objective.std),
+                "num_classes": 0,
+            },
+            "weights_sha256": sha256_file(path),
+            "meta": dict(meta or {}),
+        },
+    )
+    return path
