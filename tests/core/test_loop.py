@@ -1,0 +1,249 @@
+"""The training loop with the plain torch backend: learning, logging, exact resume, checkpoints,
+divergence."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from helpers.tiny_training import TinyRegression, make_loader_factory
+
+from gfm_core.errors import CheckpointError, ConfigError, TrainingDivergedError
+from gfm_core.training.backends import TorchBackend
+from gfm_core.training.checkpoint import latest_checkpoint, list_checkpoints
+from gfm_core.training.loop import Callback, LoopCfg, fit
+from gfm_core.training.optim import param_groups
+from gfm_core.training.schedule import lr_at
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models on 2 shared cores: intra-op threads only add contention (60x slower under load)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _cfg(out: Path, **kw) -> LoopCfg:
+    base = dict(
+        total_steps=12,
+        out_dir=out,
+        base_lr=1e-2,
+        warmup_lr=1e-3,
+        min_lr=1e-3,
+        warmup_steps=2,
+        clip_grad=1.0,
+        log_every=1,
+        checkpoint_every=5,
+        keep_checkpoints=None,
+        progress=False,
+    )
+    return LoopCfg(**{**base, **kw})
+
+
+def _run(out: Path, *, dropout=0.1, noise=0.05, callbacks=(), model_seed=0, poison_at=None, **kw):
+    cfg = _cfg(out, **kw)
+    model = TinyRegression(dropout=dropout, seed=model_seed)
+    loaders = make_loader_factory(8, noise=noise, poison_at=poison_at)  # 64 rows -> 8 micro-batches per epoch
+    result = fit(model, loaders, TorchBackend("cpu"), cfg, param_groups(model, weight_decay=0.05), callbacks)
+    return result, model
+
+
+class Recorder(Callback):
+    def __init__(self, stop_at: int | None = None) -> None:
+        self.logged: list[tuple[int, dict]] = []
+        self.checkpoints: list[tuple[int, Path]] = []
+        self.stop_at = stop_at
+
+    def on_log(self, step, metrics):
+        self.logged.append((step, metrics))
+        if step == self.stop_at:
+            raise KeyboardInterrupt(f"simulated crash after step {step}")
+
+    def on_checkpoint(self, step, path):
+        self.checkpoints.append((step, path))
+
+
+def test_loss_falls_and_everything_is_logged(tmp_path):
+    rec = Recorder()
+    result, _ = _run(
+        tmp_path,
+        dropout=0.0,
+        noise=0.0,
+        total_steps=40,
+        log_every=4,
+        checkpoint_every=20,
+        base_lr=5e-2,
+        clip_grad=None,
+        callbacks=[rec],
+    )
+    losses = [h["loss"] for h in result.history]
+    assert len(losses) == 10 and losses[-1] < 0.1 * losses[0], losses
+    assert all(h["grad_norm"] > 0 for h in result.history)
+    assert result.steps == 40
+    assert set(result.metrics) == {
+        "loss",
+        "mse",
+        "mae",
+        "lr",
+        "grad_norm",
+        "images_per_s",
+        "epoch",
+    }  # no "output"
+    last_lr = lr_at(39, total_steps=40, warmup_steps=2, base_lr=5e-2, warmup_lr=1e-3, min_lr=1e-3)
+    assert result.metrics["lr"] == pytest.approx(
+        last_lr
+    )  # the 40th update uses lr_at(39), just above the floor
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == list(range(4, 41, 4))
+    assert lines == [dict(r) for r in result.history]
+    assert [s for s, _ in rec.logged] == list(range(4, 41, 4))
+    assert [s for s, _ in rec.checkpoints] == [20, 40]
+    assert result.checkpoint == tmp_path / "checkpoints" / "step_000040" == rec.checkpoints[-1][1]
+    assert (tmp_path / "checkpoints" / "latest").read_text().strip() == "step_000040"
+
+
+def test_resume_reproduces_the_uninterrupted_run_exactly(tmp_path):
+    # dropout + noise from the global RNG + grad accumulation + a checkpoint in the middle of an epoch
+    kw = dict(grad_accum=2, total_steps=12, checkpoint_every=5)
+    full, full_model = _run(tmp_path / "full", **kw)
+
+    with pytest.raises(KeyboardInterrupt):
+        _run(tmp_path / "cut", callbacks=[Recorder(stop_at=7)], **kw)
+    assert latest_checkpoint(tmp_path / "cut").name == "step_000005"  # epoch 1, 2 micro-batches in
+    logged = [json.loads(x)["step"] for x in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
+    assert logged == list(range(1, 8))
+
+    resumed, resumed_model = _run(
+        tmp_path / "cut", model_seed=123, resume=True, **kw
+    )  # other init: must be restored
+    assert resumed.resumed_from == tmp_path / "cut" / "checkpoints" / "step_000005"
+    assert [h["step"] for h in resumed.history] == list(range(6, 13))
+    expected = {h["step"]: h["loss"] for h in full.history}
+    for h in resumed.history:
+        assert h["loss"] == expected[h["step"]], h["step"]  # bit-identical
+    for a, b in zip(full_model.state_dict().values(), resumed_model.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    # metrics.jsonl: the steps logged after the checkpoint by the crashed run were replaced, not duplicated
+    steps = [json.loads(x)["step"] for x in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 13))
+
+
+def test_resume_of_a_finished_run_does_nothing(tmp_path):
+    first, _ = _run(tmp_path, total_steps=4, checkpoint_every=2)
+    again, _ = _run(tmp_path, total_steps=4, checkpoint_every=2, resume=True)
+    assert again.steps == 4 and again.history == []
+    assert again.checkpoint == first.checkpoint
+    assert again.metrics["loss"] == first.metrics["loss"]
+
+
+def test_checkpoint_files_are_weights_only_and_pruned(tmp_path):
+    _run(tmp_path, total_steps=8, checkpoint_every=2, keep_checkpoints=2)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_000006", "step_000008"]
+    ckpt = tmp_path / "checkpoints" / "step_000008"
+    state = torch.load(ckpt / "state.pt", weights_only=True)
+    assert set(state) == {"model", "optimizer", "client_state"}
+    assert state["client_state"]["loop"]["step"] == 8
+    rng = torch.load(ckpt / "rng_rank0.pt", weights_only=True)
+    assert set(rng) >= {"python", "numpy", "torch"}
+    meta = json.loads((ckpt / "meta.json").read_text())
+    assert meta["backend"] == "torch" and meta["step"] == 8
+    assert (
+        meta["client_state"]["loop"]["epoch"] == 0 and meta["client_state"]["loop"]["position"] == 8
+    )  # lazy rollover
+
+
+def test_half_written_checkpoints_are_ignored(tmp_path):
+    _run(tmp_path, total_steps=4, checkpoint_every=2)
+    root = tmp_path / "checkpoints"
+    (root / "step_000099.tmp").mkdir()  # crashed while writing
+    (root / "step_000099.tmp" / "state.pt").write_bytes(b"partial")
+    (root / "step_000050").mkdir()  # no meta.json: not ours / incomplete
+    assert latest_checkpoint(tmp_path) == root / "step_000004"
+    assert latest_checkpoint(tmp_path / "nothing-here") is None
+    resumed, _ = _run(tmp_path, total_steps=6, checkpoint_every=2, resume=True)
+    assert resumed.resumed_from == root / "step_000004"
+    assert not (root / "step_000099.tmp").exists()  # cleaned up when the next checkpoint was pruned
+
+
+def test_fresh_start_discards_an_earlier_run(tmp_path, caplog):
+    _run(tmp_path, total_steps=6, checkpoint_every=3)
+    with caplog.at_level(logging.WARNING):
+        result, _ = _run(tmp_path, total_steps=2, checkpoint_every=5, resume=False)
+    assert "deleting the earlier run's checkpoints" in caplog.text
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_000002"]
+    assert result.resumed_from is None
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 2
+
+
+def test_non_finite_loss_raises_before_the_update(tmp_path):
+    model = TinyRegression()
+    loaders = make_loader_factory(
+        8, poison_at=6
+    )  # micro-batch 6 (0-based) = optimizer step 7 with grad_accum 1
+    before = {}
+
+    class Snapshot(Callback):
+        def on_log(self, step, metrics):
+            before.update({k: v.clone() for k, v in model.state_dict().items()})
+
+    with pytest.raises(TrainingDivergedError, match="non-finite loss at step 7") as err:
+        fit(model, loaders, TorchBackend("cpu"), _cfg(tmp_path), param_groups(model, 0.05), [Snapshot()])
+    assert err.value.step == 7
+    assert not math.isfinite(err.value.components["loss"]) and "mae" in err.value.components
+    for k, v in model.state_dict().items():  # step 7 was not applied: weights are those after step 6
+        assert torch.equal(v, before[k]), k
+
+
+def test_collapse_warning_is_logged_once(tmp_path, caplog):
+    class Collapsing(TinyRegression):
+        def forward(self, batch):
+            out = super().forward(batch)
+            out["embed_std"] = torch.tensor(1e-6)
+            return out
+
+    model = Collapsing()
+    with caplog.at_level(logging.WARNING, logger="gfm_core.training.loop"):
+        fit(
+            model,
+            make_loader_factory(8),
+            TorchBackend("cpu"),
+            _cfg(tmp_path, total_steps=3),
+            param_groups(model, 0.05),
+        )
+    assert caplog.text.count("may be collapsing") == 1
+
+
+def test_contract_errors(tmp_path):
+    class NoLoss(TinyRegression):
+        def forward(self, batch):
+            return {"mse": super().forward(batch)["mse"]}
+
+    model = NoLoss()
+    with pytest.raises(ConfigError, match="'loss'"):
+        fit(model, make_loader_factory(8), TorchBackend("cpu"), _cfg(tmp_path), param_groups(model, 0.05))
+    model = TinyRegression()
+    with pytest.raises(ConfigError, match="yielded no batches"):
+        fit(model, lambda epoch: [], TorchBackend("cpu"), _cfg(tmp_path / "b"), param_groups(model, 0.05))
+    with pytest.raises(ConfigError, match="warmup_steps"):
+        _cfg(tmp_path, warmup_steps=20)
+
+
+def test_resume_with_changed_data_is_an_error(tmp_path):
+    _run(tmp_path, total_steps=5, checkpoint_every=5)  # checkpoint at epoch 0, micro-batch 5 of 8
+    model = TinyRegression()
+    short = make_loader_factory(32)  # 2 batches per epoch
+    with pytest.raises(CheckpointError, match="data or loader changed"):
+        fit(model, short, TorchBackend("cpu"), _cfg(tmp_path, resume=True), param_groups(model, 0.05))
+
+
+def test_corrupt_checkpoint_is_a_checkpoint_error(tmp_path):
+    _run(tmp_path, total_steps=2, checkpoint_every=2)
+    (tmp_path / "checkpoints" / "step_000002" / "state.pt").write_bytes(b"not a torch file")
+    with pytest.raises(CheckpointError, match="state.pt: cannot restore training state"):
+        _run(tmp_path, total_steps=4, resume=True)
