@@ -13,6 +13,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from gfm_core.data.sources import IngestSettings, SourceSpec
 from gfm_core.errors import ConfigError
 
 
@@ -108,6 +109,7 @@ class PretrainCfg(Section):
     betas: tuple[float, float] = (0.9, 0.999)
     clip_grad: float | None = Field(5.0, gt=0)
     precision: Literal["fp32", "bf16", "fp16"] = "bf16"
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = cuda when visible, else cpu (logged)")
     backend: Literal["torch", "deepspeed"] = "torch"
     zero_stage: Literal[0, 1, 2, 3] = 0
     num_workers: int = Field(8, ge=0)
@@ -147,10 +149,16 @@ class PretrainCfg(Section):
 
 
 class IngestCfg(Section):
-    """GeoPile ingestion (filled in by the ingestion stage)."""
+    """Where the pile is and how to read it.
+
+    ``sources`` lists the pile's sources explicitly (folders relative to ``root``); empty = every subfolder of
+    ``root`` is a source (GFM's ``GeoPileV0/<source>/<class>/<image>`` layout; preset names are recognised).
+    """
 
     root: Path = Path("data/GeoPileV0")
     out_dir: Path = Path("outputs/geopile")
+    sources: tuple[SourceSpec, ...] = ()
+    settings: IngestSettings = IngestSettings()
     max_bad_fraction: float = Field(0.05, ge=0, le=1)
 
 

@@ -1,0 +1,250 @@
+"""One function per pipeline stage. The CLI, Dagster assets, DVC stages and tests all call these.
+
+Each takes the validated :class:`~gfm_core.config.Params` and returns a frozen result dataclass of paths and
+numbers; none of them knows who called it.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import math
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from gfm_core.config import Params, PretrainCfg
+from gfm_core.errors import ConfigError
+from gfm_core.io import sha256_file, sha256_json, write_json, write_text
+
+log = logging.getLogger(__name__)
+
+TEACHER_FILE = "tf_efficientnet_lite0.safetensors"
+
+
+# ------------------------------------------------------------------------------------------------ demo data
+
+
+@dataclass(frozen=True)
+class DemoDataStageResult:
+    """Demo data plus the demo teacher's weight file."""
+
+    root: Path
+    teacher: Path
+    pile_counts: dict[str, int]
+    task_counts: dict[str, dict[str, int]]
+
+
+def run_demo_data(params: Params) -> DemoDataStageResult:
+    """Build the embedded demo GeoPile and tasks, and export the real ImageNet demo teacher next to them."""
+    from gfm_core.data.demo import build_demo_data
+    from gfm_core.models.imagenet_weights import export_efficientnet_lite0
+
+    res = build_demo_data(params.demo_data)
+    teacher = export_efficientnet_lite0(params.demo_data.root / "teacher" / TEACHER_FILE)
+    return DemoDataStageResult(
+        root=res.root, teacher=teacher, pile_counts=dict(res.pile_counts), task_counts=dict(res.task_counts)
+    )
+
+
+# ------------------------------------------------------------------------------------------------ pretraining
+
+
+@dataclass(frozen=True)
+class PretrainResult:
+    """What pretraining produced."""
+
+    steps: int
+    metrics: dict[str, float]
+    backbone: Path  # student encoder, safetensors (+ .json sidecar)
+    checkpoint_dir: Path
+    metrics_csv: Path
+    summary_json: Path
+    device: str
+    images: int  # images in the pile
+    history: list[dict[str, float]] = field(default_factory=list)
+
+    def summary(self) -> str:
+        """One line of the final loss parts."""
+        keys = ("loss", "mim", "distill", "cosine")
+        return ", ".join(f"{k}={self.metrics[k]:.4f}" for k in keys if k in self.metrics)
+
+
+class _CsvLog:
+    """Callback: mirror logged metrics into a CSV (DVC plots) as they arrive."""
+
+    def __init__(self, path: Path, start_fresh: bool) -> None:
+        self.path = path
+        if start_fresh and path.exists():
+            path.unlink()
+
+    def on_log(self, step: int, metrics: dict[str, float]) -> None:
+        row = {"step": step, **metrics}
+        new = not self.path.exists()
+        with open(self.path, "a", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(row))
+            if new:
+                w.writeheader()
+            w.writerow(row)
+
+
+def resolve_device(device: str) -> str:
+    """``auto`` -> ``cuda`` when a GPU is visible, else ``cpu`` (logged, and reported in results)."""
+    import torch
+
+    if device != "auto":
+        return device
+    chosen = "cuda" if torch.cuda.is_available() else "cpu"
+    log.info("device auto -> %s", chosen)
+    return chosen
+
+
+def pretrain_sources(params: Params) -> list[Any]:
+    """The pile's sources: ``ingest.sources`` if listed, else every subfolder of ``ingest.root``."""
+    from gfm_core.data.sources import discover_geopile
+
+    if params.ingest.sources:
+        return list(params.ingest.sources)
+    root = params.ingest.root
+    return discover_geopile(root.parent, root.name)
+
+
+def make_backend(cfg: PretrainCfg, device: str, micro_batch: int) -> Any:
+    """The execution backend named by ``cfg.backend``."""
+    from gfm_core.training.backends import DeepSpeedBackend, TorchBackend
+
+    if cfg.backend == "deepspeed":
+        return DeepSpeedBackend(device, cfg.precision, zero_stage=cfg.zero_stage, micro_batch_size=micro_batch)
+    return TorchBackend(device, cfg.precision)
+
+
+def _loader_factory(dataset: Any, batch_size: int, num_workers: int, seed: int, rank: int, world: int) -> Any:
+    import torch
+    from torch.utils.data import DataLoader
+
+    per_rank = len(dataset) // world
+
+    def factory(epoch: int) -> DataLoader:
+        dataset.set_epoch(epoch)
+        order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+        indices = order[rank * per_rank : (rank + 1) * per_rank].tolist()  # this rank's disjoint share
+        return DataLoader(
+            dataset, batch_size=batch_size, sampler=indices, num_workers=num_workers, drop_last=True,
+            persistent_workers=False,
+        )
+
+    return factory
+
+
+def run_pretrain(
+    params: Params,
+    *,
+    resume: bool = False,
+    max_steps: int | None = None,
+    callbacks: Sequence[Any] = (),
+) -> PretrainResult:
+    """GFM teacher-student continual pretraining on the pile, then export the student backbone.
+
+    The schedule spans ``epochs`` over the pile (warm-up ``warmup_epochs``); ``max_steps`` (argument, else
+    ``pretrain.max_steps``) compresses the same schedule into that many optimizer steps.
+    """
+    from gfm_core.data.masking import MaskGenerator
+    from gfm_core.data.pretrain_data import PretrainImages, list_pile
+    from gfm_core.objectives import build_continual_pretrain, export_backbone
+    from gfm_core.training.checkpoint import seed_everything
+    from gfm_core.training.loop import LoopCfg, fit
+    from gfm_core.training.optim import param_groups
+    from gfm_core.training.schedule import scale_lr
+
+    cfg = params.pretrain
+    out_dir = cfg.out_dir
+    device = resolve_device(cfg.device)
+    seed_everything(cfg.seed)
+    backend = make_backend(cfg, device, cfg.batch_size)
+
+    items = list_pile(params.ingest.root, pretrain_sources(params))
+    objective = build_continual_pretrain(cfg)
+    mask = MaskGenerator(cfg.student.img_size, cfg.mask_patch_size, cfg.student.patch_size, cfg.mask_ratio)
+    dataset = PretrainImages(
+        items, cfg.student.img_size, mask, crop_scale=cfg.crop_scale, crop_ratio=cfg.crop_ratio,
+        mean=objective.mean, std=objective.std, seed=cfg.seed,
+    )
+    world = backend.world_size
+    global_batch = cfg.batch_size * cfg.grad_accum * world
+    steps_per_epoch = len(dataset) // world // cfg.batch_size // cfg.grad_accum
+    if steps_per_epoch < 1:
+        raise ConfigError(
+            f"pretrain.batch_size {cfg.batch_size} x grad_accum {cfg.grad_accum} x {world} rank(s) = {global_batch} "
+            f"exceeds the pile's {len(dataset)} images under {params.ingest.root}"
+        )
+    full = cfg.epochs * steps_per_epoch
+    limit = max_steps or cfg.max_steps
+    total = min(full, limit) if limit else full
+    warmup = round(total * cfg.warmup_epochs / cfg.epochs)
+    loop_cfg = LoopCfg(
+        total_steps=total, out_dir=out_dir, grad_accum=cfg.grad_accum,
+        base_lr=scale_lr(cfg.base_lr, global_batch), warmup_lr=scale_lr(cfg.warmup_lr, global_batch),
+        min_lr=scale_lr(cfg.min_lr, global_batch), warmup_steps=warmup, betas=cfg.betas,
+        clip_grad=cfg.clip_grad, log_every=min(cfg.log_every, total), checkpoint_every=cfg.checkpoint_every,
+        seed=cfg.seed, resume=resume,
+    )
+    csv_path = out_dir / "metrics.csv"
+    loader = _loader_factory(dataset, cfg.batch_size, cfg.num_workers, cfg.seed, backend.rank, world)
+    log.info(
+        "pretraining %s <- %s on %d images (%d steps/epoch, %d steps, global batch %d, %s/%s on %s)",
+        cfg.student.arch, cfg.teacher.arch if cfg.alpha > 0 else "no teacher", len(dataset), steps_per_epoch,
+        total, global_batch, cfg.backend, cfg.precision, device,
+    )
+    t0 = time.perf_counter()
+    csv_log = _CsvLog(csv_path, start_fresh=not resume) if backend.is_main else None
+    fit_res = fit(
+        objective, loader, backend, loop_cfg,
+        param_groups(objective, cfg.weight_decay),
+        callbacks=[*([csv_log] if csv_log else []), *callbacks],
+    )
+    elapsed = time.perf_counter() - t0
+
+    backbone = out_dir / "backbone.safetensors"
+    summary = out_dir / "summary.json"
+    if backend.is_main:
+        teacher_meta: dict[str, Any] = {"arch": cfg.teacher.arch, "feature_stage": cfg.teacher.feature_stage}
+        if cfg.alpha > 0 and cfg.teacher.checkpoint is not None:
+            teacher_meta["sha256"] = sha256_file(cfg.teacher.checkpoint)
+            teacher_meta["file"] = str(cfg.teacher.checkpoint)
+        meta = {
+            "teacher": teacher_meta,
+            "params_sha256": sha256_json(cfg.model_dump(mode="json")),
+            "data": {"root": str(params.ingest.root), "images": len(dataset),
+                     "files_sha256": sha256_json(sorted(str(i.path) for i in items))},
+            "steps": fit_res.steps, "loss": {k: v for k, v in fit_res.metrics.items() if math.isfinite(v)},
+        }
+        export_backbone(backend.module, backbone, meta)
+        write_json(summary, {
+            "steps": fit_res.steps, "images": len(dataset), "device": device, "backend": cfg.backend,
+            "precision": cfg.precision, "seconds": round(elapsed, 2), **fit_res.metrics,
+        })
+    backend.barrier()
+    return PretrainResult(
+        steps=fit_res.steps, metrics=dict(fit_res.metrics), backbone=backbone,
+        checkpoint_dir=out_dir / "checkpoints", metrics_csv=csv_path, summary_json=summary, device=device,
+        images=len(dataset), history=list(fit_res.history),
+    )
+
+
+# ------------------------------------------------------------------------------------------------ everything
+
+
+def run_demo(params: Params) -> Iterator[str]:
+    """Every stage in order on the embedded default; yields one line per output location."""
+    t0 = time.perf_counter()
+    data = run_demo_data(params)
+    yield f"[demo-data] {data.root}  (pile: {sum(data.pile_counts.values())} images from {len(data.pile_counts)} "
+    yield f"            sources; tasks: {', '.join(data.task_counts)}; teacher: {data.teacher})"
+    pre = run_pretrain(params)
+    yield f"[pretrain]  {pre.backbone}  ({pre.steps} steps on {pre.device}: {pre.summary()})"
+    yield f"            metrics: {pre.metrics_csv}  checkpoints: {pre.checkpoint_dir}"
+    report = params.pretrain.out_dir.parent / "demo_summary.txt"
+    yield f"[done] in {time.perf_counter() - t0:.0f} s; summary: {report}"
+    write_text(report, f"backbone: {pre.backbone}\nsteps: {pre.steps}\n{pre.summary()}\n")
