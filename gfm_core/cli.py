@@ -30,6 +30,15 @@ def _cmd_demo_data(args: argparse.Namespace) -> None:
     print(f"demo data: {res.root}")
 
 
+def _cmd_ingest(args: argparse.Namespace) -> None:
+    from gfm_core import stages
+
+    res = stages.run_ingest(_params(args))
+    print(f"manifest: {res.manifest} ({res.accepted} images, content hash {res.content_hash[:12]})")
+    print(f"quarantine: {res.quarantine} ({res.quarantined} files, {res.bad_fraction:.1%})")
+    print(f"normalisation stats: {res.stats}")
+
+
 def _cmd_pretrain(args: argparse.Namespace) -> None:
     from gfm_core import stages
 
@@ -48,6 +57,7 @@ def _cmd_demo(args: argparse.Namespace) -> None:
 
 COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], None], str]] = {
     "demo-data": (_cmd_demo_data, "build the embedded demo GeoPile and downstream tasks from real imagery"),
+    "ingest": (_cmd_ingest, "read the pile once: manifest, quarantine report, normalisation stats"),
     "pretrain": (_cmd_pretrain, "teacher-student continual pretraining (GFM)"),
     "demo": (_cmd_demo, "run every stage end to end on the embedded demo data"),
 }

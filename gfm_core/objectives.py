@@ -23,16 +23,22 @@ from gfm_core.io import save_weights, sha256_file, sidecar_path, write_json
 from gfm_core.losses import gfm_loss
 from gfm_core.models.backbones import FrozenTeacher, create_student, create_teacher
 from gfm_core.models.simmim import MaskedSwin, PixelShuffleDecoder, make_projector
+from gfm_core.training.optim import is_no_decay
 
 STUDENT_FEATURE_STAGE = 3
 """The student's distilled stage (paper: stage 3 incl. its patch merging, 6x6x1024 for Swin-B at 192 px)."""
 
-_NO_DECAY_KEYS = ("mask_token", "relative_position_bias_table", "absolute_pos_embed")
+TEACHER_PREFIX = "teacher."
+"""State-dict prefix of the frozen teacher: left out of checkpoints (it is reloaded from its own file)."""
 
 
-def skips_weight_decay(name: str, param: Tensor) -> bool:
-    """GFM's AdamW rule: no decay for 1-D params, biases, the mask token and position tables."""
-    return param.ndim <= 1 or name.endswith(".bias") or any(key in name for key in _NO_DECAY_KEYS)
+def _drop_teacher(module: nn.Module, state_dict: dict[str, Any], prefix: str, local_metadata: Any) -> None:
+    for key in [k for k in state_dict if k.startswith(prefix + TEACHER_PREFIX)]:
+        del state_dict[key]
+
+
+def _teacher_keys_not_missing(module: nn.Module, incompatible: Any) -> None:
+    incompatible.missing_keys[:] = [k for k in incompatible.missing_keys if TEACHER_PREFIX not in k]
 
 
 class ContinualPretrain(nn.Module):
@@ -85,6 +91,9 @@ class ContinualPretrain(nn.Module):
         self.alpha = float(alpha)
         self.mean = tuple(float(v) for v in mean)
         self.std = tuple(float(v) for v in std)
+        # Checkpoints hold only what trains: a Swin-B teacher would add ~350 MB to every one of them.
+        self.register_state_dict_post_hook(_drop_teacher)
+        self.register_load_state_dict_post_hook(_teacher_keys_not_missing)
 
     def forward(self, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """One objective evaluation.
@@ -123,7 +132,7 @@ class ContinualPretrain(nn.Module):
         ``no_decay = [p ... if p.requires_grad and n in nwd]``; the teacher's params have
         ``requires_grad=False`` and belong in neither.
         """
-        return {n for n, p in self.named_parameters() if p.requires_grad and skips_weight_decay(n, p)}
+        return {n for n, p in self.named_parameters() if p.requires_grad and is_no_decay(n, p)}
 
 
 def build_continual_pretrain(
@@ -170,7 +179,11 @@ def build_continual_pretrain(
 
 
 def export_backbone(
-    objective: ContinualPretrain, path: str | Path, meta: Mapping[str, Any] | None = None
+    objective: ContinualPretrain,
+    path: str | Path,
+    meta: Mapping[str, Any] | None = None,
+    *,
+    state_dict: Mapping[str, Tensor] | None = None,
 ) -> Path:
     """Save only the student encoder (timm key names, no mask token) as safetensors plus a JSON sidecar.
 
@@ -178,6 +191,7 @@ def export_backbone(
     **timm_kwargs)`` or :func:`gfm_core.models.backbones.load_backbone`. The sidecar (``<name>.json``) holds
     ``arch``, ``timm_kwargs``, ``window_size``, ``pretrained_cfg`` (input_size, mean, std, num_classes 0),
     ``weights_sha256`` and ``meta`` (what the caller passes: teacher id/sha256, data manifest hash, ...).
+    ``state_dict`` (the whole objective's, e.g. gathered from ZeRO-3 shards) replaces the module's own weights.
 
     Raises:
         ConfigError: ``path`` does not end in ``.safetensors`` (timm picks the reader by suffix).
@@ -188,7 +202,13 @@ def export_backbone(
             f"{path}: backbone exports must end in .safetensors (timm picks the loader by suffix)"
         )
     student = objective.student
-    save_weights(path, student.encoder.state_dict())
+    prefix = "student.encoder."
+    weights = (
+        {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+        if state_dict is not None
+        else student.encoder.state_dict()
+    )
+    save_weights(path, weights)
     h, w = student.img_size
     kwargs = dict(student.timm_kwargs)
     write_json(

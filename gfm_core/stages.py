@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from gfm_core.config import Params, PretrainCfg
-from gfm_core.errors import ConfigError
+from gfm_core.errors import ConfigError, DataValidationError
 from gfm_core.io import sha256_file, sha256_json, write_json, write_text
 
 log = logging.getLogger(__name__)
@@ -47,6 +47,53 @@ def run_demo_data(params: Params) -> DemoDataStageResult:
     return DemoDataStageResult(
         root=res.root, teacher=teacher, pile_counts=dict(res.pile_counts), task_counts=dict(res.task_counts)
     )
+
+
+# ------------------------------------------------------------------------------------------------ ingestion
+
+
+@dataclass(frozen=True)
+class IngestResult:
+    """The pile's manifest, quarantine report and normalisation statistics."""
+
+    manifest: Path
+    quarantine: Path
+    stats: Path
+    content_hash: str
+    accepted: int
+    quarantined: int
+    near_duplicates: int
+    bad_fraction: float
+    per_source: dict[str, dict[str, int]]
+
+
+def run_ingest(params: Params, *, progress: bool = True) -> IngestResult:
+    """Read every image of the pile once: manifest, quarantine report (bad files never stop it), stats.
+
+    Raises:
+        DataValidationError: more than ``ingest.max_bad_fraction`` of the files were quarantined.
+    """
+    from gfm_core.data.geopile import build_manifest
+    from gfm_core.data.stats import compute_norm_stats, write_norm_stats
+
+    cfg = params.ingest
+    report = build_manifest(
+        cfg.root, pretrain_sources(params), cfg.out_dir, settings=cfg.settings, progress=progress
+    )
+    stats = write_norm_stats(compute_norm_stats(report.manifest_path), cfg.out_dir / "norm_stats.json")
+    result = IngestResult(
+        manifest=report.manifest_path, quarantine=report.quarantine_path, stats=stats,
+        content_hash=report.content_hash, accepted=report.accepted, quarantined=report.quarantined,
+        near_duplicates=report.near_duplicates, bad_fraction=report.bad_fraction,
+        per_source={k: dict(v) for k, v in report.per_source.items()},
+    )
+    if report.bad_fraction > cfg.max_bad_fraction:
+        worst = "; ".join(f"{e.path}: {e.reason}" for e in report.entries[:5])
+        raise DataValidationError(
+            f"{report.quarantine_path}: {report.quarantined} of {report.candidates} files quarantined "
+            f"({report.bad_fraction:.1%} > ingest.max_bad_fraction {cfg.max_bad_fraction:.1%}); first: {worst}"
+        )
+    return result
 
 
 # ------------------------------------------------------------------------------------------------ pretraining
@@ -208,6 +255,7 @@ def run_pretrain(
 
     backbone = out_dir / "backbone.safetensors"
     summary = out_dir / "summary.json"
+    weights = backend.state_dict()  # collective under ZeRO-3 (gathers the shards): every rank calls it
     if backend.is_main:
         teacher_meta: dict[str, Any] = {"arch": cfg.teacher.arch, "feature_stage": cfg.teacher.feature_stage}
         if cfg.alpha > 0 and cfg.teacher.checkpoint is not None:
@@ -220,7 +268,7 @@ def run_pretrain(
                      "files_sha256": sha256_json(sorted(str(i.path) for i in items))},
             "steps": fit_res.steps, "loss": {k: v for k, v in fit_res.metrics.items() if math.isfinite(v)},
         }
-        export_backbone(backend.module, backbone, meta)
+        export_backbone(backend.module, backbone, meta, state_dict=weights)
         write_json(summary, {
             "steps": fit_res.steps, "images": len(dataset), "device": device, "backend": cfg.backend,
             "precision": cfg.precision, "seconds": round(elapsed, 2), **fit_res.metrics,
@@ -242,6 +290,9 @@ def run_demo(params: Params) -> Iterator[str]:
     data = run_demo_data(params)
     yield f"[demo-data] {data.root}  (pile: {sum(data.pile_counts.values())} images from {len(data.pile_counts)} "
     yield f"            sources; tasks: {', '.join(data.task_counts)}; teacher: {data.teacher})"
+    ing = run_ingest(params)
+    yield f"[ingest]    {ing.manifest}  ({ing.accepted} images, {ing.quarantined} quarantined, " \
+          f"{ing.near_duplicates} near-duplicates; stats: {ing.stats})"
     pre = run_pretrain(params)
     yield f"[pretrain]  {pre.backbone}  ({pre.steps} steps on {pre.device}: {pre.summary()})"
     yield f"            metrics: {pre.metrics_csv}  checkpoints: {pre.checkpoint_dir}"

@@ -287,3 +287,16 @@ def test_bf16_autocast_keeps_loss_parts_in_float32(teacher_file):
     assert all(out[k].dtype == torch.float32 for k in ("loss", "mim", "distill", "cosine", "embed_std"))
     out["loss"].backward()
     assert obj.student.mask_token.grad is not None and torch.isfinite(obj.student.mask_token.grad).all()
+
+
+def test_checkpoints_leave_the_frozen_teacher_out(teacher_file):
+    obj = _objective(teacher_file)
+    sd = obj.state_dict()
+    assert sd and not any(k.startswith("teacher.") for k in sd)
+    assert any(k.startswith("student.encoder.") for k in sd)
+    fresh = _objective(teacher_file, seed=1)
+    fresh.load_state_dict(sd, strict=True)  # the teacher comes from its own file, not the checkpoint
+    for k, v in fresh.state_dict().items():
+        assert torch.equal(v, sd[k]), k
+    with pytest.raises(RuntimeError, match="Missing key"):
+        fresh.load_state_dict({k: v for k, v in sd.items() if not k.startswith("projector.")}, strict=True)

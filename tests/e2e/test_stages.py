@@ -1,0 +1,71 @@
+"""The stage functions end to end on the real demo data, at a few steps."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import timm
+import torch
+import yaml
+
+from gfm_core import cli, stages
+from gfm_core.config import parse_params
+from gfm_core.models.backbones import load_backbone
+
+
+def _params(repo_root, tmp, **pretrain):
+    raw = yaml.safe_load((repo_root / "params.yaml").read_text())
+    raw["demo_data"]["root"] = str(tmp / "demo")
+    demo = raw["presets"]["demo"]
+    demo["ingest"].update(root=str(tmp / "demo" / "pile"), out_dir=str(tmp / "geopile"))
+    demo["pretrain"]["teacher"]["checkpoint"] = str(tmp / "demo" / "teacher" / stages.TEACHER_FILE)
+    demo["pretrain"].update(out_dir=str(tmp / "pretrain"), batch_size=4, max_steps=4, log_every=2,
+                            checkpoint_every=2, **pretrain)
+    return parse_params(raw, source="test-params")
+
+
+@pytest.fixture(scope="module")
+def demo_params(repo_root, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("stages")
+    params = _params(repo_root, tmp)
+    stages.run_demo_data(params)
+    return params
+
+
+def test_ingest_then_pretrain_exports_a_loadable_backbone(demo_params):
+    ing = stages.run_ingest(demo_params, progress=False)
+    assert ing.accepted == 144 and ing.quarantined == 0 and ing.stats.is_file()
+
+    res = stages.run_pretrain(demo_params)
+    assert res.steps == 4 and res.device == "cpu"
+    assert {"loss", "mim", "distill", "cosine", "lr", "images_per_s"} <= set(res.metrics)
+    summary = json.loads(res.summary_json.read_text())
+    assert summary["steps"] == 4 and summary["images"] == 144
+    rows = res.metrics_csv.read_text().splitlines()
+    assert rows[0].startswith("step,") and len(rows) == 3  # header + steps 2 and 4
+
+    meta = json.loads(res.backbone.with_suffix(".json").read_text())
+    assert meta["meta"]["teacher"]["arch"] == "tf_efficientnet_lite0" and len(meta["meta"]["teacher"]["sha256"]) == 64
+    model = load_backbone(res.backbone)
+    x = torch.randn(1, 3, 128, 128)
+    plain = timm.create_model(meta["arch"], pretrained=True, pretrained_cfg_overlay=dict(file=str(res.backbone)),
+                              **meta["timm_kwargs"])
+    with torch.no_grad():
+        assert torch.equal(model.forward_features(x), plain.forward_features(x))
+
+
+def test_resume_continues_from_the_last_checkpoint(demo_params):
+    first = stages.run_pretrain(demo_params, max_steps=2)
+    assert first.steps == 2
+    resumed = stages.run_pretrain(demo_params, resume=True, max_steps=2)
+    assert resumed.steps == 2  # already complete: nothing left to do, nothing re-done
+
+
+def test_cli_reports_config_errors_in_one_line(tmp_path, capsys):
+    bad = tmp_path / "params.yaml"
+    bad.write_text("pretrain:\n  alpah: 1\n")
+    assert cli.main(["pretrain", "--params", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "gfm pretrain: error:" in err and "pretrain.alpah: unknown key" in err
+    assert "Traceback" not in err
