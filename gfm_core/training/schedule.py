@@ -5,8 +5,8 @@ The paper's recipe (GFM, from SimMIM) is AdamW with ``base_lr = 2e-4``, ``warmup
 100, stepped per iteration.
 
 SimMIM builds timm's ``CosineLRScheduler`` with ``warmup_prefix=False``: its cosine is evaluated at
-``step / total_steps`` over *all* steps, so the lr drops right after warm-up. :func:`lr_at` runs the cosine over the
-post-warm-up steps only, so the curve is continuous and reaches ``base_lr``. With 10 of 100 warm-up epochs
+``step/total_steps`` over *all* steps, so the lr drops right after warm-up. :func:`lr_at` runs the cosine over
+the post-warm-up steps only, so the curve is continuous and reaches ``base_lr``. With 10 of 100 warm-up epochs
 SimMIM's curve lies below this one by 2.4% of ``base_lr - min_lr`` right after warm-up and by at most 9.6%
 mid-run; both end at ``min_lr``.
 """

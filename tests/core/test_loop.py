@@ -245,5 +245,5 @@ def test_resume_with_changed_data_is_an_error(tmp_path):
 def test_corrupt_checkpoint_is_a_checkpoint_error(tmp_path):
     _run(tmp_path, total_steps=2, checkpoint_every=2)
     (tmp_path / "checkpoints" / "step_000002" / "state.pt").write_bytes(b"not a torch file")
-    with pytest.raises(CheckpointError, match="state.pt: cannot restore training state"):
+    with pytest.raises(CheckpointError, match=r"state\.pt: cannot restore training state"):
         _run(tmp_path, total_steps=4, resume=True)
