@@ -81,6 +81,10 @@ def run_ingest(params: Params, *, progress: bool = True) -> IngestResult:
         cfg.root, pretrain_sources(params), cfg.out_dir, settings=cfg.settings, progress=progress
     )
     stats = write_norm_stats(compute_norm_stats(report.manifest_path), cfg.out_dir / "norm_stats.json")
+    write_json(cfg.out_dir / "ingest_summary.json", {
+        "accepted": report.accepted, "quarantined": report.quarantined, "bad_fraction": report.bad_fraction,
+        "near_duplicates": report.near_duplicates, "content_hash": report.content_hash,
+    })
     result = IngestResult(
         manifest=report.manifest_path, quarantine=report.quarantine_path, stats=stats,
         content_hash=report.content_hash, accepted=report.accepted, quarantined=report.quarantined,
