@@ -69,3 +69,15 @@ def test_cli_reports_config_errors_in_one_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "gfm pretrain: error:" in err and "pretrain.alpah: unknown key" in err
     assert "Traceback" not in err
+
+
+@pytest.mark.distributed
+def test_pretrain_on_the_deepspeed_engine(repo_root, demo_params, tmp_path):
+    raw = demo_params.model_dump(mode="json")
+    raw["pretrain"].update(backend="deepspeed", zero_stage=1, precision="bf16", out_dir=str(tmp_path / "ds"),
+                           max_steps=2, log_every=1)
+    params = parse_params({**raw, "preset": None}, source="test-params")
+    res = stages.run_pretrain(params)
+    assert res.steps == 2 and res.backbone.is_file()
+    assert (res.checkpoint_dir / "step_000002" / "state").is_dir()  # DeepSpeed's own checkpoint files
+    assert all(torch.isfinite(torch.tensor(v)) for v in res.metrics.values())
