@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -43,6 +44,8 @@ def _cmd_pretrain(args: argparse.Namespace) -> None:
     from gfm_core import stages
 
     res = stages.run_pretrain(_params(args), resume=args.resume, max_steps=args.max_steps)
+    if os.environ.get("RANK", "0") != "0":  # launched on several ranks: rank 0 reports
+        return
     print(f"pretraining: {res.steps} steps, final {res.summary()}")
     print(f"exported backbone: {res.backbone}")
     print(f"checkpoints: {res.checkpoint_dir}")
