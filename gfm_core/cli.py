@@ -40,6 +40,23 @@ def _cmd_ingest(args: argparse.Namespace) -> None:
     print(f"normalisation stats: {res.stats}")
 
 
+def _cmd_validate(args: argparse.Namespace) -> None:
+    from gfm_core import stages
+
+    res = stages.run_validate(_params(args))
+    print(res.summary)
+    if not res.success:
+        raise SystemExit(1)
+
+
+def _cmd_shards(args: argparse.Namespace) -> None:
+    from gfm_core import stages
+
+    res = stages.run_shards(_params(args))
+    state = "written" if res.rebuilt else "up to date"
+    print(f"shards {state}: {res.shard_dir} ({res.images} images, {res.shards} file(s), {res.bytes / 1e6:.1f} MB)")
+
+
 def _cmd_pretrain(args: argparse.Namespace) -> None:
     from gfm_core import stages
 
@@ -61,6 +78,8 @@ def _cmd_demo(args: argparse.Namespace) -> None:
 COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], None], str]] = {
     "demo-data": (_cmd_demo_data, "build the embedded demo GeoPile and downstream tasks from real imagery"),
     "ingest": (_cmd_ingest, "read the pile once: manifest, quarantine report, normalisation stats"),
+    "validate": (_cmd_validate, "great-expectations checks of the manifest (exit 1 on failure, with a summary)"),
+    "shards": (_cmd_shards, "decode the validated pile once into uint8 Arrow shards for training"),
     "pretrain": (_cmd_pretrain, "teacher-student continual pretraining (GFM)"),
     "demo": (_cmd_demo, "run every stage end to end on the embedded demo data"),
 }
@@ -92,6 +111,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S",
     )
+    for noisy in ("great_expectations", "timm", "deepspeed", "mlflow", "alembic"):
+        logging.getLogger(noisy).setLevel(logging.DEBUG if args.verbose else logging.WARNING)
     try:
         args.func(args)
     except GfmError as e:

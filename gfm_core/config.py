@@ -108,6 +108,7 @@ class PretrainCfg(Section):
     weight_decay: float = Field(0.05, ge=0)
     betas: tuple[float, float] = (0.9, 0.999)
     clip_grad: float | None = Field(5.0, gt=0)
+    data: Literal["shards", "files"] = Field("shards", description="read the ingested shards, or decode files")
     precision: Literal["fp32", "bf16", "fp16"] = "bf16"
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = cuda when visible, else cpu (logged)")
     backend: Literal["torch", "deepspeed"] = "torch"
@@ -160,16 +161,192 @@ class IngestCfg(Section):
     sources: tuple[SourceSpec, ...] = ()
     settings: IngestSettings = IngestSettings()
     max_bad_fraction: float = Field(0.05, ge=0, le=1)
+    shard_size: int = Field(256, ge=32, description="training shards keep images with their short side at most this")
+    images_per_shard: int = Field(512, ge=1)
+
+
+class ValidateCfg(Section):
+    """Great-expectations rules the ingested pile must pass before training (``gfm validate``)."""
+
+    min_size: int | None = Field(None, ge=1, description="shortest image side; None = pretrain.student.img_size")
+    allowed_bands: tuple[int, ...] = (3,)
+    mean_range: tuple[float, float] = Field((0.01, 0.99), description="plausible per-band means of [0, 1] data")
+    max_nodata_fraction: float = Field(0.5, ge=0, le=1)
+    data_docs: bool = True
+
+
+TaskHeadName = Literal["classification", "multilabel", "segmentation", "change", "superres"]
+TaskLayout = Literal["ucmerced", "resisc45", "eurosat", "bigearthnet", "oscd", "levircd", "folders"]
+
+#: The folder layouts each head can read (torchgeo's layouts plus the generic ``folders`` one).
+LAYOUTS_BY_HEAD: dict[str, tuple[str, ...]] = {
+    "classification": ("ucmerced", "resisc45", "eurosat"),
+    "multilabel": ("bigearthnet",),
+    "segmentation": ("folders",),
+    "change": ("levircd", "oscd", "folders"),
+    "superres": ("folders",),
+}
+
+
+class TaskCfg(Section):
+    """One downstream task: its local data folder and layout, head, input geometry and label handling.
+
+    Images are read band by band (``bands`` / ``band_files``), scaled to [0, 1] with ``value_range``, resized to
+    ``img_size`` and normalised with the backbone's own mean/std. Labels (masks, change maps, HR targets) stay
+    at their native size; predictions are resized to them.
+    """
+
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    head: TaskHeadName
+    layout: TaskLayout
+    root: Path
+    img_size: int = Field(ge=16, description="backbone input size in pixels (images are resized to it)")
+    window_size: int | None = Field(None, ge=1, description="Swin window at img_size; None = the backbone's")
+    bands: tuple[int, ...] | None = Field(
+        None, description="1-based band indexes of multi-band files, in order (Landsat RGB: [3, 2, 1]); None = all"
+    )
+    band_files: tuple[str, ...] = Field(
+        ("B04", "B03", "B02"), description="per-band file names of the bigearthnet/oscd layouts (RGB)"
+    )
+    value_range: tuple[float, float] | None = Field(
+        None, description="(lo, hi) mapped to [0, 1]; None = the file dtype's default (gfm_core.data.raster)"
+    )
+    classes: tuple[str, ...] | None = Field(
+        None, description="label names (multilabel: None = info.json or BigEarthNet's 19; segmentation: names)"
+    )
+    num_classes: int | None = Field(None, ge=2, description="segmentation classes (or give mask_values)")
+    mask_values: tuple[int, ...] | None = Field(
+        None, description="segmentation: raw mask value of class 0..K-1 (others are ignored); None = ids"
+    )
+    ignore_index: int = Field(255, ge=0, description="segmentation mask value that is not scored")
+    dirs: tuple[str, ...] | None = Field(
+        None, description="folders layout: <split>/<dir>/ names; None = images,masks | A,B,label | lr,hr"
+    )
+    tile_size: int | None = Field(None, ge=16, description="cut large images into tiles of this size")
+    scale: int = Field(4, ge=1, description="superres: HR / LR size ratio")
+    label_fraction: float = Field(1.0, gt=0, le=1, description="share of the train split used (1%, 10%, 100%)")
+    headline: str | None = Field(None, description="metric used for ARP and the bootstrap; None = the head's")
+    epochs: int | None = Field(None, ge=1, description="override finetune.epochs")
+    max_steps: int | None = Field(None, ge=1, description="override finetune.max_steps")
+    batch_size: int | None = Field(None, ge=1, description="override finetune.batch_size")
+
+    @model_validator(mode="after")
+    def _check(self) -> TaskCfg:
+        valid = LAYOUTS_BY_HEAD[self.head]
+        if self.layout not in valid:
+            raise ValueError(
+                f"task {self.name!r}: head {self.head!r} cannot read layout {self.layout!r}; valid: {', '.join(valid)}"
+            )
+        if self.head == "segmentation" and self.num_classes is None and self.mask_values is None:
+            raise ValueError(f"task {self.name!r}: segmentation needs num_classes or mask_values")
+        if self.num_classes is not None and self.mask_values is not None and self.num_classes != len(self.mask_values):
+            raise ValueError(
+                f"task {self.name!r}: num_classes {self.num_classes} != {len(self.mask_values)} mask_values"
+            )
+        if self.value_range is not None and not self.value_range[1] > self.value_range[0]:
+            raise ValueError(f"task {self.name!r}: value_range must be (lo, hi) with hi > lo")
+        return self
+
+
+class BackboneSpec(Section):
+    """Where a fine-tuned model's backbone comes from; every baseline gets the same heads and budget.
+
+    ``export``: a backbone written by pretraining (``path`` = ``backbone.safetensors`` + JSON sidecar).
+    ``teacher``: a timm model loaded from a local checkpoint (``arch`` + ``path``; the ImageNet baseline).
+    ``random``: ``arch`` + ``timm_kwargs``, randomly initialised.
+    ``pretrain`` holds ``pretrain``-section overrides that produce an export baseline (MIM-only: alpha 0).
+    """
+
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    kind: Literal["export", "teacher", "random"]
+    path: Path | None = None
+    arch: str | None = None
+    timm_kwargs: dict[str, Any] = Field(default_factory=dict)
+    pretrain: dict[str, Any] = Field(default_factory=dict)
+    description: str = ""
+
+    @model_validator(mode="after")
+    def _check(self) -> BackboneSpec:
+        if self.kind in ("export", "teacher") and self.path is None:
+            raise ValueError(f"model {self.name!r}: kind {self.kind!r} needs a path (a local weight file)")
+        if self.kind in ("teacher", "random") and not self.arch:
+            raise ValueError(f"model {self.name!r}: kind {self.kind!r} needs an arch (a timm model name)")
+        return self
+
+
+class FinetuneCfg(Section):
+    """Downstream fine-tuning (paper section 3; GFM's main_finetune.py recipe).
+
+    The same schedule and budget for every model; ``base_lr``/``warmup_lr``/``min_lr`` are scaled by
+    global batch / 512. Layer-wise lr decay multiplies a backbone layer's lr by ``layer_decay^(depth - id)``.
+    """
+
+    tasks: tuple[TaskCfg, ...] = ()
+    models: tuple[BackboneSpec, ...] = ()
+    seeds: tuple[int, ...] = Field((0,), min_length=1)
+    subset_seed: int | None = Field(42, description="seed of the label-fraction subset; None = the run seed")
+    batch_size: int = Field(128, ge=1)
+    eval_batch_size: int = Field(128, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    epochs: int = Field(100, ge=1)
+    warmup_fraction: float = Field(0.2, ge=0, lt=1, description="paper: 20 of 100 epochs")
+    max_steps: int | None = Field(None, ge=1, description="stop after this many optimizer steps")
+    base_lr: float = Field(1e-4, gt=0)
+    warmup_lr: float = Field(1e-7, ge=0)
+    min_lr: float = Field(1e-5, ge=0)
+    weight_decay: float = Field(0.05, ge=0)
+    layer_decay: float = Field(0.9, gt=0, le=1)
+    drop_path_rate: float = Field(0.1, ge=0, lt=1)
+    betas: tuple[float, float] = (0.9, 0.999)
+    clip_grad: float | None = Field(5.0, gt=0)
+    decoder_dim: int = Field(256, ge=8, description="channels of the FPN decoder (dense heads)")
+    augment: bool = Field(True, description="random horizontal flips of training samples")
+    cache_samples: bool = Field(False, description="keep decoded training images in memory (small sets)")
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    num_workers: int = Field(4, ge=0)
+    log_every: int = Field(10, ge=1)
+    out_dir: Path = Path("outputs/finetune")
+
+    @model_validator(mode="after")
+    def _check_names(self) -> FinetuneCfg:
+        for label, items in (("tasks", self.tasks), ("models", self.models)):
+            names = [i.name for i in items]
+            dupes = sorted({n for n in names if names.count(n) > 1})
+            if dupes:
+                raise ValueError(f"finetune.{label}: duplicate names {dupes}")
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"finetune.seeds: duplicates in {list(self.seeds)}")
+        return self
+
+
+class EvaluateCfg(Section):
+    """The report over fine-tuned results: table, ARP, paired bootstrap CIs, radar chart."""
+
+    models: tuple[str, ...] = Field((), description="rows, in order; empty = every finetune model")
+    tasks: tuple[str, ...] = Field((), description="columns, in order; empty = every finetune task")
+    baseline: str = Field("imagenet", description="ARP reference model (paper Table 1: ImageNet-22k)")
+    reference: str = Field("gfm", description="bootstrap differences are model - reference")
+    n_bootstrap: int = Field(1000, ge=10)
+    ci: float = Field(0.95, gt=0, lt=1)
+    seed: int = 0
+    require_complete: bool = Field(True, description="fail when a (model, task, seed) result is missing")
+    out_dir: Path = Path("outputs/evaluate")
 
 
 class Params(Section):
     """The whole ``params.yaml`` after the active preset is applied."""
 
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
     preset: str | None = None
     seed: int = 0
     demo_data: DemoDataCfg = DemoDataCfg()
     ingest: IngestCfg = IngestCfg()
+    validation: ValidateCfg = Field(ValidateCfg(), alias="validate")  # `validate` is a BaseModel method
     pretrain: PretrainCfg = PretrainCfg()
+    finetune: FinetuneCfg = FinetuneCfg()
+    evaluate: EvaluateCfg = EvaluateCfg()
     presets: dict[str, dict[str, Any]] = Field(default_factory=dict)
 
 

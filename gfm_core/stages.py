@@ -100,6 +100,71 @@ def run_ingest(params: Params, *, progress: bool = True) -> IngestResult:
     return result
 
 
+@dataclass(frozen=True)
+class ValidateResult:
+    """Great-expectations verdict on the ingested pile."""
+
+    success: bool
+    n_expectations: int
+    failed: tuple[str, ...]
+    json: Path
+    docs: Path | None
+    summary: str
+
+
+def run_validate(params: Params) -> ValidateResult:
+    """Check the manifest against the ``validate`` rules (a failed rule is a result, not an exception)."""
+    from gfm_core.data.validation import validate_manifest
+
+    cfg, ing = params.validation, params.ingest
+    rep = validate_manifest(
+        ing.out_dir / "manifest.parquet", pretrain_sources(params), quarantine_path=ing.out_dir / "quarantine.json",
+        min_size=cfg.min_size or params.pretrain.student.img_size, max_nodata_fraction=cfg.max_nodata_fraction,
+        max_bad_fraction=ing.max_bad_fraction, allowed_bands=cfg.allowed_bands, mean_range=cfg.mean_range,
+        out_dir=ing.out_dir / "validation", data_docs=cfg.data_docs,
+    )
+    return ValidateResult(
+        success=rep.success, n_expectations=rep.n_expectations, failed=tuple(f.name for f in rep.failed),
+        json=rep.json_path, docs=rep.docs_index, summary=rep.summary(),
+    )
+
+
+@dataclass(frozen=True)
+class ShardsResult:
+    """Training shards written from a validated manifest."""
+
+    shard_dir: Path
+    images: int
+    shards: int
+    bytes: int
+    rebuilt: bool
+    content_hash: str
+
+
+def run_shards(params: Params, *, progress: bool = True) -> ShardsResult:
+    """Decode every image of the validated pile once into uint8 Arrow shards (skipped when up to date).
+
+    Raises:
+        DataValidationError: the pile did not pass ``gfm validate`` (run it first).
+    """
+    import json
+
+    from gfm_core.data.shards import write_shards
+
+    ing = params.ingest
+    verdict = ing.out_dir / "validation" / "validation.json"
+    if not verdict.is_file() or not json.loads(verdict.read_text()).get("success"):
+        raise DataValidationError(f"{verdict}: the pile has not passed validation; run `gfm validate` first")
+    rep = write_shards(
+        ing.out_dir / "manifest.parquet", ing.out_dir / "shards", data_root=ing.root, shard_size=ing.shard_size,
+        images_per_shard=ing.images_per_shard, progress=progress,
+    )
+    return ShardsResult(
+        shard_dir=rep.shard_dir, images=rep.images, shards=rep.shards, bytes=rep.bytes, rebuilt=rep.rebuilt,
+        content_hash=rep.content_hash,
+    )
+
+
 # ------------------------------------------------------------------------------------------------ pretraining
 
 
@@ -215,13 +280,23 @@ def run_pretrain(
     seed_everything(cfg.seed)
     backend = make_backend(cfg, device, cfg.batch_size)
 
-    items = list_pile(params.ingest.root, pretrain_sources(params))
     objective = build_continual_pretrain(cfg)
     mask = MaskGenerator(cfg.student.img_size, cfg.mask_patch_size, cfg.student.patch_size, cfg.mask_ratio)
-    dataset = PretrainImages(
-        items, cfg.student.img_size, mask, crop_scale=cfg.crop_scale, crop_ratio=cfg.crop_ratio,
-        mean=objective.mean, std=objective.std, seed=cfg.seed,
-    )
+    augment = dict(crop_scale=cfg.crop_scale, crop_ratio=cfg.crop_ratio, mean=objective.mean, std=objective.std,
+                   seed=cfg.seed)
+    if cfg.data == "shards":
+        from gfm_core.data.shards import ShardPretrainImages
+
+        shard_dir = params.ingest.out_dir / "shards"
+        if not (shard_dir / "index.json").is_file():
+            raise ConfigError(f"{shard_dir}: no training shards; run `gfm shards` (or set pretrain.data: files)")
+        dataset: Any = ShardPretrainImages(shard_dir, cfg.student.img_size, mask, **augment)
+        data_meta = {"shards": str(shard_dir), "manifest_content_hash": dataset.data.content_hash}
+    else:
+        items = list_pile(params.ingest.root, pretrain_sources(params))
+        dataset = PretrainImages(items, cfg.student.img_size, mask, **augment)
+        data_meta = {"root": str(params.ingest.root),
+                     "files_sha256": sha256_json(sorted(str(i.path) for i in items))}
     world = backend.world_size
     global_batch = cfg.batch_size * cfg.grad_accum * world
     steps_per_epoch = len(dataset) // world // cfg.batch_size // cfg.grad_accum
@@ -268,8 +343,7 @@ def run_pretrain(
         meta = {
             "teacher": teacher_meta,
             "params_sha256": sha256_json(cfg.model_dump(mode="json")),
-            "data": {"root": str(params.ingest.root), "images": len(dataset),
-                     "files_sha256": sha256_json(sorted(str(i.path) for i in items))},
+            "data": {**data_meta, "images": len(dataset)},
             "steps": fit_res.steps, "loss": {k: v for k, v in fit_res.metrics.items() if math.isfinite(v)},
         }
         export_backbone(backend.module, backbone, meta, state_dict=weights)
@@ -297,6 +371,12 @@ def run_demo(params: Params) -> Iterator[str]:
     ing = run_ingest(params)
     yield f"[ingest]    {ing.manifest}  ({ing.accepted} images, {ing.quarantined} quarantined, " \
           f"{ing.near_duplicates} near-duplicates; stats: {ing.stats})"
+    val = run_validate(params)
+    yield f"[validate]  {val.json}  ({val.n_expectations} expectations, {len(val.failed)} failed; docs: {val.docs})"
+    if not val.success:
+        raise DataValidationError(val.summary)
+    sh = run_shards(params)
+    yield f"[shards]    {sh.shard_dir}  ({sh.images} images in {sh.shards} shard(s), {sh.bytes / 1e6:.1f} MB)"
     pre = run_pretrain(params)
     yield f"[pretrain]  {pre.backbone}  ({pre.steps} steps on {pre.device}: {pre.summary()})"
     yield f"            metrics: {pre.metrics_csv}  checkpoints: {pre.checkpoint_dir}"

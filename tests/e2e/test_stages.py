@@ -11,6 +11,7 @@ import yaml
 
 from gfm_core import cli, stages
 from gfm_core.config import parse_params
+from gfm_core.errors import DataValidationError
 from gfm_core.models.backbones import load_backbone
 
 
@@ -34,8 +35,15 @@ def demo_params(repo_root, tmp_path_factory):
 
 
 def test_ingest_then_pretrain_exports_a_loadable_backbone(demo_params):
+    with pytest.raises(DataValidationError, match="run `gfm validate` first"):
+        stages.run_shards(demo_params)  # shards are only written from a validated pile
     ing = stages.run_ingest(demo_params, progress=False)
     assert ing.accepted == 144 and ing.quarantined == 0 and ing.stats.is_file()
+    val = stages.run_validate(demo_params)
+    assert val.success and val.n_expectations >= 10 and val.docs is not None and val.docs.is_file()
+    sh = stages.run_shards(demo_params, progress=False)
+    assert sh.images == 144 and sh.rebuilt
+    assert not stages.run_shards(demo_params, progress=False).rebuilt  # up to date: nothing rewritten
 
     res = stages.run_pretrain(demo_params)
     assert res.steps == 4 and res.device == "cpu"
@@ -46,6 +54,7 @@ def test_ingest_then_pretrain_exports_a_loadable_backbone(demo_params):
     assert rows[0].startswith("step,") and len(rows) == 3  # header + steps 2 and 4
 
     meta = json.loads(res.backbone.with_suffix(".json").read_text())
+    assert meta["meta"]["data"]["manifest_content_hash"] == ing.content_hash  # lineage: pile -> weights
     assert meta["meta"]["teacher"]["arch"] == "tf_efficientnet_lite0" and len(meta["meta"]["teacher"]["sha256"]) == 64
     model = load_backbone(res.backbone)
     x = torch.randn(1, 3, 128, 128)
@@ -55,10 +64,13 @@ def test_ingest_then_pretrain_exports_a_loadable_backbone(demo_params):
         assert torch.equal(model.forward_features(x), plain.forward_features(x))
 
 
-def test_resume_continues_from_the_last_checkpoint(demo_params):
-    first = stages.run_pretrain(demo_params, max_steps=2)
+def test_resume_continues_from_the_last_checkpoint(demo_params, tmp_path):
+    raw = demo_params.model_dump(mode="json")
+    raw["pretrain"].update(data="files", out_dir=str(tmp_path / "files"))  # decode the files, no shards
+    params = parse_params({**raw, "preset": None}, source="test-params")
+    first = stages.run_pretrain(params, max_steps=2)
     assert first.steps == 2
-    resumed = stages.run_pretrain(demo_params, resume=True, max_steps=2)
+    resumed = stages.run_pretrain(params, resume=True, max_steps=2)
     assert resumed.steps == 2  # already complete: nothing left to do, nothing re-done
 
 
@@ -74,7 +86,7 @@ def test_cli_reports_config_errors_in_one_line(tmp_path, capsys):
 @pytest.mark.distributed
 def test_pretrain_on_the_deepspeed_engine(repo_root, demo_params, tmp_path):
     raw = demo_params.model_dump(mode="json")
-    raw["pretrain"].update(backend="deepspeed", zero_stage=1, precision="bf16", out_dir=str(tmp_path / "ds"),
+    raw["pretrain"].update(backend="deepspeed", zero_stage=1, precision="bf16", out_dir=str(tmp_path / "ds"), data="files",
                            max_steps=2, log_every=1)
     params = parse_params({**raw, "preset": None}, source="test-params")
     res = stages.run_pretrain(params)
