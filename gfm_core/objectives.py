@@ -21,7 +21,7 @@ from gfm_core.config import PretrainCfg
 from gfm_core.errors import ConfigError
 from gfm_core.io import save_weights, sha256_file, sidecar_path, write_json
 from gfm_core.losses import gfm_loss
-from gfm_core.models.backbones import FrozenTeacher, create_student, create_teacher
+from gfm_core.models.backbones import FrozenTeacher, create_student, create_teacher, set_fused_attention
 from gfm_core.models.simmim import MaskedSwin, PixelShuffleDecoder, make_projector
 from gfm_core.training.optim import is_no_decay
 
@@ -151,6 +151,12 @@ def build_continual_pretrain(
     With ``alpha == 0`` no teacher is built (MIM-only baseline; ``teacher.checkpoint`` may be unset) and the
     projector maps to the student's own stage dim so ``embed_std`` is still reported.
 
+    With ``cfg.device`` cuda (or auto with a GPU visible), timm's Swin attention runs through
+    ``F.scaled_dot_product_attention`` (:func:`set_fused_attention`; the same function, the memory-efficient
+    kernel); on the CPU timm's own path is kept, as it is the faster one there under bf16 autocast. (Under
+    bf16/fp16 autocast the backends keep the frozen teacher's matmul weights in that dtype:
+    :meth:`FrozenTeacher.lower_precision_`.)
+
     Raises:
         ConfigError, CheckpointError: from :func:`create_student` / :func:`create_teacher`.
     """
@@ -173,6 +179,10 @@ def build_continual_pretrain(
     teacher = create_teacher(cfg.teacher) if cfg.alpha > 0 else None
     teacher_dim = teacher.feature_dim if teacher is not None else student.stage_dim
     projector = make_projector(student.stage_dim, teacher_dim)
+    if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()):
+        set_fused_attention(student.encoder)
+        if teacher is not None:
+            set_fused_attention(teacher.model)
     return ContinualPretrain(
         student, decoder, projector, teacher, w_mim=cfg.w_mim, alpha=cfg.alpha, mean=mean, std=std
     )

@@ -80,6 +80,7 @@ class FrozenTeacher(nn.Module):
         self.mean = tuple(float(v) for v in mean)
         self.std = tuple(float(v) for v in std)
         self.source = source
+        self.compute_dtype: torch.dtype | None = None
         self.requires_grad_(False)
         self.train(False)
 
@@ -94,14 +95,67 @@ class FrozenTeacher(nn.Module):
         )
 
     def forward(self, x: Tensor) -> Tensor:
-        """``x: [B, C, *input_size]`` teacher-normalised -> ``[B, D]`` pooled stage features (no grad)."""
-        with torch.no_grad():
+        """``x: [B, C, *input_size]`` teacher-normalised -> ``[B, D]`` pooled stage features (no grad).
+
+        After :meth:`lower_precision_` it runs under ``torch.autocast(compute_dtype)`` whatever the caller's
+        autocast state.
+        """
+        with torch.no_grad(), self._autocast(x.device):
             return stage_features(self.model, x, self.stage)
+
+    def lower_precision_(self, dtype: torch.dtype) -> FrozenTeacher:
+        """Keep the plain matmul layers' (Linear, Conv) weights in ``dtype`` and run under autocast ``dtype``.
+
+        Under ``torch.autocast(dtype)`` exactly these layers cast their float32 weights to ``dtype`` on every
+        call: autocast caches casts only of parameters that require grad, and a frozen teacher's don't.
+        Casting them once gives bit-identical features, without the per-step casts and with half of their
+        memory. Everything autocast runs in float32 keeps float32 weights (norms, position-bias tables,
+        subclassed convs such as weight-standardised ones). In place; returns ``self``.
+        """
+        if not dtype.is_floating_point:
+            raise ConfigError(f"teacher compute dtype must be a floating dtype, got {dtype}")
+        for module in self.model.modules():
+            if type(module) in _AUTOCAST_MATMUL_LAYERS:
+                module.to(dtype)
+        self.compute_dtype = dtype
+        return self
+
+    def _autocast(self, device: torch.device) -> contextlib.AbstractContextManager[Any]:
+        if self.compute_dtype is None or self.compute_dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=device.type, dtype=self.compute_dtype)
 
     @property
     def feature_dim(self) -> int:
         """Channels of the distilled feature."""
-        return feature_dim(self.model, self.stage, self.input_size)
+        with self._autocast(next(self.model.parameters()).device):
+            return feature_dim(self.model, self.stage, self.input_size)
+
+
+_AUTOCAST_MATMUL_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+"""Layer types whose forward is one ``F.linear``/``F.conv*`` call (exact types: subclasses may use weights
+elsewhere, e.g. weight standardisation)."""
+
+
+def set_fused_attention(model: nn.Module, enabled: bool = True) -> int:
+    """Switch every timm attention module of ``model`` to (or off) ``F.scaled_dot_product_attention``.
+
+    timm fixes the choice per module at construction (``fused_attn``, from ``TIMM_FUSED_ATTN``); Swin's
+    ``WindowAttention`` only takes the SDPA path with ``TIMM_FUSED_ATTN=2`` as timm still calls it
+    experimental. Both paths compute the same function: the relative-position bias and the shifted-window mask
+    become SDPA's additive ``attn_mask`` (gradients reach the bias table). On CUDA, SDPA runs the
+    memory-efficient kernel; on the CPU a mask that needs a gradient sends it to the float32 math fallback,
+    which is slower than timm's own path under bf16 autocast.
+
+    Returns:
+        The number of modules switched.
+    """
+    switched = 0
+    for module in model.modules():
+        if isinstance(getattr(module, "fused_attn", None), bool):
+            module.fused_attn = bool(enabled)
+            switched += 1
+    return switched
 
 
 def create_teacher(cfg: TeacherCfg, **overrides: Any) -> FrozenTeacher:

@@ -131,6 +131,22 @@ def _check_precision(precision: str, device: torch.device) -> None:
         raise ConfigError("precision fp16 needs a CUDA device (loss scaling); use bf16 or fp32 on the CPU")
 
 
+def lower_frozen_precision(model: nn.Module, dtype: torch.dtype) -> int:
+    """Let frozen submodules keep their weights in the autocast ``dtype`` the model will train under.
+
+    Every submodule with a ``lower_precision_(dtype)`` method is called (duck-typed; e.g.
+    :meth:`gfm_core.models.backbones.FrozenTeacher.lower_precision_`, which gives bit-identical outputs under
+    autocast without re-casting its weights on every step). Returns how many were called.
+    """
+    lowered = 0
+    for module in model.modules():
+        hook = getattr(module, "lower_precision_", None)
+        if callable(hook):
+            hook(dtype)
+            lowered += 1
+    return lowered
+
+
 def _env_int(name: str, default: int) -> int:
     value = os.environ.get(name)
     return default if value in (None, "") else int(value)
@@ -192,7 +208,8 @@ class TorchBackend(_Distributed):
     Args:
         device: ``"cpu"``, ``"cuda"`` (= ``cuda:$LOCAL_RANK``) or ``"cuda:N"``; never silently replaced.
         precision: ``"fp32"``; ``"bf16"`` = ``torch.autocast`` in bfloat16 (CPU or CUDA), fp32 weights;
-            ``"fp16"`` = autocast float16 + ``GradScaler`` (CUDA only).
+            ``"fp16"`` = autocast float16 + ``GradScaler`` (CUDA only). Under autocast, frozen submodules
+            that support it keep their weights in the autocast dtype (:func:`lower_frozen_precision`).
         find_unused_parameters: passed to DDP (set it when some trainable parameters get no gradient).
     """
 
@@ -242,6 +259,8 @@ class TorchBackend(_Distributed):
         """Move ``model`` to the device in place (the optimizer keeps its parameters); wrap it in DDP."""
         if grad_accum < 1:
             raise ConfigError(f"grad_accum must be >= 1, got {grad_accum}")
+        if self.precision != "fp32":
+            lower_frozen_precision(model, torch.bfloat16 if self.precision == "bf16" else torch.float16)
         self._module = model.to(self._device)
         self._wrapped = self._module
         if self._world > 1:
@@ -385,7 +404,8 @@ class DeepSpeedBackend(_Distributed):
         micro_batch_size: samples per micro-batch per rank (``train_micro_batch_size_per_gpu``; DeepSpeed only
             uses it for its counters and throughput, the loader decides the real batch).
         bf16_mode: ``"autocast"`` (default) keeps an fp32 engine and runs forward under ``torch.autocast``
-            bf16 - needed by timm Swin, whose attention mixes dtypes under a bf16 engine. ``"native"`` enables
+            bf16 - needed by timm Swin, whose attention mixes dtypes under a bf16 engine (frozen submodules
+            keep bf16 weights: :func:`lower_frozen_precision`). ``"native"`` enables
             DeepSpeed's bf16 (bf16 parameters, fp32 master weights) and casts float inputs to bfloat16.
         config_overrides: merged last into the generated DeepSpeed config dict.
     """
@@ -475,6 +495,8 @@ class DeepSpeedBackend(_Distributed):
         if grad_accum < 1:
             raise ConfigError(f"grad_accum must be >= 1, got {grad_accum}")
         config = self.ds_config(grad_accum, clip_grad)
+        if self.precision == "bf16" and self.bf16_mode == "autocast":
+            lower_frozen_precision(model, torch.bfloat16)  # before ZeRO-3 partitions the parameters
         self._engine, _, _, _ = self._deepspeed.initialize(model=model, optimizer=optimizer, config=config)
         self._optimizer = optimizer
         native = config["bf16"]["enabled"] or config["fp16"]["enabled"]

@@ -15,6 +15,7 @@ from gfm_core.models.backbones import (
     create_student,
     create_teacher,
     feature_dim,
+    set_fused_attention,
     stage_features,
     stage_map,
     teacher_inputs,
@@ -291,3 +292,51 @@ def test_unknown_teacher_kwargs_are_config_errors(tmp_path):
     ckpt = _save(_tiny_swin(), tmp_path / "t.safetensors")
     with pytest.raises(ConfigError, match="rejects its arguments"):
         create_teacher(TeacherCfg(arch=SWIN, checkpoint=ckpt, img_size=64), no_such_kwarg=1)
+
+
+@pytest.mark.parametrize("arch", [SWIN, "tf_efficientnet_lite0"])
+def test_low_precision_teacher_gives_the_autocast_features_bit_for_bit(tmp_path, arch):
+    torch.manual_seed(0)
+    if arch == SWIN:
+        kw = dict(window_size=3, embed_dim=16, depths=(2, 2, 2, 2), num_heads=(1, 1, 2, 2))
+        src = timm.create_model(SWIN, pretrained=False, num_classes=0, img_size=96, **kw)
+    else:
+        kw = {}
+        src = timm.create_model(arch, pretrained=False, num_classes=0)
+    ckpt = _save(src, tmp_path / "teacher.safetensors")
+    cfg = TeacherCfg(arch=arch, checkpoint=ckpt, img_size=96, feature_stage=3)
+    ref, low = create_teacher(cfg, **kw), create_teacher(cfg, **kw)
+    assert low.lower_precision_(torch.bfloat16) is low and low.compute_dtype == torch.bfloat16
+    for module in low.modules():
+        if type(module) in (torch.nn.Linear, torch.nn.Conv2d):
+            assert module.weight.dtype == torch.bfloat16
+        elif isinstance(module, (torch.nn.LayerNorm, torch.nn.BatchNorm2d)):
+            assert module.weight.dtype == torch.float32  # autocast runs norms on float32 weights
+    assert all(not p.requires_grad for p in low.parameters())
+    assert low.feature_dim == ref.feature_dim
+    x = torch.randn(2, 3, 96, 96)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = ref(x)
+        assert torch.equal(low(x), expected)
+    assert torch.equal(low(x), expected)  # it enters autocast itself when the caller has not
+
+
+def test_fused_attention_switch_computes_the_same_function():
+    model = _tiny_swin()
+    x = torch.randn(2, 3, 64, 64)
+
+    def run():
+        model.zero_grad(set_to_none=True)
+        out = model.forward_features(x)
+        out.square().mean().backward()
+        table = model.layers[0].blocks[1].attn.relative_position_bias_table  # shifted window: mask + bias
+        return out.detach(), table.grad.clone()
+
+    assert not any(getattr(m, "fused_attn", False) for m in model.modules())  # timm's default for Swin
+    out_ref, grad_ref = run()
+    assert set_fused_attention(model) == sum(len(layer.blocks) for layer in model.layers)
+    assert all(m.fused_attn for m in model.modules() if hasattr(m, "fused_attn"))
+    out, grad = run()
+    torch.testing.assert_close(out, out_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grad, grad_ref, rtol=1e-4, atol=1e-6)
+    assert set_fused_attention(model, enabled=False) == 8 and not model.layers[0].blocks[0].attn.fused_attn

@@ -300,3 +300,37 @@ def test_checkpoints_leave_the_frozen_teacher_out(teacher_file):
         assert torch.equal(v, sd[k]), k
     with pytest.raises(RuntimeError, match="Missing key"):
         fresh.load_state_dict({k: v for k, v in sd.items() if not k.startswith("projector.")}, strict=True)
+
+
+def test_bf16_backends_keep_the_frozen_teacher_in_bf16_with_the_same_result(teacher_file):
+    from gfm_core.training.backends import TorchBackend
+    from gfm_core.training.optim import build_optimizer, param_groups
+
+    ref, obj = _objective(teacher_file), _objective(teacher_file)
+    fp32 = TorchBackend("cpu", "fp32")
+    fp32.prepare(ref, build_optimizer(param_groups(ref, 0.05), lr=1e-3))
+    assert {p.dtype for p in ref.parameters()} == {torch.float32}
+    backend = TorchBackend("cpu", "bf16")
+    backend.prepare(obj, build_optimizer(param_groups(obj, 0.05), lr=1e-3))
+    assert obj.teacher.compute_dtype == torch.bfloat16
+    assert obj.teacher.model.layers[2].blocks[0].mlp.fc1.weight.dtype == torch.bfloat16
+    assert {p.dtype for p in obj.parameters() if p.requires_grad} == {torch.float32}  # trainable stay fp32
+    batch = _batch()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = ref(batch)
+    out = backend.forward(batch)
+    assert torch.equal(out["loss"], expected["loss"]) and torch.equal(out["distill"], expected["distill"])
+    backend.backward(out["loss"])
+    assert backend.step() > 0
+
+
+def test_cuda_builds_use_fused_attention_cpu_builds_keep_timms():
+    def fused(device):
+        cfg = PretrainCfg(student=STUDENT, alpha=0.0, mask_patch_size=16, device=device)
+        flags = {m.fused_attn for m in build_continual_pretrain(cfg).modules() if hasattr(m, "fused_attn")}
+        assert len(flags) == 1
+        return flags.pop()
+
+    assert fused("cuda") is True  # building needs no GPU: the modules are only switched
+    assert fused("cpu") is False
+    assert fused("auto") is torch.cuda.is_available()
