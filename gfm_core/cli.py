@@ -60,12 +60,33 @@ def _cmd_shards(args: argparse.Namespace) -> None:
 def _cmd_pretrain(args: argparse.Namespace) -> None:
     from gfm_core import stages
 
-    res = stages.run_pretrain(_params(args), resume=args.resume, max_steps=args.max_steps)
+    params = _params(args)
+    if args.baseline:
+        res = stages.run_pretrain_baseline(params, args.baseline, resume=args.resume, max_steps=args.max_steps)
+    else:
+        res = stages.run_pretrain(params, resume=args.resume, max_steps=args.max_steps)
     if os.environ.get("RANK", "0") != "0":  # launched on several ranks: rank 0 reports
         return
     print(f"pretraining: {res.steps} steps, final {res.summary()}")
     print(f"exported backbone: {res.backbone}")
     print(f"checkpoints: {res.checkpoint_dir}")
+
+
+def _cmd_finetune(args: argparse.Namespace) -> None:
+    from gfm_core import stages
+
+    runs = stages.run_finetune(_params(args), tasks=args.task, models=args.model, seeds=args.seed)
+    for r in runs:
+        print(f"{r.task:>14} {r.model:>14} seed {r.seed}: {r.headline} = {r.score:.4f}  ({r.result_json})")
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> None:
+    from gfm_core import stages
+
+    report = stages.run_evaluate(_params(args))
+    print(report.paths["markdown"].read_text())
+    for kind, path in sorted(report.paths.items()):
+        print(f"{kind}: {path}")
 
 
 def _cmd_demo(args: argparse.Namespace) -> None:
@@ -81,6 +102,8 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], None], str]] = {
     "validate": (_cmd_validate, "great-expectations checks of the manifest (exit 1 on failure, with a summary)"),
     "shards": (_cmd_shards, "decode the validated pile once into uint8 Arrow shards for training"),
     "pretrain": (_cmd_pretrain, "teacher-student continual pretraining (GFM)"),
+    "finetune": (_cmd_finetune, "fine-tune every (task, model, seed) with the same heads and budget"),
+    "evaluate": (_cmd_evaluate, "the comparison report: table, ARP, bootstrap CIs, radar chart"),
     "demo": (_cmd_demo, "run every stage end to end on the embedded demo data"),
 }
 
@@ -100,6 +123,12 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "pretrain":
             p.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint")
             p.add_argument("--max-steps", type=int, default=None, help="override pretrain.max_steps")
+            p.add_argument("--baseline", default=None,
+                           help="pretrain the ablation of this name in finetune.models (mim_only, distill_only)")
+        if name == "finetune":
+            p.add_argument("--task", action="append", help="only this task (repeatable)")
+            p.add_argument("--model", action="append", help="only this model (repeatable)")
+            p.add_argument("--seed", action="append", type=int, help="only this seed (repeatable)")
         p.set_defaults(func=fn)
     return parser
 

@@ -191,9 +191,9 @@ LAYOUTS_BY_HEAD: dict[str, tuple[str, ...]] = {
 class TaskCfg(Section):
     """One downstream task: its local data folder and layout, head, input geometry and label handling.
 
-    Images are read band by band (``bands`` / ``band_files``), scaled to [0, 1] with ``value_range``, resized to
-    ``img_size`` and normalised with the backbone's own mean/std. Labels (masks, change maps, HR targets) stay
-    at their native size; predictions are resized to them.
+    Images are read band by band (``bands`` / ``band_files``), scaled to [0, 1] with ``value_range``, resized
+    to ``img_size`` and normalised with the backbone's own mean/std. Labels (masks, change maps, HR targets)
+    stay at their native size; predictions are resized to them.
     """
 
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
@@ -203,7 +203,7 @@ class TaskCfg(Section):
     img_size: int = Field(ge=16, description="backbone input size in pixels (images are resized to it)")
     window_size: int | None = Field(None, ge=1, description="Swin window at img_size; None = the backbone's")
     bands: tuple[int, ...] | None = Field(
-        None, description="1-based band indexes of multi-band files, in order (Landsat RGB: [3, 2, 1]); None = all"
+        None, description="1-based band indexes of multi-band files, in order (Landsat RGB: [3, 2, 1])"
     )
     band_files: tuple[str, ...] = Field(
         ("B04", "B03", "B02"), description="per-band file names of the bigearthnet/oscd layouts (RGB)"
@@ -212,7 +212,7 @@ class TaskCfg(Section):
         None, description="(lo, hi) mapped to [0, 1]; None = the file dtype's default (gfm_core.data.raster)"
     )
     classes: tuple[str, ...] | None = Field(
-        None, description="label names (multilabel: None = info.json or BigEarthNet's 19; segmentation: names)"
+        None, description="label names (multilabel: None = info.json, else BigEarthNet's 19)"
     )
     num_classes: int | None = Field(None, ge=2, description="segmentation classes (or give mask_values)")
     mask_values: tuple[int, ...] | None = Field(
@@ -224,7 +224,7 @@ class TaskCfg(Section):
     )
     tile_size: int | None = Field(None, ge=16, description="cut large images into tiles of this size")
     scale: int = Field(4, ge=1, description="superres: HR / LR size ratio")
-    label_fraction: float = Field(1.0, gt=0, le=1, description="share of the train split used (1%, 10%, 100%)")
+    label_fraction: float = Field(1.0, gt=0, le=1, description="share of the train split used (0.01, 0.1, 1)")
     headline: str | None = Field(None, description="metric used for ARP and the bootstrap; None = the head's")
     epochs: int | None = Field(None, ge=1, description="override finetune.epochs")
     max_steps: int | None = Field(None, ge=1, description="override finetune.max_steps")
@@ -235,13 +235,15 @@ class TaskCfg(Section):
         valid = LAYOUTS_BY_HEAD[self.head]
         if self.layout not in valid:
             raise ValueError(
-                f"task {self.name!r}: head {self.head!r} cannot read layout {self.layout!r}; valid: {', '.join(valid)}"
+                f"task {self.name!r}: head {self.head!r} cannot read layout {self.layout!r}; "
+                f"valid: {', '.join(valid)}"
             )
         if self.head == "segmentation" and self.num_classes is None and self.mask_values is None:
             raise ValueError(f"task {self.name!r}: segmentation needs num_classes or mask_values")
-        if self.num_classes is not None and self.mask_values is not None and self.num_classes != len(self.mask_values):
+        n_values = None if self.mask_values is None else len(self.mask_values)
+        if self.num_classes is not None and n_values is not None and self.num_classes != n_values:
             raise ValueError(
-                f"task {self.name!r}: num_classes {self.num_classes} != {len(self.mask_values)} mask_values"
+                f"task {self.name!r}: num_classes {self.num_classes} != {n_values} mask_values"
             )
         if self.value_range is not None and not self.value_range[1] > self.value_range[0]:
             raise ValueError(f"task {self.name!r}: value_range must be (lo, hi) with hi > lo")

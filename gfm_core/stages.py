@@ -17,7 +17,7 @@ from typing import Any
 
 from gfm_core.config import Params, PretrainCfg
 from gfm_core.errors import ConfigError, DataValidationError
-from gfm_core.io import sha256_file, sha256_json, write_json, write_text
+from gfm_core.io import sha256_file, sha256_json, write_json
 
 log = logging.getLogger(__name__)
 
@@ -359,6 +359,45 @@ def run_pretrain(
     )
 
 
+def pretraining_baselines(params: Params) -> list[str]:
+    """Names of ``finetune.models`` that are pretraining runs of their own (MIM-only, distill-only, ...)."""
+    return [m.name for m in params.finetune.models if m.pretrain]
+
+
+def run_pretrain_baseline(params: Params, name: str, **kwargs: Any) -> PretrainResult:
+    """Pretrain the ablation ``name`` (its ``pretrain`` overrides, e.g. ``alpha: 0``) into its own folder."""
+    from gfm_core.finetune import baseline_pretrain_params
+
+    return run_pretrain(baseline_pretrain_params(params, name), **kwargs)
+
+
+# ------------------------------------------------------------------------------------------------ downstream
+
+
+def run_finetune(
+    params: Params,
+    *,
+    tasks: Sequence[str] | None = None,
+    models: Sequence[str] | None = None,
+    seeds: Sequence[int] | None = None,
+) -> list[Any]:
+    """Fine-tune every (task, model, seed) of ``finetune`` (or the given subsets) with the same heads and budget.
+
+    Returns the :class:`~gfm_core.finetune.FinetuneResult` of each run (written to ``finetune.out_dir``).
+    """
+    from gfm_core.finetune import run_finetune as _run
+
+    return _run(params, tasks=list(tasks) if tasks else None, models=list(models) if models else None,
+                seeds=list(seeds) if seeds else None)
+
+
+def run_evaluate(params: Params) -> Any:
+    """The comparison report over the fine-tuning results: table, ARP, bootstrap CIs, radar chart."""
+    from gfm_core.evaluation.report import run_evaluation
+
+    return run_evaluation(params)
+
+
 # ------------------------------------------------------------------------------------------------ everything
 
 
@@ -380,6 +419,14 @@ def run_demo(params: Params) -> Iterator[str]:
     pre = run_pretrain(params)
     yield f"[pretrain]  {pre.backbone}  ({pre.steps} steps on {pre.device}: {pre.summary()})"
     yield f"            metrics: {pre.metrics_csv}  checkpoints: {pre.checkpoint_dir}"
-    report = params.pretrain.out_dir.parent / "demo_summary.txt"
-    yield f"[done] in {time.perf_counter() - t0:.0f} s; summary: {report}"
-    write_text(report, f"backbone: {pre.backbone}\nsteps: {pre.steps}\n{pre.summary()}\n")
+    for name in pretraining_baselines(params):
+        base = run_pretrain_baseline(params, name)
+        yield f"[pretrain]  {base.backbone}  (baseline {name}: {base.summary()})"
+    runs = run_finetune(params)
+    yield f"[finetune]  {params.finetune.out_dir}  ({len(runs)} runs: {len(params.finetune.tasks)} tasks x " \
+          f"{len(params.finetune.models)} models x {len(params.finetune.seeds)} seeds)"
+    report = run_evaluate(params)
+    yield f"[evaluate]  {report.paths.get('markdown')}  (ARP vs {report.baseline}: " + ", ".join(
+        f"{m} {v:+.2f}" for m, v in report.arp.items()) + ")"
+    yield f"            radar chart: {report.paths.get('radar')}"
+    yield f"[done] in {time.perf_counter() - t0:.0f} s"

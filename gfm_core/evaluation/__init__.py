@@ -1,0 +1,1 @@
+"""Downstream evaluation: per-task metrics (torchmetrics) and the report (table, ARP, bootstrap, radar)."""

@@ -1,0 +1,581 @@
+"""The evaluation report: a table like the paper's (rows = models, columns = tasks), ARP, bootstrap CIs.
+
+- **Table**: each cell is the mean over seeds of a task metric (``± std`` in markdown when there are several
+  seeds); the best value of a column is bold.
+- **ARP** (average relative performance, paper Table 1 / Eq. 1, whose exact form was not retrieved): the mean
+  over tasks of ``100 * (s_model - s_baseline) / s_baseline`` on each task's headline metric (all of them are
+  higher-is-better), with the ImageNet model as the baseline (ARP 0 by definition).
+- **Paired bootstrap**: for each task and model, the difference of the headline metric to the reference (GFM).
+  Each replicate draws test samples with replacement *and* seeds with replacement; both models are scored on
+  the same draw (paired), the metric is recomputed from per-sample statistics
+  (:func:`gfm_core.evaluation.metrics.metrics_from_stats`), and the CI is the percentile interval.
+- **Outputs** (atomic): ``report.csv`` (the table + ARP), ``bootstrap.csv``, ``report.md``, ``report.json``
+  and ``radar.png`` (headline metric relative to the baseline, in %, per task).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import math
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from gfm_core.config import Params
+from gfm_core.errors import CheckpointError, ConfigError, DataValidationError
+from gfm_core.evaluation.metrics import metrics_from_stats
+from gfm_core.io import write_bytes, write_json, write_text
+
+log = logging.getLogger(__name__)
+
+#: Columns shown per head (the headline metric comes first when a task overrides it).
+COLUMN_METRICS: dict[str, tuple[str, ...]] = {
+    "classification": ("acc",),
+    "multilabel": ("mAP",),
+    "segmentation": ("mIoU",),
+    "change": ("precision", "recall", "F1"),
+    "superres": ("PSNR", "SSIM"),
+}
+
+
+@dataclass(frozen=True)
+class RunScores:
+    """What the report needs of one (task, model, seed) run: metrics and per-sample statistics."""
+
+    task: str
+    head: str
+    model: str
+    seed: int
+    headline: str
+    metrics: dict[str, float]
+    ids: list[str]
+    stats: dict[str, np.ndarray]
+
+
+@dataclass(frozen=True)
+class BootstrapCI:
+    """``diff`` = model - reference on a task's headline metric, with its percentile interval."""
+
+    task: str
+    metric: str
+    model: str
+    reference: str
+    diff: float
+    lo: float
+    hi: float
+    n_samples: int
+    n_seeds: int
+    n_bootstrap: int
+
+    @property
+    def excludes_zero(self) -> bool:
+        return self.lo > 0 or self.hi < 0
+
+
+@dataclass(frozen=True)
+class Report:
+    """The evaluation report (see the module docstring); ``paths`` is filled by :func:`write_report`."""
+
+    models: list[str]
+    tasks: list[str]
+    heads: dict[str, str]
+    headlines: dict[str, str]
+    columns: list[tuple[str, str]]  # (task, metric)
+    mean: dict[str, dict[str, float]]  # model -> "task/metric" -> mean over seeds (NaN if missing)
+    std: dict[str, dict[str, float]]
+    seeds: dict[str, dict[str, list[int]]]  # model -> task -> seeds found
+    arp: dict[str, float]
+    baseline: str
+    reference: str
+    ci: dict[str, dict[str, BootstrapCI]]  # model -> task -> CI (reference itself omitted)
+    ci_level: float
+    missing: list[str] = field(default_factory=list)
+    paths: dict[str, Path] = field(default_factory=dict)
+
+    def cell(self, model: str, task: str, metric: str | None = None) -> float:
+        return self.mean[model][f"{task}/{metric or self.headlines[task]}"]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "models": self.models,
+            "tasks": self.tasks,
+            "heads": self.heads,
+            "headlines": self.headlines,
+            "columns": [f"{t}/{m}" for t, m in self.columns],
+            "mean": _nan_to_none(self.mean),
+            "std": _nan_to_none(self.std),
+            "seeds": self.seeds,
+            "arp": _nan_to_none(self.arp),
+            "baseline": self.baseline,
+            "reference": self.reference,
+            "ci_level": self.ci_level,
+            "bootstrap": {m: {t: _ci_json(c) for t, c in d.items()} for m, d in self.ci.items()},
+            "missing": self.missing,
+            "paths": {k: str(v) for k, v in self.paths.items()},
+            "arp_definition": "mean over tasks of 100 * (headline - baseline) / baseline",
+        }
+
+
+def _nan_to_none(obj: Any) -> Any:
+    if isinstance(obj, float):
+        return None if math.isnan(obj) else obj
+    if isinstance(obj, dict):
+        return {k: _nan_to_none(v) for k, v in obj.items()}
+    return obj
+
+
+def _ci_json(c: BootstrapCI) -> dict[str, Any]:
+    return {
+        "metric": c.metric,
+        "diff": c.diff,
+        "lo": c.lo,
+        "hi": c.hi,
+        "n_samples": c.n_samples,
+        "n_seeds": c.n_seeds,
+        "n_bootstrap": c.n_bootstrap,
+        "excludes_zero": c.excludes_zero,
+    }
+
+
+# ------------------------------------------------------------------------------------------------ statistics
+
+
+def average_relative_performance(scores: Mapping[str, float], baseline: Mapping[str, float]) -> float:
+    """``mean_t 100 * (scores[t] - baseline[t]) / baseline[t]`` over the tasks both have (NaN if none).
+
+    Raises:
+        ValueError: a baseline score is 0 (relative performance undefined).
+    """
+    rel = []
+    for task, s in scores.items():
+        b = baseline.get(task, math.nan)
+        if math.isnan(s) or math.isnan(b):
+            continue
+        if b == 0:
+            raise ValueError(f"task {task}: baseline score is 0, relative performance is undefined")
+        rel.append(100.0 * (s - b) / abs(b))
+    return float(np.mean(rel)) if rel else math.nan
+
+
+def bootstrap_draws(n_samples: int, n_seeds: int, n: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """``n`` replicates of (seed indices [n_seeds], sample rows [n_samples]), drawn with replacement."""
+    rng = np.random.default_rng(seed)
+    return [(rng.integers(0, n_seeds, n_seeds), rng.integers(0, n_samples, n_samples)) for _ in range(n)]
+
+
+def bootstrap_values(
+    head: str,
+    metric: str,
+    per_seed: Sequence[Mapping[str, np.ndarray]],
+    draws: Sequence[tuple[np.ndarray, np.ndarray]],
+) -> np.ndarray:
+    """The metric on every replicate: mean over the drawn seeds of the metric on the drawn rows."""
+    out = np.empty(len(draws))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torchmetrics warns on replicates without positives
+        for b, (seeds, rows) in enumerate(draws):
+            out[b] = np.mean([metrics_from_stats(head, per_seed[s], rows)[metric] for s in seeds])
+    return out
+
+
+def paired_bootstrap(
+    head: str,
+    metric: str,
+    model: Sequence[Mapping[str, np.ndarray]],
+    reference: Sequence[Mapping[str, np.ndarray]],
+    *,
+    n_bootstrap: int = 1000,
+    ci: float = 0.95,
+    seed: int = 0,
+) -> tuple[float, float, float]:
+    """``(diff, lo, hi)`` of ``metric(model) - metric(reference)``.
+
+    Seed ``i`` of one pairs with seed ``i`` of the other, and both are scored on the same samples.
+
+    Raises:
+        ValueError: different numbers of seeds or samples.
+    """
+    if len(model) != len(reference) or not model:
+        raise ValueError(f"paired bootstrap needs the same seeds: {len(model)} vs {len(reference)} runs")
+    n = _rows(model[0])
+    if any(_rows(s) != n for s in (*model, *reference)):
+        raise ValueError("paired bootstrap needs the same test samples in every run")
+    draws = bootstrap_draws(n, len(model), n_bootstrap, seed)
+    diffs = bootstrap_values(head, metric, model, draws) - bootstrap_values(head, metric, reference, draws)
+    point = float(
+        np.mean([metrics_from_stats(head, s)[metric] for s in model])
+        - np.mean([metrics_from_stats(head, s)[metric] for s in reference])
+    )
+    alpha = (1 - ci) / 2
+    lo, hi = np.quantile(diffs, [alpha, 1 - alpha])
+    return point, float(lo), float(hi)
+
+
+def _rows(stats: Mapping[str, np.ndarray]) -> int:
+    return len(next(iter(stats.values())))
+
+
+# ------------------------------------------------------------------------------------------------ building
+
+
+def build_report(
+    runs: Sequence[RunScores],
+    *,
+    models: Sequence[str] | None = None,
+    tasks: Sequence[str] | None = None,
+    baseline: str = "imagenet",
+    reference: str = "gfm",
+    n_bootstrap: int = 1000,
+    ci: float = 0.95,
+    seed: int = 0,
+    missing: Sequence[str] = (),
+) -> Report:
+    """Aggregate runs into the report (no files written; see :func:`write_report`).
+
+    Raises:
+        ConfigError: no runs, or the baseline/reference is not among the models.
+        DataValidationError: runs of one task were tested on different samples (paired stats impossible).
+    """
+    if not runs:
+        raise ConfigError("no fine-tuning results to report (run gfm finetune first)")
+    models = list(models) if models else list(dict.fromkeys(r.model for r in runs))
+    tasks = list(tasks) if tasks else list(dict.fromkeys(r.task for r in runs))
+    for role, name in (("baseline", baseline), ("reference", reference)):
+        if name not in models:
+            raise ConfigError(f"evaluate.{role} {name!r} is not among the reported models {models}")
+    by_key: dict[tuple[str, str], dict[int, RunScores]] = {}
+    heads: dict[str, str] = {}
+    headlines: dict[str, str] = {}
+    for r in runs:
+        if r.task not in tasks or r.model not in models:
+            continue
+        by_key.setdefault((r.model, r.task), {})[r.seed] = r
+        if (
+            heads.setdefault(r.task, r.head) != r.head
+            or headlines.setdefault(r.task, r.headline) != r.headline
+        ):
+            raise DataValidationError(f"task {r.task}: results disagree on its head/headline metric")
+    tasks = [t for t in tasks if t in heads]
+    _check_same_samples(by_key, tasks)
+
+    columns = []
+    for t in tasks:
+        names = list(dict.fromkeys((headlines[t], *COLUMN_METRICS[heads[t]])))
+        columns += [(t, m) for m in names]
+    mean: dict[str, dict[str, float]] = {}
+    std: dict[str, dict[str, float]] = {}
+    seeds: dict[str, dict[str, list[int]]] = {}
+    for m in models:
+        mean[m], std[m], seeds[m] = {}, {}, {}
+        for t, metric in columns:
+            got = by_key.get((m, t), {})
+            vals = [got[s].metrics.get(metric, math.nan) for s in sorted(got)]
+            mean[m][f"{t}/{metric}"] = float(np.mean(vals)) if vals else math.nan
+            std[m][f"{t}/{metric}"] = (
+                float(np.std(vals, ddof=1)) if len(vals) > 1 else (0.0 if vals else math.nan)
+            )
+        for t in tasks:
+            seeds[m][t] = sorted(by_key.get((m, t), {}))
+    head_scores = {m: {t: mean[m][f"{t}/{headlines[t]}"] for t in tasks} for m in models}
+    arp = {m: average_relative_performance(head_scores[m], head_scores[baseline]) for m in models}
+
+    cis: dict[str, dict[str, BootstrapCI]] = {m: {} for m in models if m != reference}
+    for t in tasks:
+        ref_runs = by_key.get((reference, t), {})
+        for m in cis:
+            got = by_key.get((m, t), {})
+            common = sorted(set(got) & set(ref_runs))
+            if not common:
+                continue
+            diff, lo, hi = paired_bootstrap(
+                heads[t],
+                headlines[t],
+                [got[s].stats for s in common],
+                [ref_runs[s].stats for s in common],
+                n_bootstrap=n_bootstrap,
+                ci=ci,
+                seed=seed,
+            )
+            cis[m][t] = BootstrapCI(
+                t, headlines[t], m, reference, diff, lo, hi, len(got[common[0]].ids), len(common), n_bootstrap
+            )
+    return Report(
+        models,
+        tasks,
+        heads,
+        headlines,
+        columns,
+        mean,
+        std,
+        seeds,
+        arp,
+        baseline,
+        reference,
+        cis,
+        ci,
+        list(missing),
+    )
+
+
+def _check_same_samples(
+    by_key: Mapping[tuple[str, str], Mapping[int, RunScores]], tasks: Sequence[str]
+) -> None:
+    for t in tasks:
+        first: RunScores | None = None
+        for (_, task), runs in by_key.items():
+            if task != t:
+                continue
+            for r in runs.values():
+                if first is None:
+                    first = r
+                elif r.ids != first.ids:
+                    raise DataValidationError(
+                        f"task {t}: {r.model} seed {r.seed} was tested on other samples than "
+                        f"{first.model} seed "
+                        f"{first.seed} ({len(r.ids)} vs {len(first.ids)}); rerun them on the same test split"
+                    )
+
+
+# ------------------------------------------------------------------------------------------------ writing
+
+
+def _fmt(v: float, metric: str) -> str:
+    if math.isnan(v):
+        return "—"
+    return f"{v:.3f}" if metric in ("SSIM",) else f"{v:.2f}"
+
+
+def to_markdown(report: Report) -> str:
+    """The table (bold = best of a column), ARP, and the bootstrap differences to the reference."""
+    r = report
+    header = ["model", *[f"{t} {m}" for t, m in r.columns], f"ARP vs {r.baseline}"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" + "---:|" * (len(header) - 1)]
+    best = {}
+    for t, m in r.columns:
+        vals = [r.mean[x][f"{t}/{m}"] for x in r.models if not math.isnan(r.mean[x][f"{t}/{m}"])]
+        best[f"{t}/{m}"] = max(vals) if vals else math.nan
+    for model in r.models:
+        row = [model]
+        for t, m in r.columns:
+            key = f"{t}/{m}"
+            v = r.mean[model][key]
+            s = _fmt(v, m)
+            if len(r.seeds[model].get(t, [])) > 1 and not math.isnan(v):
+                s += f" ± {_fmt(r.std[model][key], m)}"
+            row.append(f"**{s}**" if v == best[key] and not math.isnan(v) else s)
+        row.append("—" if math.isnan(r.arp[model]) else f"{r.arp[model]:+.2f}")
+        lines.append("| " + " | ".join(row) + " |")
+    pct = round(100 * r.ci_level)
+    out = [
+        "# Downstream evaluation",
+        "",
+        f"Cells: mean over seeds (± std when several). "
+        f"ARP: mean over tasks of 100 x (headline - {r.baseline}) / "
+        f"{r.baseline} (paper Table 1).",
+        "",
+        *lines,
+        "",
+        f"## Paired bootstrap: headline difference to {r.reference} ({pct}% CI over test samples and seeds)",
+        "",
+        "| model | " + " | ".join(f"{t} Δ{r.headlines[t]}" for t in r.tasks) + " |",
+        "|---|" + "---:|" * len(r.tasks),
+    ]
+    for model in r.models:
+        if model == r.reference:
+            continue
+        cells = []
+        for t in r.tasks:
+            c = r.ci.get(model, {}).get(t)
+            cells.append(
+                "—"
+                if c is None
+                else f"{c.diff:+.2f} [{c.lo:+.2f}, {c.hi:+.2f}]" + ("*" if c.excludes_zero else "")
+            )
+        out.append(f"| {model} | " + " | ".join(cells) + " |")
+    out += ["", "\\* the interval excludes 0."]
+    if r.missing:
+        out += ["", "## Missing results", "", *[f"- {m}" for m in r.missing]]
+    return "\n".join(out) + "\n"
+
+
+def to_csv(report: Report) -> str:
+    """One row per model: every table column (``task/metric``) and ARP."""
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    keys = [f"{t}/{m}" for t, m in report.columns]
+    w.writerow(["model", *keys, "ARP"])
+    for model in report.models:
+        w.writerow([model, *[_csv_num(report.mean[model][k]) for k in keys], _csv_num(report.arp[model])])
+    return buf.getvalue()
+
+
+def bootstrap_csv(report: Report) -> str:
+    """One row per (model, task): the difference to the reference and its interval."""
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(
+        ["model", "reference", "task", "metric", "diff", "lo", "hi", "n_samples", "n_seeds", "n_bootstrap"]
+    )
+    for model, d in report.ci.items():
+        for t, c in d.items():
+            w.writerow(
+                [
+                    model,
+                    c.reference,
+                    t,
+                    c.metric,
+                    _csv_num(c.diff),
+                    _csv_num(c.lo),
+                    _csv_num(c.hi),
+                    c.n_samples,
+                    c.n_seeds,
+                    c.n_bootstrap,
+                ]
+            )
+    return buf.getvalue()
+
+
+def _csv_num(v: float) -> str:
+    return "" if math.isnan(v) else f"{v:.6g}"
+
+
+def radar_png(report: Report) -> bytes:
+    """Radar chart: each task's headline metric relative to the baseline (100 = baseline)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    tasks = report.tasks
+    angles = np.linspace(0, 2 * np.pi, max(len(tasks), 1), endpoint=False).tolist()
+    fig = Figure(figsize=(6, 6))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(projection="polar")
+    for model in report.models:
+        vals = []
+        for t in tasks:
+            b, s = report.cell(report.baseline, t), report.cell(model, t)
+            vals.append(100 * s / b if b and not math.isnan(b) and not math.isnan(s) else np.nan)
+        if all(math.isnan(v) for v in vals):
+            continue  # no result for this model (listed under "missing" in the report)
+        ax.plot([*angles, angles[0]], [*vals, vals[0]], marker="o", label=model)
+    ax.set_xticks(angles)
+    ax.set_xticklabels([f"{t}\n{report.headlines[t]}" for t in tasks])
+    ax.set_title(f"headline metric, % of {report.baseline}")
+    ax.legend(loc="upper right", bbox_to_anchor=(1.3, 1.1), fontsize="small")
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+    return buf.getvalue()
+
+
+def write_report(report: Report, out_dir: str | Path) -> Report:
+    """Write report.csv, bootstrap.csv, report.md, report.json and radar.png atomically; return with paths."""
+    out = Path(out_dir)
+    paths = {
+        "csv": out / "report.csv",
+        "bootstrap_csv": out / "bootstrap.csv",
+        "markdown": out / "report.md",
+        "json": out / "report.json",
+        "radar": out / "radar.png",
+    }
+    write_text(paths["csv"], to_csv(report))
+    write_text(paths["bootstrap_csv"], bootstrap_csv(report))
+    write_text(paths["markdown"], to_markdown(report))
+    write_bytes(paths["radar"], radar_png(report))
+    final = Report(**{**report.__dict__, "paths": paths})
+    write_json(paths["json"], final.to_json())
+    return final
+
+
+# ------------------------------------------------------------------------------------------------ stage API
+
+
+def load_run(result_json: str | Path) -> RunScores:
+    """A run's metrics (``result.json``) and per-sample statistics (``scores.parquet``)."""
+    from gfm_core.finetune import load_result, load_scores
+
+    res = load_result(result_json)
+    ids, stats = load_scores(
+        res.scores if res.scores.is_absolute() else Path(result_json).parent / res.scores.name
+    )
+    return RunScores(res.task, res.head, res.model, res.seed, res.headline, dict(res.metrics), ids, stats)
+
+
+def evaluate_results(results: Sequence[Any], *, out_dir: str | Path | None = None, **kwargs: Any) -> Report:
+    """Report over :class:`~gfm_core.finetune.FinetuneResult` objects (their ``result.json``/``scores``).
+
+    ``kwargs`` go to :func:`build_report` (models, tasks, baseline, reference, n_bootstrap, ci, seed); with
+    ``out_dir`` the files are written too.
+    """
+    report = build_report([load_run(r.result_json) for r in results], **kwargs)
+    return write_report(report, out_dir) if out_dir is not None else report
+
+
+def run_evaluation(params: Params) -> Report:
+    """Stage entry point: read every (model, task, seed) result under ``finetune.out_dir``; write the report.
+
+    Raises:
+        CheckpointError: a result is missing and ``evaluate.require_complete`` is true (all are listed).
+    """
+    from gfm_core.finetune import RESULT_FILE, result_dir
+
+    ev, ft = params.evaluate, params.finetune
+    models = list(ev.models) or [m.name for m in ft.models]
+    tasks = list(ev.tasks) or [t.name for t in ft.tasks]
+    known_models, known_tasks = {m.name for m in ft.models}, {t.name for t in ft.tasks}
+    for kind, names, known in (("models", models, known_models), ("tasks", tasks, known_tasks)):
+        bad = [n for n in names if n not in known]
+        if bad:
+            raise ConfigError(f"evaluate.{kind}: {bad} not in finetune.{kind} ({sorted(known)})")
+    runs, missing = [], []
+    for t in tasks:
+        for m in models:
+            for s in ft.seeds:
+                path = result_dir(ft, t, m, s) / RESULT_FILE
+                if path.is_file():
+                    runs.append(load_run(path))
+                else:
+                    missing.append(f"{path} (task {t}, model {m}, seed {s})")
+    if missing:
+        msg = f"{len(missing)} fine-tuning result(s) missing; run gfm finetune for them:\n  " + "\n  ".join(
+            missing
+        )
+        if ev.require_complete:
+            raise CheckpointError(msg + "\n(or set evaluate.require_complete: false to report what exists)")
+        log.warning(msg)
+    report = build_report(
+        runs,
+        models=models,
+        tasks=tasks,
+        baseline=ev.baseline,
+        reference=ev.reference,
+        n_bootstrap=ev.n_bootstrap,
+        ci=ev.ci,
+        seed=ev.seed,
+        missing=missing,
+    )
+    report = write_report(report, ev.out_dir)
+    log.info("evaluation report: %s", report.paths["markdown"])
+    return report
+
+
+__all__ = [
+    "BootstrapCI",
+    "Report",
+    "RunScores",
+    "average_relative_performance",
+    "bootstrap_draws",
+    "bootstrap_values",
+    "build_report",
+    "evaluate_results",
+    "load_run",
+    "paired_bootstrap",
+    "run_evaluation",
+    "to_csv",
+    "to_markdown",
+    "write_report",
+]

@@ -1,0 +1,280 @@
+"""Task heads over any timm backbone's multi-scale features, and the explicit ``TASK_HEADS`` registry.
+
+:class:`FeatureAdapter` is the one way features leave a backbone: timm's ``forward_intermediates`` (NCHW for
+every model; timm's Swin permutes its NHWC stages itself) at the levels of ``feature_info`` with a stride of
+at least 4 (Swin: 4/8/16/32; EfficientNet: 4/8/16/32, its stride-2 stem level is dropped). Unused tails (a
+classifier, EfficientNet's ``conv_head``) are pruned so that every parameter left gets a gradient. Swin's
+final LayerNorm is kept and applied to the last level (``norm=True``), as in its classifier path.
+
+Heads (``forward(features, image) -> output``):
+
+- ``classification`` / ``multilabel``: global average pool of the last level -> linear (logits ``[B, K]``).
+- ``segmentation``: FPN decoder (lateral 1x1, top-down sum, 3x3 smoothing, all levels fused at stride 4, in
+  the spirit of UPerNet's FPN part) -> 1x1 classifier, upsampled to the input size (``[B, K, H, W]``).
+- ``change``: siamese: the shared backbone encodes both dates; per level ``|f_A - f_B|`` feeds the FPN decoder
+  -> 2-class logits ``[B, 2, H, W]``.
+- ``superres``: FPN decoder -> 3x3 conv -> ``PixelShuffle(4)`` back to the input size, added to the (bicubic
+  upsampled, normalised) input image: a residual ``[B, C, H, W]`` in normalised units.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from gfm_core.errors import ConfigError, DataValidationError
+
+
+class FeatureAdapter(nn.Module):
+    """Multi-scale NCHW features of a timm backbone via ``forward_intermediates`` (see the module docstring).
+
+    Attributes:
+        model: the (pruned) timm model.
+        indices: the ``feature_info`` levels returned.
+        channels, reductions: per returned level.
+        in_chans: input channels the backbone takes.
+    """
+
+    def __init__(self, model: nn.Module, min_reduction: int = 4) -> None:
+        super().__init__()
+        info = getattr(model, "feature_info", None)
+        if not info or not hasattr(model, "forward_intermediates"):
+            raise ConfigError(
+                f"{type(model).__name__} has no feature_info/forward_intermediates(); task heads need a timm "
+                f"model with timm's intermediate-feature API"
+            )
+        info = [dict(f) for f in info]
+        indices = [i for i, f in enumerate(info) if int(f["reduction"]) >= min_reduction]
+        if not indices:
+            raise ConfigError(f"{type(model).__name__}: no feature level with a stride >= {min_reduction}")
+        if hasattr(model, "prune_intermediate_layers"):
+            model.prune_intermediate_layers(indices, prune_norm=False, prune_head=True)
+        self.model = model
+        self.indices = indices
+        self.channels = [int(info[i]["num_chs"]) for i in indices]
+        self.reductions = [int(info[i]["reduction"]) for i in indices]
+        self.in_chans = _in_chans(model)
+
+    def forward(self, x: Tensor) -> list[Tensor]:
+        """``x: [B, C, H, W]`` -> one ``[B, C_i, H / r_i, W / r_i]`` map per level (timm pads odd grids)."""
+        feats = self.model.forward_intermediates(
+            x, indices=self.indices, norm=True, stop_early=True, intermediates_only=True
+        )
+        return list(feats)
+
+
+def _in_chans(model: nn.Module) -> int:
+    value = getattr(model, "in_chans", None)
+    if value is None:
+        value = getattr(model, "pretrained_cfg", {}).get("input_size", (3,))[0]
+    return int(value)
+
+
+class ConvNormAct(nn.Sequential):
+    """Conv2d (no bias) -> BatchNorm2d -> ReLU."""
+
+    def __init__(self, cin: int, cout: int, k: int = 1) -> None:
+        super().__init__(
+            nn.Conv2d(cin, cout, k, padding=k // 2, bias=False), nn.BatchNorm2d(cout), nn.ReLU(True)
+        )
+
+
+class FPNDecoder(nn.Module):
+    """Feature pyramid: lateral 1x1, top-down sum, 3x3 smoothing, then every level fused at the finest stride.
+
+    ``[B, C_i, h_i, w_i]`` per level -> ``[B, dim, h_0, w_0]``.
+    """
+
+    def __init__(self, channels: Sequence[int], dim: int) -> None:
+        super().__init__()
+        self.lateral = nn.ModuleList(ConvNormAct(c, dim, 1) for c in channels)
+        self.smooth = nn.ModuleList(ConvNormAct(dim, dim, 3) for _ in channels)
+        self.fuse = ConvNormAct(dim * len(channels), dim, 1)
+
+    def forward(self, feats: Sequence[Tensor]) -> Tensor:
+        lat = [conv(f) for conv, f in zip(self.lateral, feats, strict=True)]
+        for i in range(len(lat) - 1, 0, -1):
+            lat[i - 1] = lat[i - 1] + F.interpolate(lat[i], size=lat[i - 1].shape[-2:], mode="nearest")
+        size = lat[0].shape[-2:]
+        outs = [
+            F.interpolate(s(x), size=size, mode="bilinear", align_corners=False) if i else s(x)
+            for i, (s, x) in enumerate(zip(self.smooth, lat, strict=True))
+        ]
+        return self.fuse(torch.cat(outs, dim=1))
+
+
+class TaskHead(nn.Module):
+    """Base of the heads: ``forward(features, image) -> output``; ``siamese`` heads get pairs of features."""
+
+    siamese = False
+
+    def __init__(self, channels: Sequence[int], reductions: Sequence[int], num_outputs: int) -> None:
+        super().__init__()
+        if num_outputs < 1:
+            raise ConfigError(f"{type(self).__name__}: num_outputs must be >= 1, got {num_outputs}")
+        self.channels, self.reductions, self.num_outputs = list(channels), list(reductions), num_outputs
+
+
+class ClassificationHead(TaskHead):
+    """Global average pool of the last level -> dropout -> linear: logits ``[B, num_outputs]``."""
+
+    def __init__(
+        self,
+        channels: Sequence[int],
+        reductions: Sequence[int],
+        num_outputs: int,
+        *,
+        dropout: float = 0.0,
+        **_: Any,
+    ) -> None:
+        super().__init__(channels, reductions, num_outputs)
+        self.drop = nn.Dropout(dropout)
+        self.fc = nn.Linear(self.channels[-1], num_outputs)
+
+    def forward(self, feats: Sequence[Tensor], image: Tensor) -> Tensor:
+        return self.fc(self.drop(feats[-1].mean(dim=(2, 3))))
+
+
+class SegmentationHead(TaskHead):
+    """FPN decoder -> dropout -> 1x1 classifier, upsampled to the input size: ``[B, K, H, W]``."""
+
+    def __init__(
+        self,
+        channels: Sequence[int],
+        reductions: Sequence[int],
+        num_outputs: int,
+        *,
+        decoder_dim: int = 256,
+        dropout: float = 0.1,
+        **_: Any,
+    ) -> None:
+        super().__init__(channels, reductions, num_outputs)
+        self.decoder = FPNDecoder(self.channels, decoder_dim)
+        self.drop = nn.Dropout2d(dropout)
+        self.classifier = nn.Conv2d(decoder_dim, num_outputs, 1)
+
+    def forward(self, feats: Sequence[Tensor], image: Tensor) -> Tensor:
+        logits = self.classifier(self.drop(self.decoder(feats)))
+        return F.interpolate(logits, size=image.shape[-2:], mode="bilinear", align_corners=False)
+
+
+class ChangeHead(SegmentationHead):
+    """Siamese change detection: per level ``|f_A - f_B|`` -> FPN -> 2-class logits ``[B, 2, H, W]``."""
+
+    siamese = True
+
+    def __init__(
+        self, channels: Sequence[int], reductions: Sequence[int], num_outputs: int = 2, **kw: Any
+    ) -> None:
+        if num_outputs != 2:
+            raise ConfigError(f"change head: num_outputs must be 2 (no change, change), got {num_outputs}")
+        super().__init__(channels, reductions, num_outputs, **kw)
+
+    def forward(self, feats: Sequence[Tensor], image: Tensor) -> Tensor:
+        """``feats``: per level ``[B, 2, C, h, w]`` (both dates); ``image``: ``[B, 2, C, H, W]``."""
+        diffs = [(f[:, 0] - f[:, 1]).abs() for f in feats]
+        return super().forward(diffs, image[:, 0])
+
+
+class SuperResHead(TaskHead):
+    """FPN decoder -> 3x3 conv -> PixelShuffle(stride) -> + input image: ``[B, C, H, W]``, normalised."""
+
+    def __init__(
+        self,
+        channels: Sequence[int],
+        reductions: Sequence[int],
+        num_outputs: int,
+        *,
+        decoder_dim: int = 256,
+        **_: Any,
+    ) -> None:
+        super().__init__(channels, reductions, num_outputs)
+        self.stride = self.reductions[0]
+        self.decoder = FPNDecoder(self.channels, decoder_dim)
+        self.to_pixels = nn.Conv2d(decoder_dim, num_outputs * self.stride**2, 3, padding=1)
+        nn.init.zeros_(self.to_pixels.weight)  # start as the identity (the upsampled input)
+        nn.init.zeros_(self.to_pixels.bias)
+        self.shuffle = nn.PixelShuffle(self.stride)
+
+    def forward(self, feats: Sequence[Tensor], image: Tensor) -> Tensor:
+        if image.shape[1] != self.num_outputs:
+            raise ConfigError(
+                f"superres head predicts {self.num_outputs} bands but the input has {image.shape[1]}"
+            )
+        residual = self.shuffle(self.to_pixels(self.decoder(feats)))
+        if residual.shape[-2:] != image.shape[-2:]:
+            residual = F.interpolate(residual, size=image.shape[-2:], mode="bilinear", align_corners=False)
+        return image + residual
+
+
+#: Task name -> head class. Explicit on purpose (STYLE.md): unknown names fail listing these keys.
+TASK_HEADS: dict[str, type[TaskHead]] = {
+    "classification": ClassificationHead,
+    "multilabel": ClassificationHead,
+    "segmentation": SegmentationHead,
+    "change": ChangeHead,
+    "superres": SuperResHead,
+}
+
+
+def head_class(task: str) -> type[TaskHead]:
+    """The head class of ``task``.
+
+    Raises:
+        ConfigError: ``task`` is not a key of :data:`TASK_HEADS` (the message lists the valid names).
+    """
+    if task not in TASK_HEADS:
+        raise ConfigError(f"unknown task head {task!r}; valid: {', '.join(sorted(TASK_HEADS))}")
+    return TASK_HEADS[task]
+
+
+class TaskModel(nn.Module):
+    """Backbone (through :class:`FeatureAdapter`) + task head; ``forward(image) -> head output``.
+
+    Change detection (a ``siamese`` head) takes ``image: [B, 2, C, H, W]``: both dates go through the same
+    backbone in one batch of ``2B`` (shared weights).
+    """
+
+    def __init__(self, backbone: FeatureAdapter, head: TaskHead, task: str) -> None:
+        super().__init__()
+        self.backbone, self.head, self.task = backbone, head, task
+
+    def forward(self, image: Tensor) -> Tensor:
+        c = self.backbone.in_chans
+        if self.head.siamese:
+            if image.dim() != 5 or image.shape[1] != 2:
+                raise DataValidationError(
+                    f"{self.task}: expected an image pair [B, 2, C, H, W], got {tuple(image.shape)}; change "
+                    f"samples stack the two dates in dim 1 (torchgeo's layout)"
+                )
+            b = image.shape[0]
+            if image.shape[2] != c:
+                raise DataValidationError(
+                    f"{self.task}: image pairs have {image.shape[2]} bands, the backbone {c}"
+                )
+            feats = self.backbone(image.flatten(0, 1))
+            pairs = [f.view(b, 2, *f.shape[1:]) for f in feats]
+            return self.head(pairs, image)
+        if image.dim() != 4 or image.shape[1] != c:
+            raise DataValidationError(
+                f"{self.task}: expected an image [B, {c}, H, W] for this backbone, got {tuple(image.shape)}"
+            )
+        return self.head(self.backbone(image), image)
+
+
+def build_task_model(
+    task: str, backbone: nn.Module, *, num_outputs: int, decoder_dim: int = 256, **head_kwargs: Any
+) -> TaskModel:
+    """Wrap ``backbone`` (a timm model) in the adapter and attach a new ``TASK_HEADS[task]`` head.
+
+    Raises:
+        ConfigError: unknown task, or a backbone without timm's intermediate-feature API.
+    """
+    cls = head_class(task)
+    adapter = backbone if isinstance(backbone, FeatureAdapter) else FeatureAdapter(backbone)
+    head = cls(adapter.channels, adapter.reductions, num_outputs, decoder_dim=decoder_dim, **head_kwargs)
+    return TaskModel(adapter, head, task)
