@@ -26,26 +26,23 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import multiprocessing as mp
 import os
 import shutil
 import tempfile
-from collections import deque
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
-from concurrent.futures.process import BrokenProcessPool
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from fnmatch import fnmatch
 from pathlib import Path, PurePosixPath
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from PIL import Image
 
-from gfm_core.data.raster import DEFAULT_MAX_PIXELS, RasterImage, read_image
+from gfm_core.data.dedup import hamming_join, near_duplicates, perceptual_hash, phash_hex
+from gfm_core.data.raster import DEFAULT_MAX_PIXELS, read_image
 from gfm_core.data.sources import IngestSettings, SourceSpec
+from gfm_core.data.workers import map_isolated
 from gfm_core.errors import ConfigError, DataValidationError, RasterReadError
 from gfm_core.io import atomic_write, sha256_file, write_json
 
@@ -158,117 +155,6 @@ class Offender:
     pile_path: str
     kind: Literal["exact", "near"]
     distance: int
-
-
-# --------------------------------------------------------------------------------------------------- hashing
-
-_HASH_SIZE = 8
-_HASH_IMG = 32  # imagehash.phash: hash_size * highfreq_factor(4)
-
-
-def _dct_matrix(n: int) -> np.ndarray:
-    k = np.arange(n)[:, None]
-    i = np.arange(n)[None, :]
-    return 2.0 * np.cos(np.pi * k * (2 * i + 1) / (2 * n))  # unnormalised DCT-II (scipy.fftpack's default)
-
-
-_DCT = _dct_matrix(_HASH_IMG)
-
-
-def perceptual_hash(image: RasterImage) -> int:
-    """64-bit pHash of an image (the algorithm of ``imagehash.phash``, in numpy).
-
-    The grey image is the mean of the first ``min(3, C)`` channels (so RGB and BGR orders hash alike), with
-    nodata pixels at 0, quantised to 8 bits, resized to 32x32 (Lanczos), 2-D DCT; bit = low-frequency 8x8
-    coefficient > their median, packed row-major, most significant bit first (``f"{h:016x}"`` equals
-    ``str(imagehash.phash(...))``).
-    """
-    grey = image.array[: min(3, image.array.shape[0])].mean(axis=0)
-    pil = Image.fromarray(np.round(grey * 255.0).astype(np.uint8), mode="L")
-    pixels = np.asarray(pil.resize((_HASH_IMG, _HASH_IMG), Image.Resampling.LANCZOS), dtype=np.float64)
-    low = (_DCT @ pixels @ _DCT.T)[:_HASH_SIZE, :_HASH_SIZE]
-    bits = (low > np.median(low)).ravel()
-    return int("".join("1" if b else "0" for b in bits), 2)
-
-
-def _hex(h: int) -> str:
-    return f"{h:016x}"
-
-
-def _hamming_join(a: np.ndarray, b: np.ndarray, max_d: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """All pairs ``(i, j, d)`` with ``popcount(a[i] ^ b[j]) = d <= max_d`` (multi-index hashing).
-
-    Splitting the 64 bits into ``max_d + 1`` pieces, any pair within ``max_d`` bits agrees exactly on at least
-    one piece (pigeonhole), so only pairs sharing a piece value are compared.
-    """
-    a = np.asarray(a, dtype=np.uint64)
-    b = np.asarray(b, dtype=np.uint64)
-    empty = np.empty(0, dtype=np.int64)
-    if a.size == 0 or b.size == 0:
-        return empty, empty, empty
-    pieces = min(max_d + 1, 64)
-    widths = [64 // pieces + (1 if i < 64 % pieces else 0) for i in range(pieces)]
-    found_i: list[np.ndarray] = []
-    found_j: list[np.ndarray] = []
-    shift = 0
-    for w in widths:
-        mask = np.uint64((1 << w) - 1)
-        ka = (a >> np.uint64(shift)) & mask
-        kb = (b >> np.uint64(shift)) & mask
-        shift += w
-        oa, ob = np.argsort(ka, kind="stable"), np.argsort(kb, kind="stable")
-        kas, kbs = ka[oa], kb[ob]
-        keys, starts = np.unique(kas, return_index=True)
-        ends = np.append(starts[1:], kas.size)
-        lo, hi = np.searchsorted(kbs, keys, "left"), np.searchsorted(kbs, keys, "right")
-        for k in np.nonzero(hi > lo)[0]:
-            ia, ib = oa[starts[k] : ends[k]], ob[lo[k] : hi[k]]
-            step = max(1, (1 << 22) // ib.size)  # bound the block to ~4M comparisons
-            for s in range(0, ia.size, step):
-                blk = ia[s : s + step]
-                r, c = np.nonzero(np.bitwise_count(a[blk, None] ^ b[None, ib]) <= max_d)
-                found_i.append(blk[r])
-                found_j.append(ib[c])
-    if not found_i:
-        return empty, empty, empty
-    i = np.concatenate(found_i).astype(np.int64)
-    j = np.concatenate(found_j).astype(np.int64)
-    pair = np.unique(i * b.size + j)
-    i, j = pair // b.size, pair % b.size
-    d = np.bitwise_count(a[i] ^ b[j]).astype(np.int64)
-    return i, j, d
-
-
-def _near_duplicates(hashes: Sequence[int], max_d: int) -> tuple[list[int | None], list[int | None]]:
-    """For each index, the smallest earlier index whose hash is within ``max_d`` bits, and that distance."""
-    n = len(hashes)
-    h = np.asarray(hashes, dtype=np.uint64)
-    uniq, first, inverse = np.unique(h, return_index=True, return_inverse=True)
-    # best earlier neighbour among *other* unique hashes, by the first index that carries them
-    big = np.iinfo(np.int64).max
-    best = np.full(uniq.size, big, dtype=np.int64)
-    best_d = np.zeros(uniq.size, dtype=np.int64)
-    i, j, d = _hamming_join(uniq, uniq, max_d)
-    keep = i != j
-    i, j, d = i[keep], j[keep], d[keep]
-    if i.size:
-        cand = first[j]
-        order = np.lexsort((d, cand, i))  # per i: smallest first index, then smallest distance
-        i, cand, d = i[order], cand[order], d[order]
-        head = np.ones(i.size, dtype=bool)
-        head[1:] = i[1:] != i[:-1]
-        best[i[head]] = cand[head]
-        best_d[i[head]] = d[head]
-    out: list[int | None] = [None] * n
-    dist: list[int | None] = [None] * n
-    for idx in range(n):
-        u = inverse[idx]
-        cands = [(int(best[u]), int(best_d[u]))] if best[u] < idx else []
-        if first[u] < idx:
-            cands.append((int(first[u]), 0))
-        if cands:
-            out[idx], dist[idx] = min(cands)
-    return out, dist
 
 
 # --------------------------------------------------------------------------------------------------- walking
@@ -457,7 +343,7 @@ def _ingest_file(task: _Task) -> _Outcome:
             "valid_pixels": int(img.valid.sum()),
             "mean": values.mean(axis=1).tolist(),
             "std": values.std(axis=1).tolist(),
-            "phash": _hex(perceptual_hash(img)),
+            "phash": phash_hex(perceptual_hash(img)),
         }
         return _Outcome(task.rel, task.source, row=row)
     except RasterReadError as e:
@@ -467,87 +353,6 @@ def _ingest_file(task: _Task) -> _Outcome:
     except Exception as e:  # a reader bug must cost one file, not the run; recorded in the quarantine
         log.exception("%s: unexpected error while ingesting", task.rel)
         return _Outcome(task.rel, task.source, reason=f"unexpected reader error ({type(e).__name__}: {e})")
-
-
-T = TypeVar("T")
-R = TypeVar("R")
-
-
-def _apply(fn: Callable[[T], R], items: Sequence[T]) -> list[R]:
-    return [fn(x) for x in items]
-
-
-def _map_isolated(
-    fn: Callable[[T], R],
-    items: Sequence[T],
-    *,
-    workers: int,
-    chunk_size: int,
-    on_crash: Callable[[T, str], R],
-    on_done: Callable[[int], object] = lambda n: None,
-) -> list[R]:
-    """``[fn(x) for x in items]`` in ``workers`` processes, surviving processes that die.
-
-    Chunks lost to a dead worker (a segfault, the OOM killer) are retried one item at a time in a
-    single-worker pool; an item that kills that worker too (or raises) gets ``on_crash(item, why)`` as its
-    result. ``workers=0`` runs everything in this process. Results keep the order of ``items``.
-    """
-    if workers == 0:
-        out = []
-        for x in items:
-            out.append(fn(x))
-            on_done(1)
-        return out
-    # Not fork: the parent may hold threads (torch, dagster) and GDAL state. A forkserver starts one clean
-    # process that imports the readers once and forks workers from it (cheap pool restarts after a crash).
-    ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload([__name__])
-    results: dict[int, R] = {}
-    pending = deque(range(s, min(s + chunk_size, len(items))) for s in range(0, len(items), chunk_size))
-    suspects: list[int] = []
-    while pending:  # one pool per pass; a pass ends early when a worker dies
-        with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
-            inflight: dict[Future[list[R]], range] = {}
-            broken = False
-            while inflight or (pending and not broken):
-                while pending and not broken and len(inflight) < 2 * workers:
-                    chunk = pending.popleft()
-                    try:
-                        inflight[pool.submit(_apply, fn, [items[i] for i in chunk])] = chunk
-                    except BrokenProcessPool:
-                        pending.appendleft(chunk)
-                        broken = True
-                done, _ = wait(inflight, return_when=FIRST_COMPLETED)
-                for fut in done:
-                    chunk = inflight.pop(fut)
-                    try:
-                        values = fut.result()
-                    except Exception:  # BrokenProcessPool, or a result that failed to pickle
-                        broken = True
-                        suspects.extend(chunk)
-                        continue
-                    results.update(zip(chunk, values, strict=True))
-                    on_done(len(chunk))
-    if suspects:
-        log.warning("a reader process died; retrying %d file(s) one at a time", len(suspects))
-    single: ProcessPoolExecutor | None = None
-    try:
-        for i in sorted(suspects):
-            single = single or ProcessPoolExecutor(max_workers=1, mp_context=ctx)
-            try:
-                results[i] = single.submit(fn, items[i]).result()
-            except BrokenProcessPool:
-                why = "the reader process died on this file (a crash in the image decoder, or out of memory)"
-                results[i] = on_crash(items[i], why)
-                single.shutdown()
-                single = None
-            except Exception as e:
-                results[i] = on_crash(items[i], f"{type(e).__name__}: {e}")
-            on_done(1)
-    finally:
-        if single is not None:
-            single.shutdown()
-    return [results[i] for i in range(len(items))]
 
 
 def _crashed(task: _Task, why: str) -> _Outcome:
@@ -726,13 +531,14 @@ def build_manifest(
     )
 
     with tqdm(total=len(tasks), desc="geopile", unit="img", disable=not progress) as bar:
-        outcomes = _map_isolated(
+        outcomes = map_isolated(
             _ingest_file,
             tasks,
             workers=n_workers,
             chunk_size=settings.chunk_size,
             on_crash=_crashed,
             on_done=bar.update,
+            preload=[__name__],
         )
 
     rows: list[dict[str, Any]] = []
@@ -753,7 +559,7 @@ def build_manifest(
     near = 0
     if settings.near_dup_max_hamming is not None:
         hashes = [int(r["phash"], 16) for r in rows]
-        of, dist = _near_duplicates(hashes, settings.near_dup_max_hamming)
+        of, dist = near_duplicates(hashes, settings.near_dup_max_hamming)
         for r, j, d in zip(rows, of, dist, strict=True):
             r["near_duplicate_of"] = rows[j]["path"] if j is not None else None
             r["near_duplicate_distance"] = d
@@ -871,7 +677,7 @@ def contamination_check(
         for p in by_sha.get(sha256_file(t), []):
             offenders.add(Offender(t, p, "exact", 0))
     exact_pairs = {(o.test_path, o.pile_path) for o in offenders}
-    i, j, d = _hamming_join(test_hash, pile_hash, max_hamming)
+    i, j, d = hamming_join(test_hash, pile_hash, max_hamming)
     for a, b, dist in zip(i.tolist(), j.tolist(), d.tolist(), strict=True):
         if (tests[a], pile_paths[b]) not in exact_pairs:
             offenders.add(Offender(tests[a], pile_paths[b], "near", dist))

@@ -19,16 +19,9 @@ from helpers.rasters import make_geotiff, make_photo, pattern, to_dtype
 from PIL import Image
 from pydantic import ValidationError
 
-from gfm_core.data.geopile import (
-    MANIFEST_SCHEMA,
-    _hamming_join,
-    _map_isolated,
-    _near_duplicates,
-    build_manifest,
-    contamination_check,
-    manifest_content_hash,
-    perceptual_hash,
-)
+from gfm_core.data.dedup import hamming_join, near_duplicates, perceptual_hash
+from gfm_core.data.geopile import MANIFEST_SCHEMA, build_manifest, contamination_check, manifest_content_hash
+from gfm_core.data.workers import map_isolated
 from gfm_core.data.raster import read_image
 from gfm_core.data.sources import (
     PRESETS,
@@ -440,7 +433,7 @@ def _die_on_three(x: int) -> int:
 
 def test_a_dying_reader_process_costs_only_its_file():
     done: list[int] = []
-    out = _map_isolated(
+    out = map_isolated(
         _die_on_three,
         list(range(8)),
         workers=2,
@@ -463,14 +456,14 @@ def test_hamming_join_equals_brute_force(max_d):
     b = np.concatenate([base[:150], rng.integers(0, 2**63, size=100, dtype=np.uint64)])
     dist = np.bitwise_count(a[:, None] ^ b[None, :])
     want = {(int(i), int(j), int(dist[i, j])) for i, j in zip(*np.nonzero(dist <= max_d), strict=True)}
-    i, j, d = _hamming_join(a, b, max_d)
+    i, j, d = hamming_join(a, b, max_d)
     assert set(zip(i.tolist(), j.tolist(), d.tolist(), strict=True)) == want
     assert len(i) == len(want)  # no pair reported twice
 
 
 def test_near_duplicates_point_to_the_first_earlier_match():
     h = [0b0, 0b1, 0xFF00, 0b11, 0b0, 0xFF01]
-    of, dist = _near_duplicates(h, 1)
+    of, dist = near_duplicates(h, 1)
     assert of == [None, 0, None, 1, 0, 2] and dist == [None, 1, None, 1, 0, 1]
 
 

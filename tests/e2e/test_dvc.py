@@ -22,16 +22,17 @@ def test_every_stage_is_a_gfm_command_with_real_params(repo_root):
     raw = yaml.safe_load((repo_root / "params.yaml").read_text())
     load_params(repo_root / "params.yaml")  # the file the stages read is valid
     for name, stage in spec["stages"].items():
+        stage = stage.get("do", stage)  # foreach stages keep their body under `do`
         argv = stage["cmd"].split()
         assert argv[0] == "gfm" and argv[1] in COMMANDS, name
-        assert argv[1].replace("-", "_") == name, f"stage {name} must run `gfm {name.replace('_', '-')}`"
+        assert name.startswith(argv[1].replace("-", "_")), f"stage {name} must run `gfm {name.replace('_', '-')}`"
         for key in stage["params"]:
             node = raw
             for part in key.split("."):
                 assert isinstance(node, dict) and part in node, f"{name}: params key {key} not in params.yaml"
                 node = node[part]
         for dep in stage.get("deps", []):
-            if not dep.startswith(("data/", "outputs/")):
+            if not dep.startswith(("data/", "outputs/")) and "${" not in dep:
                 assert (repo_root / dep).exists(), f"{name}: dependency {dep} does not exist"
 
 
@@ -62,24 +63,25 @@ def test_dvc_repro_cache_rerun_push_pull(repo_root, tmp_path):
     _run(["git", "add", "-A"], repo, env)
     _run(["git", "commit", "-qm", "init"], repo, env)
 
-    first = _run([dvc, "repro"], repo, env)
+    # the pipeline up to the foundation model (finetune/evaluate run 45 fine-tunings: too long for a test)
+    first = _run([dvc, "repro", "pretrain"], repo, env)
     for stage in ("demo_data", "ingest", "pretrain"):
         assert f"Running stage '{stage}'" in first
     weights = repo / "outputs" / "pretrain" / "backbone.safetensors"
     assert weights.is_file()
 
-    again = _run([dvc, "repro"], repo, env)
+    again = _run([dvc, "repro", "pretrain"], repo, env)
     assert "Running stage" not in again and "up to date" in again
 
     params["pretrain"]["alpha"] = 0.5  # only pretraining depends on it
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    third = _run([dvc, "repro"], repo, env)
+    third = _run([dvc, "repro", "pretrain"], repo, env)
     assert "Running stage 'pretrain'" in third
     assert "Running stage 'demo_data'" not in third and "Running stage 'ingest'" not in third
     _run(["git", "add", "-A"], repo, env)
     _run(["git", "commit", "-qm", "alpha 0.5"], repo, env)
 
-    exp = _run([dvc, "exp", "run", "-S", "pretrain.alpha=0", "-n", "mim-only"], repo, env)
+    exp = _run([dvc, "exp", "run", "-S", "pretrain.alpha=0", "-n", "mim-only", "pretrain"], repo, env)
     assert "Running stage 'pretrain'" in exp and "Running stage 'ingest'" not in exp
     shown = _run([dvc, "exp", "show", "--no-pager", "--csv"], repo, env)
     assert "mim-only" in shown
