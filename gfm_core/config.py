@@ -336,6 +336,14 @@ class EvaluateCfg(Section):
     out_dir: Path = Path("outputs/evaluate")
 
 
+class RetrainCfg(Section):
+    """When the pipeline retrains itself (Dagster schedule and teacher sensor)."""
+
+    cron: str = Field("0 3 * * 0", description="retraining schedule (cron, UTC); default Sundays 03:00")
+    teacher_dir: Path = Field(Path("weights/teachers"), description="a new checkpoint here triggers a retrain")
+    teacher_patterns: tuple[str, ...] = ("*.safetensors", "*.pth", "*.pt")
+
+
 class Params(Section):
     """The whole ``params.yaml`` after the active preset is applied."""
 
@@ -349,6 +357,7 @@ class Params(Section):
     pretrain: PretrainCfg = PretrainCfg()
     finetune: FinetuneCfg = FinetuneCfg()
     evaluate: EvaluateCfg = EvaluateCfg()
+    retrain: RetrainCfg = RetrainCfg()
     presets: dict[str, dict[str, Any]] = Field(default_factory=dict)
 
 

@@ -364,11 +364,16 @@ def pretraining_baselines(params: Params) -> list[str]:
     return [m.name for m in params.finetune.models if m.pretrain]
 
 
-def run_pretrain_baseline(params: Params, name: str, **kwargs: Any) -> PretrainResult:
-    """Pretrain the ablation ``name`` (its ``pretrain`` overrides, e.g. ``alpha: 0``) into its own folder."""
+def baseline_params(params: Params, name: str) -> Params:
+    """``params`` with the ablation ``name``'s ``pretrain`` overrides (e.g. ``alpha: 0``) and output folder."""
     from gfm_core.finetune import baseline_pretrain_params
 
-    return run_pretrain(baseline_pretrain_params(params, name), **kwargs)
+    return baseline_pretrain_params(params, name)
+
+
+def run_pretrain_baseline(params: Params, name: str, **kwargs: Any) -> PretrainResult:
+    """Pretrain the ablation ``name`` into its own folder."""
+    return run_pretrain(baseline_params(params, name), **kwargs)
 
 
 # ------------------------------------------------------------------------------------------------ downstream
