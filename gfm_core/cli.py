@@ -89,6 +89,17 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
         print(f"{kind}: {path}")
 
 
+def _cmd_promote(args: argparse.Namespace) -> None:
+    from gfm_core import stages
+
+    res = stages.run_promote(_params(args))
+    state = "promoted" if res.promoted else "refused"
+    print(f"models:/{res.model_name}/{res.version}: {state} (ARP {res.candidate_arp:+.2f}; "
+          f"champion before: {res.champion_version or 'none'})")
+    for reason in res.reasons:
+        print(f"  - {reason}")
+
+
 def _cmd_demo(args: argparse.Namespace) -> None:
     from gfm_core import stages
 
@@ -104,6 +115,7 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], None], str]] = {
     "pretrain": (_cmd_pretrain, "teacher-student continual pretraining (GFM)"),
     "finetune": (_cmd_finetune, "fine-tune every (task, model, seed) with the same heads and budget"),
     "evaluate": (_cmd_evaluate, "the comparison report: table, ARP, bootstrap CIs, radar chart"),
+    "promote": (_cmd_promote, "register the foundation model; alias it @champion only if the evaluation gate passes"),
     "demo": (_cmd_demo, "run every stage end to end on the embedded demo data"),
 }
 

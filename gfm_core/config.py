@@ -336,6 +336,25 @@ class EvaluateCfg(Section):
     out_dir: Path = Path("outputs/evaluate")
 
 
+class TrackingCfg(Section):
+    """MLflow: the default store is sqlite + local artifacts under ``outputs/``; a server is one URI away."""
+
+    enabled: bool = True
+    uri: str = Field("sqlite:///outputs/mlflow/mlflow.db", description="tracking URI (http://host:5000 for a server)")
+    artifacts: Path = Path("outputs/mlflow/artifacts")
+    experiment: str = "gfm-pipeline"
+
+
+class PromoteCfg(Section):
+    """Registry promotion: the alias moves only when the candidate passes the evaluation gate."""
+
+    model_name: str = "gfm-foundation"
+    alias: str = "champion"
+    candidate: str = Field("gfm", description="the finetune.models entry that is the foundation model")
+    min_gain: float = Field(0.0, ge=0, description="ARP points the candidate must gain over the champion")
+    require_complete: bool = Field(True, description="refuse when the evaluation misses results")
+
+
 class RetrainCfg(Section):
     """When the pipeline retrains itself (Dagster schedule and teacher sensor)."""
 
@@ -357,6 +376,8 @@ class Params(Section):
     pretrain: PretrainCfg = PretrainCfg()
     finetune: FinetuneCfg = FinetuneCfg()
     evaluate: EvaluateCfg = EvaluateCfg()
+    tracking: TrackingCfg = TrackingCfg()
+    promote: PromoteCfg = PromoteCfg()
     retrain: RetrainCfg = RetrainCfg()
     presets: dict[str, dict[str, Any]] = Field(default_factory=dict)
 

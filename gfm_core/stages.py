@@ -254,6 +254,15 @@ def _loader_factory(dataset: Any, batch_size: int, num_workers: int, seed: int, 
     return factory
 
 
+def _tracking_callbacks(params: Params, is_main: bool) -> list[Any]:
+    """Per-step MLflow metrics when a tracked run is active (rank 0 only)."""
+    if not (params.tracking.enabled and is_main):
+        return []
+    from gfm_core import tracking
+
+    return tracking.callbacks()
+
+
 def run_pretrain(
     params: Params,
     *,
@@ -328,7 +337,7 @@ def run_pretrain(
     fit_res = fit(
         objective, loader, backend, loop_cfg,
         param_groups(objective, cfg.weight_decay),
-        callbacks=[*([csv_log] if csv_log else []), *callbacks],
+        callbacks=[*([csv_log] if csv_log else []), *callbacks, *_tracking_callbacks(params, backend.is_main)],
     )
     elapsed = time.perf_counter() - t0
 
@@ -403,35 +412,139 @@ def run_evaluate(params: Params) -> Any:
     return run_evaluation(params)
 
 
+@dataclass(frozen=True)
+class PromoteResult:
+    """The registered version and the gate's decision."""
+
+    model_name: str
+    version: str
+    promoted: bool
+    reasons: list[str]
+    candidate_arp: float
+    champion_version: str | None
+
+
+def lineage_tags(params: Params, backbone: Path, extra: dict[str, str] | None = None) -> dict[str, str]:
+    """Where a backbone came from: data manifest hash, teacher, params hash, git sha, dvc.lock hash."""
+    import json
+
+    from gfm_core import tracking
+
+    side = json.loads(backbone.with_suffix(".json").read_text()).get("meta", {})
+    tags = {
+        "gfm.data_manifest": str(side.get("data", {}).get("manifest_content_hash", "unknown")),
+        "gfm.teacher": str(side.get("teacher", {}).get("arch", "none")),
+        "gfm.teacher_sha256": str(side.get("teacher", {}).get("sha256", "none")),
+        "gfm.params_sha256": str(side.get("params_sha256", "unknown")),
+        "gfm.git_sha": tracking.git_sha(),
+        "gfm.weights_sha256": sha256_file(backbone),
+    }
+    if Path("dvc.lock").is_file():
+        tags["gfm.dvc_lock_sha256"] = sha256_file("dvc.lock")
+    return {**tags, **(extra or {})}
+
+
+def run_promote(params: Params, *, report: Any = None, tags: dict[str, str] | None = None) -> PromoteResult:
+    """Register the candidate backbone as a new ``promote.model_name`` version; alias it only if the gate passes.
+
+    The gate: the candidate's ARP beats every other evaluated model and the current champion's (``min_gain``).
+    """
+    from gfm_core import tracking
+    from gfm_core.finetune import get_model
+
+    cfg = params.promote
+    if not params.tracking.enabled:
+        raise ConfigError("tracking.enabled is false: promotion needs the MLflow registry")
+    tracking.configure(params.tracking)
+    report = report if report is not None else run_evaluate(params)
+    spec = get_model(params, cfg.candidate)
+    if spec.path is None or spec.kind != "export":
+        raise ConfigError(f"promote.candidate {cfg.candidate!r} must be an exported backbone (kind: export)")
+    with tracking.stage_run("promote", cfg.model_dump(mode="json")):
+        version = tracking.register_backbone(spec.path, cfg.model_name, lineage_tags(params, spec.path, tags))
+        decision = tracking.promote(version, report, cfg)
+        tracking.log_metrics({"arp": decision.candidate_arp, "promoted": float(decision.promoted)})
+    return PromoteResult(cfg.model_name, version, decision.promoted, decision.reasons, decision.candidate_arp,
+                         decision.champion_version)
+
+
 # ------------------------------------------------------------------------------------------------ everything
 
 
 def run_demo(params: Params) -> Iterator[str]:
-    """Every stage in order on the embedded default; yields one line per output location."""
+    """Every stage in order on the embedded default (one MLflow run, a nested run per stage)."""
+    if not params.tracking.enabled:
+        yield from _demo_stages(params)
+        return
+    from gfm_core import tracking
+
+    tracking.configure(params.tracking)
+    with tracking.stage_run("pipeline", {"preset": params.preset or "paper", "seed": params.seed}):
+        yield from _demo_stages(params)
+    yield f"[mlflow]    {params.tracking.uri}  (experiment {params.tracking.experiment}; " \
+          f"UI: mlflow ui --backend-store-uri {params.tracking.uri})"
+
+
+def _tracked(params: Params, name: str, section: Any) -> Any:
+    if not params.tracking.enabled:
+        import contextlib
+
+        return contextlib.nullcontext()
+    from gfm_core import tracking
+
+    return tracking.stage_run(name, section.model_dump(mode="json") if hasattr(section, "model_dump") else section)
+
+
+def _demo_stages(params: Params) -> Iterator[str]:
+    from dataclasses import asdict
+
     t0 = time.perf_counter()
-    data = run_demo_data(params)
+    with _tracked(params, "demo_data", params.demo_data):
+        data = run_demo_data(params)
     yield f"[demo-data] {data.root}  (pile: {sum(data.pile_counts.values())} images from {len(data.pile_counts)} "
     yield f"            sources; tasks: {', '.join(data.task_counts)}; teacher: {data.teacher})"
-    ing = run_ingest(params)
+    with _tracked(params, "ingest", params.ingest):
+        ing = run_ingest(params)
+        _log(params, asdict(ing))
     yield f"[ingest]    {ing.manifest}  ({ing.accepted} images, {ing.quarantined} quarantined, " \
           f"{ing.near_duplicates} near-duplicates; stats: {ing.stats})"
-    val = run_validate(params)
+    with _tracked(params, "validate", params.validation):
+        val = run_validate(params)
+        _log(params, {"success": float(val.success), "failed": len(val.failed)})
     yield f"[validate]  {val.json}  ({val.n_expectations} expectations, {len(val.failed)} failed; docs: {val.docs})"
     if not val.success:
         raise DataValidationError(val.summary)
-    sh = run_shards(params)
+    with _tracked(params, "shards", params.ingest):
+        sh = run_shards(params)
     yield f"[shards]    {sh.shard_dir}  ({sh.images} images in {sh.shards} shard(s), {sh.bytes / 1e6:.1f} MB)"
-    pre = run_pretrain(params)
+    with _tracked(params, "pretrain", params.pretrain):
+        pre = run_pretrain(params)
     yield f"[pretrain]  {pre.backbone}  ({pre.steps} steps on {pre.device}: {pre.summary()})"
     yield f"            metrics: {pre.metrics_csv}  checkpoints: {pre.checkpoint_dir}"
     for name in pretraining_baselines(params):
-        base = run_pretrain_baseline(params, name)
+        with _tracked(params, f"pretrain_{name}", baseline_params(params, name).pretrain):
+            base = run_pretrain_baseline(params, name)
         yield f"[pretrain]  {base.backbone}  (baseline {name}: {base.summary()})"
-    runs = run_finetune(params)
+    with _tracked(params, "finetune", params.finetune):
+        runs = run_finetune(params)
+        _log(params, {f"{r.task}.{r.model}.seed{r.seed}.{r.headline}": r.score for r in runs})
     yield f"[finetune]  {params.finetune.out_dir}  ({len(runs)} runs: {len(params.finetune.tasks)} tasks x " \
           f"{len(params.finetune.models)} models x {len(params.finetune.seeds)} seeds)"
-    report = run_evaluate(params)
+    with _tracked(params, "evaluate", params.evaluate):
+        report = run_evaluate(params)
+        _log(params, {f"arp.{m}": v for m, v in report.arp.items()})
     yield f"[evaluate]  {report.paths.get('markdown')}  (ARP vs {report.baseline}: " + ", ".join(
         f"{m} {v:+.2f}" for m, v in report.arp.items()) + ")"
     yield f"            radar chart: {report.paths.get('radar')}"
+    if params.tracking.enabled:
+        pro = run_promote(params, report=report)
+        verdict = "promoted to @" + params.promote.alias if pro.promoted else "not promoted: " + "; ".join(pro.reasons)
+        yield f"[promote]   models:/{pro.model_name}/{pro.version}  ({verdict})"
     yield f"[done] in {time.perf_counter() - t0:.0f} s"
+
+
+def _log(params: Params, metrics: dict[str, Any]) -> None:
+    if params.tracking.enabled:
+        from gfm_core import tracking
+
+        tracking.log_metrics(metrics)

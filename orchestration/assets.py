@@ -159,4 +159,16 @@ def build_downstream_assets(params: Params) -> list[Any]:
             **{f"arp_{m}": float(v) for m, v in report.arp.items()},
         })
 
-    return [finetuned_models, evaluation_report]
+    @dg.asset(deps=[evaluation_report], group_name="downstream",
+              description="Registers the foundation model; moves @champion only when the evaluation gate passes")
+    def champion_model(context: dg.AssetExecutionContext, gfm: GfmParams) -> dg.MaterializeResult:
+        res = stages.run_promote(gfm.load(), tags={"gfm.dagster_run_id": context.run_id})
+        return dg.MaterializeResult(metadata={
+            "registered": f"models:/{res.model_name}/{res.version}",
+            "promoted": res.promoted,
+            "candidate_arp": res.candidate_arp,
+            "champion_before": res.champion_version or "none",
+            "gate": dg.MetadataValue.md("\n".join(f"- {r}" for r in res.reasons) or "passed"),
+        })
+
+    return [finetuned_models, evaluation_report, champion_model]

@@ -36,11 +36,19 @@ def build_defs(params_path: str = "params.yaml", preset: str | None = None) -> d
     downstream = build_downstream_assets(params)
     assets = [demo_data, geopile_manifest, geopile_shards, imagenet_teacher, foundation_model, ablation_models,
               *downstream]
-    pipeline = dg.define_asset_job("gfm_pipeline", selection=dg.AssetSelection.all(),
-                                   description="the whole pipeline, demo data to evaluation")
+    finetuned, evaluation, champion = downstream
+    # Jobs never mix the task-partitioned fine-tuning with unpartitioned assets (Dagster launches those apart):
+    foundation = dg.define_asset_job(
+        "gfm_foundation", selection=dg.AssetSelection.all() - dg.AssetSelection.assets(*downstream),
+        description="demo data, ingestion, validation, shards, pretraining and its ablations",
+    )
+    finetune = dg.define_asset_job("gfm_finetune", selection=[finetuned], partitions_def=finetuned.partitions_def,
+                                   description="fine-tune every model on one task (launch a backfill for all)")
+    report = dg.define_asset_job("gfm_evaluate_and_promote", selection=[evaluation, champion],
+                                 description="the comparison report, then the gated registry promotion")
     retrain = dg.define_asset_job(
-        "retrain", selection=dg.AssetSelection.assets(foundation_model, ablation_models).downstream(),
-        description="pretraining and everything after it (on a schedule, or when a new teacher appears)",
+        "retrain", selection=dg.AssetSelection.assets(foundation_model, ablation_models),
+        description="pretraining again (on a schedule, or when a new teacher appears); fine-tuning follows",
     )
     schedule = dg.ScheduleDefinition(job=retrain, cron_schedule=params.retrain.cron, name="retrain_schedule")
 
@@ -57,7 +65,7 @@ def build_defs(params_path: str = "params.yaml", preset: str | None = None) -> d
     return dg.Definitions(
         assets=assets,
         asset_checks=[great_expectations_suite],
-        jobs=[pipeline, retrain],
+        jobs=[foundation, finetune, report, retrain],
         schedules=[schedule],
         sensors=[new_teacher_sensor],
         resources={"gfm": GfmParams(params_path=params_path, preset=preset), "launcher": PretrainLauncher()},

@@ -20,6 +20,7 @@ def _write_params(repo_root: Path, tmp: Path, **validate) -> Path:
     raw = yaml.safe_load((repo_root / "params.yaml").read_text())
     raw["demo_data"]["root"] = str(tmp / "demo")
     raw["retrain"]["teacher_dir"] = str(tmp / "teachers")
+    raw["tracking"].update(uri=f"sqlite:///{tmp}/mlflow.db", artifacts=str(tmp / "mlartifacts"))
     demo = raw["presets"]["demo"]
     demo["ingest"].update(root=str(tmp / "demo" / "pile"), out_dir=str(tmp / "geopile"))
     demo["validate"].update(validate)
@@ -54,12 +55,12 @@ def test_definitions_load_with_jobs_schedule_sensor_and_partitions(tiny):
     _, path, _ = tiny
     defs = build_defs(str(path))
     repo = defs.get_repository_def()
-    assert {"gfm_pipeline", "retrain"} <= set(repo.job_names)
+    assert {"gfm_foundation", "gfm_finetune", "gfm_evaluate_and_promote", "retrain"} <= set(repo.job_names)
     assert repo.get_schedule_def("retrain_schedule").cron_schedule == "0 3 * * 0"
     assert repo.has_sensor_def("new_teacher_sensor")
     keys = {k.to_user_string() for k in repo.asset_graph.get_all_asset_keys()}
     assert {"geopile_manifest", "geopile_shards", "foundation_model", "finetuned_models", "evaluation_report",
-            "imagenet_teacher"} <= keys
+            "imagenet_teacher", "champion_model"} <= keys
     part = repo.asset_graph.get(dg.AssetKey("finetuned_models")).partitions_def
     assert part.get_partition_keys() == ["scene", "change"]
 
@@ -83,6 +84,13 @@ def test_whole_graph_materialises(tiny):
     arp = rep.asset_materializations_for_node("evaluation_report")[0].metadata
     assert arp["arp_imagenet"].value == 0.0 and "arp_gfm" in arp
     assert (tmp / "evaluate" / "radar.png").is_file()
+    champion = defs.get_assets_def("champion_model")
+    pro = dg.materialize([champion], resources=resources)
+    meta = pro.asset_materializations_for_node("champion_model")[0].metadata
+    assert meta["registered"].value == "models:/gfm-foundation/1"
+    # the gate's verdict follows the numbers: promoted iff gfm's ARP beats every other model's
+    arps = {k.removeprefix("arp_"): v.value for k, v in arp.items() if k.startswith("arp_")}
+    assert meta["promoted"].value == all(arps["gfm"] > v for k, v in arps.items() if k != "gfm")
 
 
 def test_blocking_check_stops_downstream_on_a_bad_pile(repo_root, tiny, tmp_path):

@@ -1,0 +1,87 @@
+"""MLflow registry and the promotion gate, on a real sqlite store in tmp_path."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import mlflow
+import pytest
+import torch
+
+from gfm_core import tracking
+from gfm_core.config import PretrainCfg, PromoteCfg, StudentCfg, TrackingCfg
+from gfm_core.objectives import build_continual_pretrain, export_backbone
+
+TINY = StudentCfg(arch="swin_tiny_patch4_window7_224", img_size=64, window_size=2, embed_dim=16,
+                  depths=(1, 1, 1, 1), num_heads=(1, 1, 1, 1))
+
+
+@pytest.fixture
+def store(tmp_path):
+    cfg = TrackingCfg(uri=f"sqlite:///{tmp_path}/mlflow.db", artifacts=tmp_path / "artifacts", experiment="t")
+    tracking.configure(cfg)
+    yield tmp_path
+    mlflow.set_tracking_uri(None)
+
+
+def _backbone(tmp_path, seed):
+    torch.manual_seed(seed)
+    obj = build_continual_pretrain(PretrainCfg(student=TINY, alpha=0.0))  # MIM-only: no teacher file needed
+    return export_backbone(obj, tmp_path / f"b{seed}" / "backbone.safetensors"), obj
+
+
+def _register(path, name="gfm-foundation"):
+    with tracking.stage_run("promote", {"seed": 1}):
+        return tracking.register_backbone(path, name, {"gfm.data_manifest": "abc"})
+
+
+def _report(**arp):
+    return SimpleNamespace(arp=arp, missing=[])
+
+
+def test_gate_refuses_a_worse_candidate_and_keeps_the_champion(store):
+    cfg = PromoteCfg()
+    first, obj = _backbone(store, 0)
+    v1 = _register(first)
+    d1 = tracking.promote(v1, _report(gfm=5.0, imagenet=0.0, random=-3.0), cfg)
+    assert d1.promoted and d1.champion_version is None
+    client = mlflow.MlflowClient()
+    assert str(client.get_model_version_by_alias("gfm-foundation", "champion").version) == v1
+
+    worse, _ = _backbone(store, 1)
+    v2 = _register(worse)
+    d2 = tracking.promote(v2, _report(gfm=3.0, imagenet=0.0, random=-3.0), cfg)
+    assert not d2.promoted and d2.champion_arp == 5.0
+    assert any("champion" in r for r in d2.reasons)
+    assert str(client.get_model_version_by_alias("gfm-foundation", "champion").version) == v1  # unchanged
+    tags = client.get_model_version("gfm-foundation", v2).tags
+    assert tags["gfm.gate"] == "refused" and tags["gfm.arp"] == "3" and tags["gfm.champion_before"] == v1
+
+    v3 = _register(worse)
+    d3 = tracking.promote(v3, _report(gfm=9.0, imagenet=10.0), cfg)  # beats the champion, not a baseline
+    assert not d3.promoted and any("baseline imagenet" in r for r in d3.reasons)
+
+    model = tracking.load_registered_backbone("models:/gfm-foundation@champion")
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(model.eval().forward_features(x), obj.student.encoder.eval().forward_features(x))
+
+
+def test_incomplete_evaluation_is_refused(store):
+    path, _ = _backbone(store, 2)
+    v = _register(path)
+    report = SimpleNamespace(arp={"gfm": 5.0, "imagenet": 0.0}, missing=["superres/mim_only/seed_0"])
+    d = tracking.promote(v, report, PromoteCfg())
+    assert not d.promoted and "incomplete" in d.reasons[0]
+
+
+def test_per_step_metrics_reach_the_run(store):
+    with tracking.stage_run("pretrain", {"pretrain": {"alpha": 1.0}}) as run_id:
+        cbs = tracking.callbacks()
+        assert len(cbs) == 1
+        for step in (1, 2):
+            cbs[0].on_log(step, {"loss": 1.0 / step, "lr": 1e-4})
+    hist = mlflow.MlflowClient().get_metric_history(run_id, "loss")
+    assert [(m.step, m.value) for m in hist] == [(1, 1.0), (2, 0.5)]
+    assert mlflow.get_run(run_id).data.params["pretrain.alpha"] == "1.0"
+    assert tracking.callbacks() == []  # outside a run: untracked
