@@ -93,3 +93,13 @@ def test_pretrain_on_the_deepspeed_engine(repo_root, demo_params, tmp_path):
     assert res.steps == 2 and res.backbone.is_file()
     assert (res.checkpoint_dir / "step_000002" / "state").is_dir()  # DeepSpeed's own checkpoint files
     assert all(torch.isfinite(torch.tensor(v)) for v in res.metrics.values())
+
+
+def test_loss_falls_on_the_demo_pile(demo_params, tmp_path):
+    raw = demo_params.model_dump(mode="json")
+    raw["pretrain"].update(data="files", out_dir=str(tmp_path / "fall"), batch_size=8, max_steps=30, log_every=10,
+                           checkpoint_every=30)
+    res = stages.run_pretrain(parse_params({**raw, "preset": None}, source="test-params"))
+    losses = [h["loss"] for h in res.history]
+    assert len(losses) == 3 and losses[-1] < losses[0] - 0.05, losses
+    assert res.history[-1]["cosine"] > res.history[0]["cosine"]  # the student moves towards the teacher
