@@ -100,6 +100,42 @@ def run_ingest(params: Params, *, progress: bool = True) -> IngestResult:
     return result
 
 
+def task_test_images(params: Params) -> list[tuple[Path, Any]]:
+    """``(image file, task cfg)`` of every downstream task's test split whose folder exists (for leak checks)."""
+    from gfm_core.data.task_datasets import list_task
+
+    out: list[tuple[Path, Any]] = []
+    for task in params.finetune.tasks:
+        if not Path(task.root).is_dir():
+            continue
+        for ref in list_task(task, "test").refs:
+            for key in ("image", "A", "B", "lr", "hr"):
+                f = ref.files.get(key)
+                if isinstance(f, Path):
+                    out.append((f, task))
+    return out
+
+
+def run_contamination_check(params: Params) -> Path:
+    """Downstream test images (or near-duplicates) found in the pile, written to ``contamination.json``."""
+    from gfm_core.data.geopile import contamination_check
+
+    manifest = params.ingest.out_dir / "manifest.parquet"
+    offenders: list[dict[str, Any]] = []
+    images = task_test_images(params)
+    by_task: dict[str, list[Path]] = {}
+    for f, task in images:
+        by_task.setdefault(task.name, []).append(f)
+    for task in params.finetune.tasks:
+        files = by_task.get(task.name, [])
+        for o in contamination_check(manifest, files, bands=task.bands, value_range=task.value_range) if files else []:
+            offenders.append({"task": task.name, "test_image": str(o.test_path), "pile_image": str(o.pile_path),
+                              "kind": o.kind, "distance": o.distance})
+    path = params.ingest.out_dir / "contamination.json"
+    write_json(path, {"test_images": len(images), "offenders": offenders})
+    return path
+
+
 @dataclass(frozen=True)
 class ValidateResult:
     """Great-expectations verdict on the ingested pile."""
@@ -123,9 +159,20 @@ def run_validate(params: Params) -> ValidateResult:
         max_bad_fraction=ing.max_bad_fraction, allowed_bands=cfg.allowed_bands, mean_range=cfg.mean_range,
         out_dir=ing.out_dir / "validation", data_docs=cfg.data_docs,
     )
+    import json
+
+    leaks = json.loads(run_contamination_check(params).read_text())
+    failed = tuple(f.name for f in rep.failed)
+    summary = rep.summary()
+    if leaks["offenders"]:
+        failed += ("no_test_images_in_pile",)
+        names = "; ".join(f"{o['test_image']} ~ {o['pile_image']} ({o['kind']}, d={o['distance']})"
+                          for o in leaks["offenders"][:5])
+        summary += f"\nFAILED no_test_images_in_pile: {len(leaks['offenders'])} downstream test image(s) in the " \
+                   f"pile: {names}"
     return ValidateResult(
-        success=rep.success, n_expectations=rep.n_expectations, failed=tuple(f.name for f in rep.failed),
-        json=rep.json_path, docs=rep.docs_index, summary=rep.summary(),
+        success=rep.success and not leaks["offenders"], n_expectations=rep.n_expectations + 1, failed=failed,
+        json=rep.json_path, docs=rep.docs_index, summary=summary,
     )
 
 
@@ -155,6 +202,9 @@ def run_shards(params: Params, *, progress: bool = True) -> ShardsResult:
     verdict = ing.out_dir / "validation" / "validation.json"
     if not verdict.is_file() or not json.loads(verdict.read_text()).get("success"):
         raise DataValidationError(f"{verdict}: the pile has not passed validation; run `gfm validate` first")
+    leaks = ing.out_dir / "contamination.json"
+    if not leaks.is_file() or json.loads(leaks.read_text())["offenders"]:
+        raise DataValidationError(f"{leaks}: downstream test images in the pile (or no check yet: gfm validate)")
     rep = write_shards(
         ing.out_dir / "manifest.parquet", ing.out_dir / "shards", data_root=ing.root, shard_size=ing.shard_size,
         images_per_shard=ing.images_per_shard, progress=progress,

@@ -103,3 +103,24 @@ def test_loss_falls_on_the_demo_pile(demo_params, tmp_path):
     losses = [h["loss"] for h in res.history]
     assert len(losses) == 3 and losses[-1] < losses[0] - 0.05, losses
     assert res.history[-1]["cosine"] > res.history[0]["cosine"]  # the student moves towards the teacher
+
+
+def test_a_downstream_test_image_planted_in_the_pile_fails_validation(repo_root, demo_params, tmp_path):
+    import shutil
+
+    import numpy as np
+    from PIL import Image
+
+    shutil.copytree(demo_params.demo_data.root, tmp_path / "demo")
+    params = _params(repo_root, tmp_path)
+    test_a = sorted((tmp_path / "demo" / "tasks" / "change" / "A").glob("test_*.png"))[0]
+    big = Image.fromarray(np.asarray(Image.open(test_a))).resize((96, 96), Image.Resampling.BICUBIC)
+    planted = tmp_path / "demo" / "pile" / "neon_aerial" / "OSBS" / "leaked.png"
+    big.save(planted)  # a rescaled, re-encoded copy: a near-duplicate, not an exact one
+
+    stages.run_ingest(params, progress=False)
+    val = stages.run_validate(params)
+    assert not val.success and "no_test_images_in_pile" in val.failed
+    assert test_a.name in val.summary and "leaked.png" in val.summary
+    with pytest.raises(DataValidationError, match="downstream test images in the pile"):
+        stages.run_shards(params, progress=False)
