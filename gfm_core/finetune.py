@@ -394,14 +394,6 @@ def load_scores(path: str | Path) -> tuple[list[str], dict[str, np.ndarray]]:
 # ------------------------------------------------------------------------------------------------ driver
 
 
-def _device(name: str) -> str:
-    if name != "auto":
-        return name
-    chosen = "cuda" if torch.cuda.is_available() else "cpu"
-    log.info("finetune.device auto -> %s", chosen)
-    return chosen
-
-
 def _loader_factory(
     dataset: Any, batch_size: int, num_workers: int, seed: int, rank: int = 0, world: int = 1
 ) -> Callable[[int], DataLoader]:
@@ -471,7 +463,7 @@ def finetune(
         ConfigError, CheckpointError, DatasetNotFoundError, DataValidationError: bad config, weights or data.
     """
     from gfm_core.data.task_datasets import TaskDataset, label_subset, list_task
-    from gfm_core.training.backends import TorchBackend
+    from gfm_core.training.backends import TorchBackend, auto_device
     from gfm_core.training.checkpoint import seed_everything
     from gfm_core.training.loop import LoopCfg, fit
     from gfm_core.training.optim import param_groups
@@ -479,7 +471,7 @@ def finetune(
 
     t0 = time.perf_counter()
     out_dir = Path(out_dir)
-    device = _device(cfg.device)
+    device = auto_device(cfg.device)
     seed_everything(seed)
     loaded = load_task_backbone(spec, task, drop_path_rate=cfg.drop_path_rate)
 

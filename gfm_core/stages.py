@@ -256,17 +256,6 @@ class _CsvLog:
             w.writerow(row)
 
 
-def resolve_device(device: str) -> str:
-    """``auto`` -> ``cuda`` when a GPU is visible, else ``cpu`` (logged, and reported in results)."""
-    import torch
-
-    if device != "auto":
-        return device
-    chosen = "cuda" if torch.cuda.is_available() else "cpu"
-    log.info("device auto -> %s", chosen)
-    return chosen
-
-
 def pretrain_sources(params: Params) -> list[Any]:
     """The pile's sources: ``ingest.sources`` if listed, else every subfolder of ``ingest.root``."""
     from gfm_core.data.sources import discover_geopile
@@ -335,7 +324,9 @@ def run_pretrain(
 
     cfg = params.pretrain
     out_dir = cfg.out_dir
-    device = resolve_device(cfg.device)
+    from gfm_core.training.backends import auto_device
+
+    device = auto_device(cfg.device)
     seed_everything(cfg.seed)
     backend = make_backend(cfg, device, cfg.batch_size)
 

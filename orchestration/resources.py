@@ -45,7 +45,8 @@ class PretrainLauncher(dg.ConfigurableResource):
         bin_dir = Path(sys.executable).parent
         if self.mode == "torchrun":
             return [str(bin_dir / "torchrun"), f"--nproc_per_node={self.nproc_per_node}", *cli]
-        return [str(bin_dir / "deepspeed"), f"--num_gpus={self.nproc_per_node}", "--no_local_rank", "--module", *cli[1:]]
+        ds = [str(bin_dir / "deepspeed"), f"--num_gpus={self.nproc_per_node}", "--no_local_rank", "--module"]
+        return [*ds, *cli[1:]]
 
     def pretrain(
         self, context: dg.AssetExecutionContext, gfm: GfmParams, baseline: str | None = None

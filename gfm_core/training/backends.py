@@ -105,6 +105,15 @@ def move_to(batch: Any, device: torch.device, float_dtype: torch.dtype | None = 
     return batch
 
 
+def auto_device(device: str) -> str:
+    """``"auto"`` -> ``"cuda"`` when a GPU is visible, else ``"cpu"`` (logged, never silent); others unchanged."""
+    if device != "auto":
+        return device
+    chosen = "cuda" if torch.cuda.is_available() else "cpu"
+    log.info("device auto -> %s", chosen)
+    return chosen
+
+
 def resolve_device(device: str) -> torch.device:
     """``"cpu"`` or ``"cuda"``/``"cuda:N"`` -> ``torch.device``; plain ``"cuda"`` means ``cuda:$LOCAL_RANK``.
 

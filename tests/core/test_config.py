@@ -78,7 +78,7 @@ def test_geometry_checks(student, extra, match):
 
 
 def test_mask_patch_must_be_multiple_of_model_patch():
-    with pytest.raises(ConfigError, match="mask_patch_size 6 must be divisible by student.patch_size 4"):
+    with pytest.raises(ConfigError, match=r"mask_patch_size 6 must be divisible by student\.patch_size 4"):
         parse_params({"pretrain": {"student": {"img_size": 192}, "mask_patch_size": 6}})
 
 

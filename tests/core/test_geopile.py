@@ -21,7 +21,6 @@ from pydantic import ValidationError
 
 from gfm_core.data.dedup import hamming_join, near_duplicates, perceptual_hash
 from gfm_core.data.geopile import MANIFEST_SCHEMA, build_manifest, contamination_check, manifest_content_hash
-from gfm_core.data.workers import map_isolated
 from gfm_core.data.raster import read_image
 from gfm_core.data.sources import (
     PRESETS,
@@ -32,6 +31,7 @@ from gfm_core.data.sources import (
     get_preset,
 )
 from gfm_core.data.stats import compute_norm_stats, load_norm_stats, write_norm_stats
+from gfm_core.data.workers import map_isolated
 from gfm_core.errors import ConfigError, DataValidationError
 
 G = "GeoPileV0"

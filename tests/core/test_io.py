@@ -37,7 +37,7 @@ def test_legacy_pth_unwrapped_and_weights_only(tmp_path):
 
     bad = tmp_path / "evil.pth"
     torch.save({"model": Evil()}, bad)
-    with pytest.raises(CheckpointError, match="evil.pth: cannot load weights"):
+    with pytest.raises(CheckpointError, match=r"evil\.pth: cannot load weights"):
         load_weights(bad)
 
 
@@ -46,5 +46,5 @@ def test_missing_and_corrupt_weights(tmp_path):
         load_weights(tmp_path / "none.safetensors")
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(b"not a safetensors file")
-    with pytest.raises(CheckpointError, match="bad.safetensors: cannot load weights"):
+    with pytest.raises(CheckpointError, match=r"bad\.safetensors: cannot load weights"):
         load_weights(bad)

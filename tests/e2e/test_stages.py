@@ -86,7 +86,8 @@ def test_cli_reports_config_errors_in_one_line(tmp_path, capsys):
 @pytest.mark.distributed
 def test_pretrain_on_the_deepspeed_engine(repo_root, demo_params, tmp_path):
     raw = demo_params.model_dump(mode="json")
-    raw["pretrain"].update(backend="deepspeed", zero_stage=1, precision="bf16", out_dir=str(tmp_path / "ds"), data="files",
+    raw["pretrain"].update(backend="deepspeed", zero_stage=1, precision="bf16", out_dir=str(tmp_path / "ds"),
+                           data="files",
                            max_steps=2, log_every=1)
     params = parse_params({**raw, "preset": None}, source="test-params")
     res = stages.run_pretrain(params)

@@ -124,7 +124,7 @@ def test_teacher_sensor_one_run_per_new_teacher(tiny):
 
 
 def test_missing_teacher_names_the_key_and_file(tiny, tmp_path):
-    tmp, path, _ = tiny
+    _tmp, path, _ = tiny
     params = GfmParams(params_path=str(path)).load()
     gone = params.model_copy(update={"pretrain": params.pretrain.model_copy(
         update={"teacher": params.pretrain.teacher.model_copy(update={"checkpoint": tmp_path / "nope.pth"})})})
