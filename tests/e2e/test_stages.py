@@ -21,6 +21,8 @@ def _params(repo_root, tmp, **pretrain):
     demo = raw["presets"]["demo"]
     demo["ingest"].update(root=str(tmp / "demo" / "pile"), out_dir=str(tmp / "geopile"))
     demo["pretrain"]["teacher"]["checkpoint"] = str(tmp / "demo" / "teacher" / stages.TEACHER_FILE)
+    for task in demo["finetune"]["tasks"]:  # the contamination check reads the tasks' test splits
+        task["root"] = str(tmp / "demo" / "tasks" / task["name"])
     demo["pretrain"].update(out_dir=str(tmp / "pretrain"), batch_size=4, max_steps=4, log_every=2,
                             checkpoint_every=2, **pretrain)
     return parse_params(raw, source="test-params")

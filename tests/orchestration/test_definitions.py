@@ -28,6 +28,8 @@ def _write_params(repo_root: Path, tmp: Path, **validate) -> Path:
     demo["pretrain"].update(out_dir=str(tmp / "pretrain"), batch_size=4, max_steps=2, log_every=1, checkpoint_every=2)
     ft = demo["finetune"]
     ft["tasks"] = [t for t in ft["tasks"] if t["name"] in ("scene", "change")]
+    for task in ft["tasks"]:
+        task["root"] = str(tmp / "demo" / "tasks" / task["name"])
     for m in ft["models"]:
         if m["kind"] == "export":
             m["path"] = str(tmp / f"pretrain_{m['name']}" / "backbone.safetensors")
