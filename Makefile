@@ -11,16 +11,16 @@ export DO_NOT_TRACK := 1
 export HF_HUB_OFFLINE := 1
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-slow env
+.PHONY: demo test test-slow env ui mlflow-ui screenshots
 
 env:
 	@bash scripts/bootstrap.sh
 	@mkdir -p "$(DAGSTER_HOME)" "$(TORCH_EXTENSIONS_DIR)"
 	@[ -f "$(DAGSTER_HOME)/dagster.yaml" ] || printf 'telemetry:\n  enabled: false\n' > "$(DAGSTER_HOME)/dagster.yaml"
 
-## Run the whole pipeline end to end on the embedded demo data.
+## Run the whole pipeline end to end on the embedded demo data: every Dagster asset, into $(DAGSTER_HOME).
 demo: env
-	$(VENV)/bin/gfm demo
+	$(VENV)/bin/python -m orchestration.materialize
 
 ## Run the default test suite (slow and GPU tests are opt-in: make test PYTEST_ARGS="-m slow").
 test: env
@@ -28,3 +28,15 @@ test: env
 
 test-slow: env
 	$(VENV)/bin/python -m pytest -m "slow and not gpu" $(PYTEST_ARGS)
+
+## The Dagster UI on 127.0.0.1:3000 (shows the runs of `make demo`).
+ui: env
+	$(VENV)/bin/dagster dev -m orchestration.definitions -h 127.0.0.1 -p 3000
+
+## The MLflow UI on 127.0.0.1:5000 over the default store.
+mlflow-ui: env
+	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///outputs/mlflow/mlflow.db -h 127.0.0.1 -p 5000 --workers 1
+
+## Headless Chromium screenshots of both UIs into outputs/screenshots (installs Debian's chromium).
+screenshots: env
+	bash scripts/screenshot_ui.sh

@@ -361,6 +361,10 @@ class RetrainCfg(Section):
     cron: str = Field("0 3 * * 0", description="retraining schedule (cron, UTC); default Sundays 03:00")
     teacher_dir: Path = Field(Path("weights/teachers"), description="a new checkpoint here triggers a retrain")
     teacher_patterns: tuple[str, ...] = ("*.safetensors", "*.pth", "*.pt")
+    timm_patterns: tuple[str, ...] | None = Field(
+        None, description="timm.list_pretrained patterns to watch for new ImageNet weights after a timm "
+        "upgrade; None = the teacher's own arch (`<pretrain.teacher.arch>*`), [] = off",
+    )
 
 
 class Params(Section):

@@ -124,6 +124,11 @@ class ContinualPretrain(nn.Module):
             embed_std = unit.std(dim=0, correction=0).mean()
         return {**parts, "cosine": cosine, "embed_std": embed_std}
 
+    def reconstruct(self, x: Tensor, mask: Tensor) -> Tensor:
+        """The decoder's ``[B, C, H, W]`` prediction of ``x`` (normalised) from its visible patches."""
+        _, final_map = self.student(x, mask)
+        return self.decoder(final_map)
+
     def no_weight_decay_names(self) -> set[str]:
         """Names (as in ``named_parameters()``) of trainable params that AdamW must not decay.
 

@@ -231,6 +231,7 @@ class PretrainResult:
     device: str
     images: int  # images in the pile
     history: list[dict[str, float]] = field(default_factory=list)
+    reconstructions: Path | None = None  # PNG: input | masked | prediction | visible + prediction
 
     def summary(self) -> str:
         """One line of the final loss parts."""
@@ -401,12 +402,22 @@ def run_pretrain(
             "steps": fit_res.steps, "images": len(dataset), "device": device, "backend": cfg.backend,
             "precision": cfg.precision, "seconds": round(elapsed, 2), **fit_res.metrics,
         })
+    recon = _save_reconstructions(backend, dataset, out_dir / "reconstructions.png")
     backend.barrier()
     return PretrainResult(
         steps=fit_res.steps, metrics=dict(fit_res.metrics), backbone=backbone,
         checkpoint_dir=out_dir / "checkpoints", metrics_csv=csv_path, summary_json=summary, device=device,
-        images=len(dataset), history=list(fit_res.history),
+        images=len(dataset), history=list(fit_res.history), reconstructions=recon,
     )
+
+
+def _save_reconstructions(backend: Any, dataset: Any, path: Path, n: int = 4) -> Path | None:
+    """The student's reconstructions of the pile's first ``n`` images (rank 0; not under ZeRO-3's shards)."""
+    if not backend.is_main or getattr(backend, "zero_stage", 0) == 3:
+        return None
+    from gfm_core.evaluation.reconstructions import save_reconstructions
+
+    return save_reconstructions(backend.module, [dataset[i] for i in range(min(n, len(dataset)))], path)
 
 
 def pretraining_baselines(params: Params) -> list[str]:
@@ -480,15 +491,43 @@ def lineage_tags(params: Params, backbone: Path, extra: dict[str, str] | None = 
         "gfm.git_sha": tracking.git_sha(),
         "gfm.weights_sha256": sha256_file(backbone),
     }
-    if Path("dvc.lock").is_file():
-        tags["gfm.dvc_lock_sha256"] = sha256_file("dvc.lock")
-    return {**tags, **(extra or {})}
+    return {**tags, **dvc_lineage(backbone), **(extra or {})}
+
+
+def dvc_lineage(backbone: Path, lock: Path = Path("dvc.lock")) -> dict[str, str]:
+    """``gfm.dvc_lock_sha256`` and ``gfm.dvc_stage`` when ``lock`` records this very file as a stage output.
+
+    A backbone trained outside DVC (or retrained since the last ``dvc repro``) gets no DVC tags.
+    """
+    import hashlib
+
+    import yaml
+
+    if not lock.is_file():
+        return {}
+    try:
+        stages = (yaml.safe_load(lock.read_text()) or {}).get("stages", {})
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{lock}: not a readable dvc.lock ({e})") from e
+    target = backbone.resolve()
+    for name, stage in stages.items():
+        for out in stage.get("outs", []) or []:
+            if (lock.parent / out.get("path", "")).resolve() != target:
+                continue
+            md5 = hashlib.md5(usedforsecurity=False)
+            with open(backbone, "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    md5.update(chunk)
+            if out.get("md5") == md5.hexdigest():
+                return {"gfm.dvc_lock_sha256": sha256_file(lock), "gfm.dvc_stage": name}
+    return {}
 
 
 def run_promote(params: Params, *, report: Any = None, tags: dict[str, str] | None = None) -> PromoteResult:
     """Register the candidate backbone as a new ``promote.model_name`` version; alias it only if the gate passes.
 
-    The gate: the candidate's ARP beats every other evaluated model and the current champion's (``min_gain``).
+    The gate (:mod:`gfm_core.registry`): the candidate's ARP beats every other evaluated model, and the paired
+    bootstrap interval of its ARP gain over the current champion lies above ``promote.min_gain``.
     """
     from gfm_core import tracking
     from gfm_core.finetune import get_model
@@ -502,8 +541,10 @@ def run_promote(params: Params, *, report: Any = None, tags: dict[str, str] | No
     if spec.path is None or spec.kind != "export":
         raise ConfigError(f"promote.candidate {cfg.candidate!r} must be an exported backbone (kind: export)")
     with tracking.stage_run("promote", cfg.model_dump(mode="json")):
-        version = tracking.register_backbone(spec.path, cfg.model_name, lineage_tags(params, spec.path, tags))
-        decision = tracking.promote(version, report, cfg)
+        card = tracking.model_card(spec.path, params, metrics={f"arp.{m}": v for m, v in report.arp.items()})
+        version = tracking.register_backbone(spec.path, cfg.model_name, lineage_tags(params, spec.path, tags),
+                                             card=card)
+        decision = tracking.promote(version, report, cfg, params=params)
         tracking.log_metrics({"arp": decision.candidate_arp, "promoted": float(decision.promoted)})
     return PromoteResult(cfg.model_name, version, decision.promoted, decision.reasons, decision.candidate_arp,
                          decision.champion_version)
@@ -560,8 +601,12 @@ def _demo_stages(params: Params) -> Iterator[str]:
     yield f"[shards]    {sh.shard_dir}  ({sh.images} images in {sh.shards} shard(s), {sh.bytes / 1e6:.1f} MB)"
     with _tracked(params, "pretrain", params.pretrain):
         pre = run_pretrain(params)
+        if params.tracking.enabled:
+            from gfm_core import tracking
+
+            tracking.log_artifacts({"reconstructions": pre.reconstructions, "metrics": pre.metrics_csv})
     yield f"[pretrain]  {pre.backbone}  ({pre.steps} steps on {pre.device}: {pre.summary()})"
-    yield f"            metrics: {pre.metrics_csv}  checkpoints: {pre.checkpoint_dir}"
+    yield f"            metrics: {pre.metrics_csv}  reconstructions: {pre.reconstructions}"
     for name in pretraining_baselines(params):
         with _tracked(params, f"pretrain_{name}", baseline_params(params, name).pretrain):
             base = run_pretrain_baseline(params, name)

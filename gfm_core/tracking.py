@@ -1,30 +1,70 @@
 """MLflow: stage runs, per-step metrics, the ``gfm-foundation`` registry and gated promotion by alias.
 
-The only module that imports mlflow. The default store is sqlite plus local artifacts under ``outputs/``; a
-tracking server is one setting (``tracking.uri``). Registry updates are single MLflow calls whose order keeps
-the registry consistent: a version is tagged with the gate's decision and numbers *before* the alias moves, so
-``@champion`` only ever points at a version whose tags say why it won.
+The only module that imports mlflow (lazily). The default store is sqlite plus local artifacts under
+``outputs/``; a tracking server is one setting (``tracking.uri``).
+
+- **Runs.** :func:`pipeline_run` opens (or resumes) one parent run per pipeline execution, keyed by a tag
+  (the Dagster run id, or one ``gfm demo``); :func:`stage_run` opens a nested run per stage with the stage's
+  params section flattened into MLflow params; :class:`MlflowCallback` sends every logged training step.
+- **Registry.** :func:`register_backbone` logs the exported backbone as an MLflow *pyfunc model from code*
+  (``backbone/``: ``MLmodel``, ``code.py``, ``artifacts/backbone.safetensors`` + its JSON sidecar, and
+  ``model_card.md``/``model_card.json``) and registers it; nothing is pickled. Loading:
+  :func:`load_registered_backbone` (``models:/gfm-foundation@champion`` -> the timm backbone, through
+  :func:`gfm_core.models.backbones.load_backbone`), or ``mlflow.pyfunc.load_model(...)`` whose ``predict``
+  maps ``[B, C, H, W]`` float32 (normalised as the card says) to pooled ``[B, D]`` features.
+- **Promotion.** :func:`promote` runs the gate of :mod:`gfm_core.registry` (baselines, paired bootstrap of the
+  ARP gain over the champion) and records the decision and its numbers as version tags.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import os
 import subprocess
+import tempfile
+import warnings
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gfm_core.config import PromoteCfg, TrackingCfg
+from gfm_core.config import Params, PromoteCfg, TrackingCfg
 from gfm_core.errors import CheckpointError, ConfigError
+from gfm_core.registry import EVIDENCE_DIR, Evaluation, PromotionDecision, save_evidence
+from gfm_core.registry import promote as _gate_and_alias
 
 log = logging.getLogger(__name__)
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 ARTIFACT_DIR = "backbone"
+PIPELINE_TAG = "gfm.pipeline_key"
+_STATE: dict[str, str] = {}  # the experiment selected by configure()
+
+#: The pyfunc model's code (MLflow "models from code": this file is stored with the model, nothing is pickled).
+MODEL_CODE = '''"""gfm-foundation backbone as an MLflow pyfunc: [B, C, H, W] float32 -> pooled [B, D] features."""
+import mlflow
+import numpy as np
+
+
+class GfmBackbone(mlflow.pyfunc.PythonModel):
+    def load_context(self, context):
+        from gfm_core.models.backbones import load_backbone
+
+        self.model = load_backbone(context.artifacts["backbone"]).eval()
+
+    def predict(self, context, model_input, params=None):
+        import torch
+
+        with torch.no_grad():
+            x = torch.as_tensor(np.asarray(model_input, dtype=np.float32))
+            return self.model(x).numpy()
+
+
+mlflow.models.set_model(GfmBackbone())
+'''
 
 
 def _mlflow() -> Any:
@@ -39,10 +79,15 @@ def configure(cfg: TrackingCfg) -> None:
     if cfg.uri.startswith("sqlite:///"):
         Path(cfg.uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     mlflow.set_tracking_uri(cfg.uri)
+    mlflow.set_registry_uri(cfg.uri)
     if mlflow.get_experiment_by_name(cfg.experiment) is None:
-        cfg.artifacts.mkdir(parents=True, exist_ok=True)
-        mlflow.create_experiment(cfg.experiment, artifact_location=cfg.artifacts.resolve().as_uri())
-    mlflow.set_experiment(cfg.experiment)
+        location = None
+        if not cfg.uri.startswith(("http://", "https://", "databricks")):  # a server picks its own store
+            cfg.artifacts.mkdir(parents=True, exist_ok=True)
+            location = cfg.artifacts.resolve().as_uri()
+        with contextlib.suppress(Exception):  # created by a concurrent process in between
+            mlflow.create_experiment(cfg.experiment, artifact_location=location)
+    _STATE["experiment_id"] = mlflow.set_experiment(cfg.experiment).experiment_id
 
 
 def _flat(prefix: str, obj: Any, out: dict[str, str]) -> dict[str, str]:
@@ -52,6 +97,35 @@ def _flat(prefix: str, obj: Any, out: dict[str, str]) -> dict[str, str]:
     else:
         out[prefix] = str(obj)[:500]
     return out
+
+
+@contextlib.contextmanager
+def pipeline_run(key: str, name: str, tags: Mapping[str, str] | None = None) -> Iterator[str]:
+    """The parent run of one pipeline execution, found by ``gfm.pipeline_key = key`` or created; yields its id.
+
+    Each stage of a pipeline (possibly in another process) enters it again, so its stage runs nest under one
+    parent. Two processes that create it at once both keep the oldest one.
+    """
+    mlflow = _mlflow()
+    client = mlflow.MlflowClient()
+    exp_id = _STATE.get("experiment_id")
+    if exp_id is None:
+        raise ConfigError("pipeline_run: no MLflow experiment selected (call tracking.configure first)")
+
+    def find() -> list[Any]:
+        return client.search_runs([exp_id], filter_string=f"tags.`{PIPELINE_TAG}` = '{key}'",
+                                  order_by=["attributes.start_time ASC"], max_results=5)
+
+    found = find()
+    if not found:
+        run = client.create_run(exp_id, run_name=name, tags={PIPELINE_TAG: key, "gfm.stage": "pipeline",
+                                                                         **(tags or {})})
+        found = find()
+        if found and found[0].info.run_id != run.info.run_id:  # another process won the race: use its run
+            client.delete_run(run.info.run_id)
+    run_id = found[0].info.run_id if found else run.info.run_id
+    with mlflow.start_run(run_id=run_id) as run:
+        yield run.info.run_id
 
 
 @contextlib.contextmanager
@@ -67,6 +141,24 @@ def stage_run(name: str, params: Mapping[str, Any], tags: Mapping[str, str] | No
         yield run.info.run_id
 
 
+def run_url(run_id: str, ui_url: str | None = None) -> str | None:
+    """The MLflow UI page of a run: on the tracking server, or on ``ui_url`` (``mlflow ui`` on the local store)."""
+    mlflow = _mlflow()
+    uri = mlflow.get_tracking_uri()
+    base = uri if uri.startswith(("http://", "https://")) else ui_url
+    if not base:
+        return None
+    exp_id = mlflow.MlflowClient().get_run(run_id).info.experiment_id
+    return f"{base.rstrip('/')}/#/experiments/{exp_id}/runs/{run_id}"
+
+
+def model_version_url(name: str, version: str, ui_url: str | None = None) -> str | None:
+    """The MLflow UI page of a registered model version (see :func:`run_url`)."""
+    uri = _mlflow().get_tracking_uri()
+    base = uri if uri.startswith(("http://", "https://")) else ui_url
+    return f"{base.rstrip('/')}/#/models/{name}/versions/{version}" if base else None
+
+
 class MlflowCallback:
     """``fit`` callback: every logged step's metrics go to the active MLflow run."""
 
@@ -74,7 +166,7 @@ class MlflowCallback:
         _mlflow().log_metrics({k: v for k, v in metrics.items() if math.isfinite(v)}, step=step)
 
     def on_checkpoint(self, step: int, path: Path) -> None:
-        _mlflow().set_tag("gfm.last_checkpoint", str(path))
+        _mlflow().set_tags({"gfm.last_checkpoint": str(path), "gfm.last_checkpoint_step": str(step)})
 
 
 def callbacks() -> list[Any]:
@@ -85,12 +177,27 @@ def callbacks() -> list[Any]:
     return []
 
 
-def log_metrics(metrics: Mapping[str, Any], prefix: str = "") -> None:
-    """Finite numbers of ``metrics`` to the active run."""
+def log_metrics(metrics: Mapping[str, Any], prefix: str = "", step: int | None = None) -> None:
+    """Finite numbers of ``metrics`` to the active run (at ``step``, if given)."""
     clean = {f"{prefix}{k}": float(v) for k, v in metrics.items()
              if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)}
     if clean and _mlflow().active_run() is not None:
-        _mlflow().log_metrics(clean)
+        _mlflow().log_metrics(clean, step=step)
+
+
+def log_artifacts(paths: Mapping[str, Path | None], artifact_path: str | None = None) -> None:
+    """Log existing files or folders to the active run (missing ones are skipped; there is nothing to log)."""
+    mlflow = _mlflow()
+    if mlflow.active_run() is None:
+        return
+    for path in paths.values():
+        if path is None or not Path(path).exists():
+            continue
+        if Path(path).is_dir():
+            mlflow.log_artifacts(str(path), artifact_path=f"{artifact_path}/{Path(path).name}"
+                                 if artifact_path else Path(path).name)
+        else:
+            mlflow.log_artifact(str(path), artifact_path=artifact_path)
 
 
 def git_sha() -> str:
@@ -102,45 +209,163 @@ def git_sha() -> str:
         return "unknown"
 
 
-def register_backbone(backbone: Path, model_name: str, tags: Mapping[str, str]) -> str:
-    """Log the backbone (safetensors + sidecar) to the active run and register it; returns the version."""
+# ------------------------------------------------------------------------------------------------ registry
+
+
+def model_card(backbone: Path, params: Params | None = None, metrics: Mapping[str, Any] | None = None) -> dict:
+    """What a user of the backbone needs: architecture, input, bands, GSD, normalisation, lineage, metrics.
+
+    From the export's sidecar; with ``params``, also the pile's sources (bands, GSD ranges) and the per-band
+    normalisation statistics of the pile (``<ingest.out_dir>/norm_stats.json``).
+    """
+    side = json.loads(backbone.with_suffix(".json").read_text())
+    pcfg = side.get("pretrained_cfg", {})
+    meta = side.get("meta", {})
+    card: dict[str, Any] = {
+        "architecture": side.get("arch"),
+        "timm_kwargs": side.get("timm_kwargs", {}),
+        "input_size": pcfg.get("input_size"),
+        "normalisation": {"mean": pcfg.get("mean"), "std": pcfg.get("std"),
+                          "scale": "pixels in [0, 1] (8-bit DN / 255), then (x - mean) / std"},
+        "teacher": meta.get("teacher", {}),
+        "data": meta.get("data", {}),
+        "pretraining_steps": meta.get("steps"),
+        "pretraining_loss": meta.get("loss", {}),
+        "weights_sha256": side.get("weights_sha256"),
+    }
+    if params is not None:
+        from gfm_core.stages import pretrain_sources
+
+        card["bands"] = {
+            s.name: {"bands": list(s.bands) if getattr(s, "bands", None) else "all (RGB)",
+                     "gsd_m": list(s.gsd_range) if getattr(s, "gsd_range", None) else "unknown"}
+            for s in pretrain_sources(params)
+        }
+        stats = params.ingest.out_dir / "norm_stats.json"
+        if stats.is_file():
+            card["pile_norm_stats"] = json.loads(stats.read_text())
+    if metrics:
+        card["metrics"] = dict(metrics)
+    return card
+
+
+def card_markdown(card: Mapping[str, Any], title: str = "gfm-foundation") -> str:
+    """The model card as markdown (the registered version's description)."""
+    lines = [f"# {title}", ""]
+    for key, value in card.items():
+        if isinstance(value, Mapping):
+            lines.append(f"**{key}**")
+            lines += [f"- {k}: {json.dumps(v) if not isinstance(v, str) else v}" for k, v in value.items()]
+            lines.append("")
+        else:
+            lines.append(f"**{key}**: {value}")
+            lines.append("")
+    return "\n".join(lines)
+
+
+def _signature(card: Mapping[str, Any]) -> Any:
+    import numpy as np
+    from mlflow.models.signature import ModelSignature
+    from mlflow.types.schema import Schema, TensorSpec
+
+    size = card.get("input_size") or [3, -1, -1]
+    return ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, *[int(s) for s in size]))]))
+
+
+def register_backbone(
+    backbone: Path, model_name: str, tags: Mapping[str, str], *, card: Mapping[str, Any] | None = None
+) -> str:
+    """Log the backbone as a pyfunc model (with its model card) to the active run, register it; returns the version.
+
+    The version's source is ``<run artifacts>/backbone``; its description is the model card.
+    """
     mlflow = _mlflow()
     run = mlflow.active_run()
     if run is None:
         raise ConfigError("register_backbone needs an active MLflow run (use tracking.stage_run)")
+    backbone = Path(backbone)
     sidecar = backbone.with_suffix(".json")
     for f in (backbone, sidecar):
         if not f.is_file():
             raise CheckpointError(f"{f}: exported backbone file not found (run `gfm pretrain` first)")
-        mlflow.log_artifact(str(f), artifact_path=ARTIFACT_DIR)
+    card = dict(card) if card is not None else model_card(backbone)
+    import importlib.metadata as md
+
+    import mlflow.pyfunc
+
+    with tempfile.TemporaryDirectory(prefix="gfm-model-") as tmp:
+        code = Path(tmp) / "gfm_backbone_model.py"
+        code.write_text(MODEL_CODE)
+        model_dir = Path(tmp) / ARTIFACT_DIR
+        reqs = [f"{p}=={md.version(p)}" for p in ("torch", "timm", "safetensors", "numpy")]
+        with warnings.catch_warnings():  # "add type hints" / "no input example": the signature is explicit
+            warnings.simplefilter("ignore", UserWarning)
+            mlflow.pyfunc.save_model(
+                path=str(model_dir), python_model=str(code), signature=_signature(card), pip_requirements=reqs,
+                artifacts={"backbone": str(backbone), "sidecar": str(sidecar)},
+            )
+        (model_dir / "model_card.json").write_text(json.dumps(card, indent=2, default=str) + "\n")
+        (model_dir / "model_card.md").write_text(card_markdown(card, model_name))
+        mlflow.log_artifacts(str(model_dir), artifact_path=ARTIFACT_DIR)
     client = mlflow.MlflowClient()
     with contextlib.suppress(Exception):  # already registered
         client.create_registered_model(model_name, description="GFM foundation backbones (timm, safetensors)")
     version = client.create_model_version(
-        model_name, source=f"{run.info.artifact_uri}/{ARTIFACT_DIR}", run_id=run.info.run_id, tags=dict(tags)
+        model_name, source=f"{run.info.artifact_uri}/{ARTIFACT_DIR}", run_id=run.info.run_id, tags=dict(tags),
+        description=card_markdown(card, model_name)[:5000],
     )
     return str(version.version)
 
 
-@dataclass(frozen=True)
-class PromotionDecision:
-    """The gate's verdict on one candidate version."""
+def promote(
+    version: str,
+    report: Any,
+    cfg: PromoteCfg,
+    *,
+    params: Params | None = None,
+    evaluation: Evaluation | None = None,
+) -> PromotionDecision:
+    """Judge ``version`` with the gate of :mod:`gfm_core.registry`; tag it; move ``cfg.alias`` only on a pass.
 
-    version: str
-    promoted: bool
-    reasons: list[str] = field(default_factory=list)
-    candidate_arp: float = math.nan
-    champion_version: str | None = None
-    champion_arp: float | None = None
+    With ``params`` (or a ready ``evaluation``), the candidate's per-sample results are logged to the active
+    run as evidence (``evidence/``) and compared with the champion's by a paired bootstrap of the ARP gain.
+    Without either, only ARP point estimates are known: the gate then compares with a champion's ``gfm.arp``
+    tag, and refuses when the champion has evidence (a point estimate cannot show the interval).
+    """
+    mlflow = _mlflow()
+    if evaluation is None and params is not None:
+        evaluation = Evaluation.from_report(report, params, cfg.candidate)
+    if evaluation is None:
+        evaluation = Evaluation(
+            cfg.candidate, {m: float(v) for m, v in report.arp.items()}, getattr(report, "baseline", ""), {}, {},
+            tuple(getattr(report, "missing", ())),
+        )
+    run = mlflow.active_run()
+    evidence_run = None
+    if run is not None and evaluation.evidence:
+        with tempfile.TemporaryDirectory(prefix="gfm-evidence-") as tmp:
+            mlflow.log_artifacts(str(save_evidence(evaluation, tmp)), artifact_path=EVIDENCE_DIR)
+        evidence_run = run.info.run_id
+    stats = params.evaluate if params is not None else None
+    decision = _gate_and_alias(
+        mlflow.MlflowClient(), cfg.model_name, str(version), evaluation, cfg, evidence_run_id=evidence_run,
+        n_bootstrap=stats.n_bootstrap if stats else 1000, ci=stats.ci if stats else 0.95,
+        seed=stats.seed if stats else 0,
+    )
+    if run is not None:
+        log_metrics({"gate.promoted": float(decision.promoted), "gate.candidate_arp": decision.candidate_arp,
+                     **({"gate.arp_diff": decision.arp_diff.diff, "gate.arp_diff_lo": decision.arp_diff.lo,
+                         "gate.arp_diff_hi": decision.arp_diff.hi} if decision.arp_diff else {})})
+    return decision
 
 
 def gate(report: Any, cfg: PromoteCfg, champion_arp: float | None) -> tuple[bool, list[str]]:
-    """Does ``cfg.candidate`` beat every baseline (ARP) and the current champion (by ``min_gain``)?"""
+    """Point-estimate form of the gate (no registry): beats every baseline's ARP and ``champion_arp + min_gain``."""
     arp = report.arp
-    if cfg.candidate not in arp or not math.isfinite(arp[cfg.candidate]):
-        return False, [f"no ARP for candidate {cfg.candidate!r} in the evaluation report"]
-    cand = arp[cfg.candidate]
+    cand = float(arp.get(cfg.candidate, math.nan))
     reasons = []
+    if not math.isfinite(cand):
+        reasons.append(f"no ARP for candidate {cfg.candidate!r} in the evaluation report")
     for name, value in sorted(arp.items()):
         if name != cfg.candidate and math.isfinite(value) and not cand > value:
             reasons.append(f"ARP {cand:+.2f} does not beat baseline {name} ({value:+.2f})")
@@ -152,33 +377,34 @@ def gate(report: Any, cfg: PromoteCfg, champion_arp: float | None) -> tuple[bool
     return not reasons, reasons
 
 
-def promote(version: str, report: Any, cfg: PromoteCfg) -> PromotionDecision:
-    """Tag ``version`` with the gate's numbers and decision; move ``cfg.alias`` to it only when it passes."""
-    client = _mlflow().MlflowClient()
-    champion_version, champion_arp = None, None
-    with contextlib.suppress(Exception):  # no champion yet
-        current = client.get_model_version_by_alias(cfg.model_name, cfg.alias)
-        champion_version = str(current.version)
-        champion_arp = float(current.tags["gfm.arp"]) if "gfm.arp" in current.tags else None
-    passed, reasons = gate(report, cfg, champion_arp)
-    cand_arp = float(report.arp.get(cfg.candidate, math.nan))
-    tags = {"gfm.arp": f"{cand_arp:.6g}", "gfm.gate": "passed" if passed else "refused",
-            "gfm.gate_reasons": "; ".join(reasons) or "beats every baseline and the champion",
-            "gfm.champion_before": champion_version or "none",
-            **{f"gfm.arp.{k}": f"{v:.6g}" for k, v in report.arp.items() if math.isfinite(v)}}
-    for k, v in tags.items():
-        client.set_model_version_tag(cfg.model_name, version, k, v[:5000])
-    if passed:
-        client.set_registered_model_alias(cfg.model_name, cfg.alias, version)
-    return PromotionDecision(version, passed, reasons, cand_arp, champion_version, champion_arp)
-
-
 def load_registered_backbone(uri: str) -> Any:
     """A timm backbone from a registry URI such as ``models:/gfm-foundation@champion``."""
     from gfm_core.models.backbones import load_backbone
 
     local = Path(_mlflow().artifacts.download_artifacts(uri))
-    files = sorted(local.glob("*.safetensors"))
+    files = sorted(local.rglob("*.safetensors"))
     if not files:
         raise CheckpointError(f"{uri}: no .safetensors backbone among the registered artifacts ({local})")
     return load_backbone(files[0])
+
+
+__all__ = [
+    "ARTIFACT_DIR",
+    "MlflowCallback",
+    "PromotionDecision",
+    "callbacks",
+    "card_markdown",
+    "configure",
+    "gate",
+    "git_sha",
+    "load_registered_backbone",
+    "log_artifacts",
+    "log_metrics",
+    "model_card",
+    "model_version_url",
+    "pipeline_run",
+    "promote",
+    "register_backbone",
+    "run_url",
+    "stage_run",
+]

@@ -1,12 +1,18 @@
-"""One asset per pipeline stage; each calls the ``gfm_core.stages`` function of the same name and reports metadata.
+"""One asset per pipeline stage; each calls the ``gfm_core.stages`` function and reports metadata.
 
 Graph: demo_data -> geopile_manifest (+ blocking great-expectations check) -> geopile_shards -> foundation_model
-(also fed by the observable ``imagenet_teacher``) and ablation_models -> finetuned_models (one partition per
-task) -> evaluation_report.
+(also fed by the observable ``imagenet_teacher``, whose data version is the checkpoint's sha256) and
+ablation_models -> finetuned_models (one partition per task) -> evaluation_report -> champion_model.
+
+Each asset runs its stage inside an MLflow stage run (nested under one parent run per Dagster run) and links
+to it; a gfm_core error becomes a Dagster failure whose description names the file or key at fault.
+Fine-tuning, evaluation and promotion are ``eager``: after a (re)training they follow on their own.
 """
 
 
+import base64
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import dagster as dg
@@ -15,34 +21,72 @@ from gfm_core import stages
 from gfm_core.config import Params
 from gfm_core.errors import ConfigError
 from gfm_core.io import sha256_file
-from orchestration.resources import GfmParams, PretrainLauncher
+from orchestration.resources import GfmParams, MlflowTracking, PretrainLauncher, stage_errors
+
+EAGER = dg.AutomationCondition.eager()
 
 
 def _table(rows: Sequence[dict[str, Any]]) -> dg.MetadataValue:
     """Rows of a dict list as a markdown table for the UI."""
     if not rows:
         return dg.MetadataValue.md("(none)")
-    cols = list(rows[0])
+    cols = list(dict.fromkeys(c for r in rows for c in r))
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join(f"{r[c]:.4g}" if isinstance(r[c], float) else str(r[c]) for c in cols) + " |"
-              for r in rows]
+    lines += ["| " + " | ".join(f"{r[c]:.4g}" if isinstance(r.get(c), float) else str(r.get(c, "")) for c in cols)
+              + " |" for r in rows]
     return dg.MetadataValue.md("\n".join(lines))
 
 
-@dg.asset(group_name="data", description="Embedded demo GeoPile, tasks and ImageNet teacher from real imagery")
-def demo_data(gfm: GfmParams) -> dg.MaterializeResult:
-    res = stages.run_demo_data(gfm.load())
+def _image(key: str, path: Path, max_bytes: int = 1 << 20) -> dict[str, dg.MetadataValue]:
+    """A PNG as metadata: its path, and the picture itself (inline markdown) when it is small enough."""
+    if not path.is_file():
+        return {}
+    out = {key: dg.MetadataValue.path(str(path))}
+    if path.stat().st_size <= max_bytes:
+        data = base64.b64encode(path.read_bytes()).decode()
+        out[f"{key}_image"] = dg.MetadataValue.md(f"![{key}](data:image/png;base64,{data})")
+    return out
+
+
+def _track(metrics: dict[str, Any] | None = None, files: dict[str, Any] | None = None, step: int | None = None,
+           artifact_path: str | None = None) -> None:
+    """Metrics and files to the active MLflow stage run (no-op when untracked)."""
+    from gfm_core import tracking
+
+    if metrics:
+        tracking.log_metrics(metrics, step=step)
+    if files:
+        tracking.log_artifacts(files, artifact_path)
+
+
+@dg.asset(group_name="data", kinds={"python"},
+          description="Embedded demo GeoPile, tasks and ImageNet teacher from real imagery")
+def demo_data(context: dg.AssetExecutionContext, gfm: GfmParams, mlflow: MlflowTracking) -> dg.MaterializeResult:
+    with stage_errors():
+        params = mlflow.apply(gfm.load())
+        with mlflow.stage(context, params, "demo_data", params.demo_data) as run_id:
+            res = stages.run_demo_data(params)
+            _track({"pile_images": sum(res.pile_counts.values())}, {"manifest": res.root / "manifest.json"})
     return dg.MaterializeResult(metadata={
         "root": dg.MetadataValue.path(str(res.root)),
         "pile_images": sum(res.pile_counts.values()),
         "pile_sources": _table([{"source": k, "images": v} for k, v in res.pile_counts.items()]),
+        "tasks": _table([{"task": t, **c} for t, c in res.task_counts.items()]),
         "teacher": dg.MetadataValue.path(str(res.teacher)),
+        **mlflow.links(run_id),
     })
 
 
-@dg.asset(deps=[demo_data], group_name="data", description="Manifest of the pile; bad files quarantined")
-def geopile_manifest(gfm: GfmParams) -> dg.MaterializeResult:
-    res = stages.run_ingest(gfm.load(), progress=False)
+@dg.asset(deps=[demo_data], group_name="data", kinds={"python"},
+          description="GeoPile manifest (ingest): every image read once, bad files quarantined, normalisation stats")
+def geopile_manifest(context: dg.AssetExecutionContext, gfm: GfmParams,
+                     mlflow: MlflowTracking) -> dg.MaterializeResult:
+    with stage_errors():
+        params = mlflow.apply(gfm.load())
+        with mlflow.stage(context, params, "ingest", params.ingest) as run_id:
+            res = stages.run_ingest(params, progress=False)
+            _track({"accepted": res.accepted, "quarantined": res.quarantined, "quarantine_rate": res.bad_fraction,
+                    "near_duplicates": res.near_duplicates}, {"quarantine": res.quarantine, "stats": res.stats})
     return dg.MaterializeResult(
         metadata={
             "manifest": dg.MetadataValue.path(str(res.manifest)),
@@ -51,15 +95,23 @@ def geopile_manifest(gfm: GfmParams) -> dg.MaterializeResult:
             "quarantine_rate": res.bad_fraction,
             "near_duplicates": res.near_duplicates,
             "content_hash": res.content_hash,
+            "normalisation_stats": dg.MetadataValue.path(str(res.stats)),
             "per_source": _table([{"source": k, **v} for k, v in res.per_source.items()]),
+            **mlflow.links(run_id),
         },
         data_version=dg.DataVersion(res.content_hash),
     )
 
 
-@dg.asset_check(asset=geopile_manifest, blocking=True, description="great-expectations suite on the manifest")
-def great_expectations_suite(gfm: GfmParams) -> dg.AssetCheckResult:
-    res = stages.run_validate(gfm.load())
+@dg.asset_check(asset=geopile_manifest, blocking=True,
+                description="great-expectations suite on the manifest (validate); failing blocks everything below")
+def great_expectations_suite(context: dg.AssetCheckExecutionContext, gfm: GfmParams,
+                             mlflow: MlflowTracking) -> dg.AssetCheckResult:
+    with stage_errors():
+        params = mlflow.apply(gfm.load())
+        with mlflow.stage(context, params, "validate", params.validation) as run_id:
+            res = stages.run_validate(params)
+            _track({"passed": float(res.success), "failed_expectations": len(res.failed)}, {"results": res.json})
     return dg.AssetCheckResult(
         passed=res.success,
         metadata={
@@ -68,16 +120,24 @@ def great_expectations_suite(gfm: GfmParams) -> dg.AssetCheckResult:
             "summary": dg.MetadataValue.md(f"```\n{res.summary}\n```"),
             "results": dg.MetadataValue.path(str(res.json)),
             **({"data_docs": dg.MetadataValue.path(str(res.docs))} if res.docs else {}),
+            **mlflow.links(run_id),
         },
     )
 
 
-@dg.asset(deps=[geopile_manifest], group_name="data", description="uint8 Arrow shards of the validated pile")
-def geopile_shards(gfm: GfmParams) -> dg.MaterializeResult:
-    res = stages.run_shards(gfm.load(), progress=False)
+@dg.asset(deps=[geopile_manifest], group_name="data", kinds={"python"},
+          description="Training shards (uint8 Arrow) of the validated pile")
+def geopile_shards(context: dg.AssetExecutionContext, gfm: GfmParams,
+                   mlflow: MlflowTracking) -> dg.MaterializeResult:
+    with stage_errors():
+        params = mlflow.apply(gfm.load())
+        with mlflow.stage(context, params, "shards", params.ingest) as run_id:
+            res = stages.run_shards(params, progress=False)
+            _track({"images": res.images, "shards": res.shards, "bytes": res.bytes})
     return dg.MaterializeResult(
         metadata={"shards": dg.MetadataValue.path(str(res.shard_dir)), "images": res.images,
-                  "files": res.shards, "megabytes": round(res.bytes / 1e6, 1), "rebuilt": res.rebuilt},
+                  "files": res.shards, "megabytes": round(res.bytes / 1e6, 1), "rebuilt": res.rebuilt,
+                  **mlflow.links(run_id)},
         data_version=dg.DataVersion(res.content_hash),
     )
 
@@ -93,42 +153,67 @@ def teacher_file(params: Params) -> Any:
 @dg.observable_source_asset(group_name="models", description="The frozen ImageNet teacher's weight file")
 def imagenet_teacher(gfm: GfmParams) -> dg.DataVersion:
     """Its data version is the file's sha256: a new teacher makes every model downstream stale."""
-    return dg.DataVersion(sha256_file(teacher_file(gfm.load())))
+    with stage_errors():
+        return dg.DataVersion(sha256_file(teacher_file(gfm.load())))
 
 
-def _pretrain_metadata(backbone: Any, summary: dict[str, Any]) -> dict[str, Any]:
-    parts = {k: v for k, v in summary.items() if isinstance(v, float)}
-    return {"backbone": dg.MetadataValue.path(str(backbone)), "steps": summary.get("steps", 0),
-            "device": str(summary.get("device")), **{f"final_{k}": v for k, v in parts.items()}}
+def _curve(history: Sequence[dict[str, float]], rows: int = 20) -> list[dict[str, float]]:
+    """At most ``rows`` evenly spaced records of a loss history (first and last included)."""
+    if len(history) <= rows:
+        picked = list(history)
+    else:
+        picked = [history[round(i * (len(history) - 1) / (rows - 1))] for i in range(rows)]
+    keys = ("step", "loss", "mim", "distill", "cosine", "lr")
+    return [{k: (int(r[k]) if k == "step" else float(r[k])) for k in keys if k in r} for r in picked]
 
 
-@dg.asset(deps=[geopile_shards, imagenet_teacher], group_name="models",
-          description="GFM student: teacher-student continual pretraining; the foundation model")
-def foundation_model(context: dg.AssetExecutionContext, gfm: GfmParams,
+def _pretrain(context: dg.AssetExecutionContext, gfm: GfmParams, mlflow: MlflowTracking,
+              launcher: PretrainLauncher, baseline: str | None = None) -> tuple[Any, str | None, Params]:
+    gfm = gfm.for_run(context.run.tags)  # a retraining run on a new teacher names it in its tags
+    with stage_errors():
+        params = mlflow.apply(gfm.load())
+        section = stages.baseline_params(params, baseline).pretrain if baseline else params.pretrain
+        name = f"pretrain_{baseline}" if baseline else "pretrain"
+        with mlflow.stage(context, params, name, section) as run_id:
+            res = launcher.pretrain(context, gfm, baseline, mlflow_run_id=run_id, params=params)
+            _track(files={"summary": section.out_dir / "summary.json", "metrics": section.out_dir / "metrics.csv",
+                          "sidecar": res.backbone.with_suffix(".json"),
+                          "reconstructions": section.out_dir / "reconstructions.png"})
+    return res, run_id, params
+
+
+@dg.asset(deps=[geopile_shards, imagenet_teacher], group_name="models", kinds={"pytorch", "mlflow"},
+          description="Foundation model: GFM teacher-student continual pretraining (the student backbone)")
+def foundation_model(context: dg.AssetExecutionContext, gfm: GfmParams, mlflow: MlflowTracking,
                      launcher: PretrainLauncher) -> dg.MaterializeResult:
-    backbone, summary = launcher.pretrain(context, gfm)
-    params = gfm.load()
-    curve = params.pretrain.out_dir / "metrics.csv"
-    rows = []
-    if curve.is_file():
-        import csv
+    res, run_id, params = _pretrain(context, gfm, mlflow, launcher)
+    finals = {f"final_{k}": float(v) for k, v in res.summary.items() if isinstance(v, float)}
+    teacher = params.pretrain.teacher
+    return dg.MaterializeResult(metadata={
+        "backbone": dg.MetadataValue.path(str(res.backbone)),
+        "steps": int(res.summary.get("steps", 0)),
+        "device": str(res.summary.get("device")),
+        "teacher": f"{teacher.arch} ({teacher.checkpoint})",
+        "loss_curve": _table(_curve(res.history)),
+        "metrics_csv": dg.MetadataValue.path(str(params.pretrain.out_dir / "metrics.csv")),
+        **_image("reconstructions", params.pretrain.out_dir / "reconstructions.png"),
+        **finals,
+        **mlflow.links(run_id),
+    })
 
-        with open(curve) as f:
-            rows = [{k: float(r[k]) for k in ("step", "loss", "mim", "distill") if k in r} for r in csv.DictReader(f)]
-    meta = _pretrain_metadata(backbone, summary)
-    meta["loss_curve"] = _table(rows[-20:])
-    return dg.MaterializeResult(metadata=meta)
 
-
-@dg.asset(deps=[geopile_shards, imagenet_teacher], group_name="models",
+@dg.asset(deps=[geopile_shards, imagenet_teacher], group_name="models", kinds={"pytorch", "mlflow"},
           description="The paper's pretraining ablations (MIM-only, distill-only) at the same budget")
-def ablation_models(context: dg.AssetExecutionContext, gfm: GfmParams,
+def ablation_models(context: dg.AssetExecutionContext, gfm: GfmParams, mlflow: MlflowTracking,
                     launcher: PretrainLauncher) -> dg.MaterializeResult:
     rows = []
-    for name in stages.pretraining_baselines(gfm.load()):
-        backbone, summary = launcher.pretrain(context, gfm, baseline=name)
-        rows.append({"model": name, "backbone": str(backbone), "loss": summary.get("loss", float("nan"))})
-    return dg.MaterializeResult(metadata={"models": _table(rows)})
+    with stage_errors():
+        names = stages.pretraining_baselines(gfm.load())
+    for name in names:
+        res, run_id, _ = _pretrain(context, gfm, mlflow, launcher, baseline=name)
+        rows.append({"model": name, "backbone": str(res.backbone), "steps": int(res.summary.get("steps", 0)),
+                     "loss": float(res.summary.get("loss", float("nan"))), "mlflow_run_id": run_id or ""})
+    return dg.MaterializeResult(metadata={"models": _table(rows), "count": len(rows)})
 
 
 def task_partitions(params: Params) -> dg.StaticPartitionsDefinition:
@@ -140,35 +225,76 @@ def task_partitions(params: Params) -> dg.StaticPartitionsDefinition:
 
 
 def build_downstream_assets(params: Params) -> list[Any]:
-    """The fine-tuning (partitioned by task) and evaluation assets for the tasks in ``params``."""
+    """The fine-tuning (partitioned by task), evaluation and promotion assets for the tasks in ``params``."""
 
     @dg.asset(deps=[foundation_model, ablation_models], partitions_def=task_partitions(params),
-              group_name="downstream", description="Every model fine-tuned on one task (same heads, same budget)")
-    def finetuned_models(context: dg.AssetExecutionContext, gfm: GfmParams) -> dg.MaterializeResult:
-        runs = stages.run_finetune(gfm.load(), tasks=[context.partition_key])
-        rows = [{"model": r.model, "seed": r.seed, r.headline: r.score} for r in runs]
-        return dg.MaterializeResult(metadata={"runs": len(runs), "results": _table(rows)})
+              group_name="downstream", kinds={"pytorch", "mlflow"}, automation_condition=EAGER,
+              description="Fine-tuned models: every model on one task (same heads, same budget)")
+    def finetuned_models(context: dg.AssetExecutionContext, gfm: GfmParams,
+                         mlflow: MlflowTracking) -> dg.MaterializeResult:
+        task = context.partition_key
+        with stage_errors():
+            params = mlflow.apply(gfm.load())
+            with mlflow.stage(context, params, f"finetune_{task}", params.finetune) as run_id:
+                runs = stages.run_finetune(params, tasks=[task])
+                for r in runs:
+                    tag = f"{r.model}.seed{r.seed}."
+                    for h in r.history:
+                        _track({f"{tag}{k}": v for k, v in h.items() if k != "step"}, step=int(h["step"]))
+                    _track({f"{tag}{k}": v for k, v in r.metrics.items()},
+                           {"result": r.result_json}, artifact_path=f"{r.model}/seed_{r.seed}")
+        rows = [{"model": r.model, "seed": r.seed, r.headline: r.score, "steps": r.steps, "test_samples":
+                 r.test_samples} for r in runs]
+        return dg.MaterializeResult(metadata={"runs": len(runs), "results": _table(rows), **mlflow.links(run_id)})
 
-    @dg.asset(deps=[finetuned_models], group_name="downstream",
-              description="Comparison report: table, ARP vs the ImageNet baseline, bootstrap CIs, radar chart")
-    def evaluation_report(gfm: GfmParams) -> dg.MaterializeResult:
-        report = stages.run_evaluate(gfm.load())
+    @dg.asset(deps=[finetuned_models], group_name="downstream", kinds={"mlflow"}, automation_condition=EAGER,
+              description="Evaluation report: table, ARP vs the ImageNet baseline, bootstrap CIs, radar chart")
+    def evaluation_report(context: dg.AssetExecutionContext, gfm: GfmParams,
+                          mlflow: MlflowTracking) -> dg.MaterializeResult:
+        with stage_errors():
+            params = mlflow.apply(gfm.load())
+            with mlflow.stage(context, params, "evaluate", params.evaluate) as run_id:
+                report = stages.run_evaluate(params)
+                _track({f"arp.{m}": v for m, v in report.arp.items()}, dict(report.paths))
+        cis = [{"model": m, "task": t, "diff": c.diff, "lo": c.lo, "hi": c.hi} for m, d in report.ci.items()
+               for t, c in d.items()]
         return dg.MaterializeResult(metadata={
             "report": dg.MetadataValue.md(report.paths["markdown"].read_text()),
             "radar": dg.MetadataValue.path(str(report.paths["radar"])),
+            f"bootstrap_vs_{report.reference}": _table(cis),
+            "missing": len(report.missing),
             **{f"arp_{m}": float(v) for m, v in report.arp.items()},
+            **mlflow.links(run_id),
         })
 
-    @dg.asset(deps=[evaluation_report], group_name="downstream",
-              description="Registers the foundation model; moves @champion only when the evaluation gate passes")
-    def champion_model(context: dg.AssetExecutionContext, gfm: GfmParams) -> dg.MaterializeResult:
-        res = stages.run_promote(gfm.load(), tags={"gfm.dagster_run_id": context.run_id})
-        return dg.MaterializeResult(metadata={
-            "registered": f"models:/{res.model_name}/{res.version}",
-            "promoted": res.promoted,
-            "candidate_arp": res.candidate_arp,
-            "champion_before": res.champion_version or "none",
-            "gate": dg.MetadataValue.md("\n".join(f"- {r}" for r in res.reasons) or "passed"),
-        })
+    @dg.asset(deps=[evaluation_report], group_name="downstream", kinds={"mlflow"}, automation_condition=EAGER,
+              check_specs=[dg.AssetCheckSpec("candidate_promoted", asset="champion_model",
+                                             description="the new version passed the gate (WARN when refused)")],
+              description="Champion model: registers the foundation model; @champion moves only if the gate passes")
+    def champion_model(context: dg.AssetExecutionContext, gfm: GfmParams,
+                       mlflow: MlflowTracking) -> dg.MaterializeResult:
+        with stage_errors():
+            params = mlflow.apply(gfm.load())
+            with mlflow.stage(context, params, "promote", own_run=False):
+                res = stages.run_promote(params, tags={"gfm.dagster_run_id": context.run.run_id})
+        from gfm_core import tracking
+
+        url = tracking.model_version_url(res.model_name, res.version, mlflow.ui_url)
+        gate = "\n".join(f"- {r}" for r in res.reasons) or "passed: beats every baseline and the champion"
+        return dg.MaterializeResult(
+            metadata={
+                "registered": f"models:/{res.model_name}/{res.version}",
+                "promoted": res.promoted,
+                "candidate_arp": res.candidate_arp,
+                "champion_before": res.champion_version or "none",
+                "champion": f"models:/{res.model_name}@{params.promote.alias}",
+                "gate": dg.MetadataValue.md(gate),
+                **({"model_version": dg.MetadataValue.url(url)} if url else {}),
+            },
+            check_results=[dg.AssetCheckResult(
+                check_name="candidate_promoted", passed=res.promoted, severity=dg.AssetCheckSeverity.WARN,
+                metadata={"version": res.version, "reasons": "; ".join(res.reasons) or "none"},
+            )],
+        )
 
     return [finetuned_models, evaluation_report, champion_model]

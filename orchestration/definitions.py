@@ -1,14 +1,18 @@
-"""Dagster definitions: ``dagster dev -m orchestration.definitions`` (params file from ``$GFM_PARAMS``)."""
+"""Dagster definitions: ``dagster dev -m orchestration.definitions -h 127.0.0.1``.
 
+Environment: ``GFM_PARAMS`` (params file, default ``params.yaml``), ``GFM_PRESET`` (preset; unset = the file's
+own), ``GFM_LAUNCHER`` (``in_process`` | ``subprocess`` | ``torchrun`` | ``deepspeed``) and ``GFM_NPROC``
+(ranks per node) pick the pretraining launcher.
+"""
 
-import json
+from __future__ import annotations
+
 import os
-from pathlib import Path
+from typing import Any
 
 import dagster as dg
 
 from gfm_core.config import load_params
-from gfm_core.io import sha256_file
 from orchestration.assets import (
     ablation_models,
     build_downstream_assets,
@@ -19,18 +23,21 @@ from orchestration.assets import (
     great_expectations_suite,
     imagenet_teacher,
 )
-from orchestration.resources import GfmParams, PretrainLauncher
+from orchestration.resources import GfmParams, MlflowTracking, PretrainLauncher
+from orchestration.sensors import build_retrain_schedule, build_teacher_sensor
 
 
-def scan_teachers(folder: Path, patterns: tuple[str, ...]) -> dict[str, str]:
-    """``{sha256: path}`` of the teacher checkpoints in ``folder`` (missing folder: none)."""
-    if not folder.is_dir():
-        return {}
-    files = sorted({p for pat in patterns for p in folder.glob(pat) if p.is_file()})
-    return {sha256_file(p): str(p) for p in files}
+def default_resources(params_path: str = "params.yaml", preset: str | None = None) -> dict[str, Any]:
+    """The resources of the embedded default: params file, MLflow from params, launcher from the environment."""
+    launcher = PretrainLauncher(mode=os.environ.get("GFM_LAUNCHER", "in_process"),
+                                nproc_per_node=int(os.environ.get("GFM_NPROC", "1")))
+    return {"gfm": GfmParams(params_path=params_path, preset=preset), "mlflow": MlflowTracking(),
+            "launcher": launcher}
 
 
-def build_defs(params_path: str = "params.yaml", preset: str | None = None) -> dg.Definitions:
+def build_defs(
+    params_path: str = "params.yaml", preset: str | None = None, *, resources: dict[str, Any] | None = None
+) -> dg.Definitions:
     """Definitions for one params file (its tasks become the fine-tuning partitions)."""
     params = load_params(params_path, preset=preset)
     downstream = build_downstream_assets(params)
@@ -48,27 +55,23 @@ def build_defs(params_path: str = "params.yaml", preset: str | None = None) -> d
                                  description="the comparison report, then the gated registry promotion")
     retrain = dg.define_asset_job(
         "retrain", selection=dg.AssetSelection.assets(foundation_model, ablation_models),
-        description="pretraining again (on a schedule, or when a new teacher appears); fine-tuning follows",
+        description="pretraining again (on a schedule, or on a new teacher); fine-tuning, evaluation and "
+                    "promotion follow by their eager automation conditions",
     )
-    schedule = dg.ScheduleDefinition(job=retrain, cron_schedule=params.retrain.cron, name="retrain_schedule")
-
-    @dg.sensor(job=retrain, minimum_interval_seconds=300, description="a new ImageNet teacher checkpoint")
-    def new_teacher_sensor(context: dg.SensorEvaluationContext) -> dg.SensorResult:
-        """One run per new teacher file (run key = its sha256); the cursor remembers every hash seen."""
-        seen = set(json.loads(context.cursor)) if context.cursor else set()
-        found = scan_teachers(params.retrain.teacher_dir, params.retrain.teacher_patterns)
-        new = [h for h in sorted(found) if h not in seen]
-        requests = [dg.RunRequest(run_key=h, tags={"gfm/teacher_sha256": h, "gfm/teacher_file": found[h]})
-                    for h in new]
-        return dg.SensorResult(run_requests=requests, cursor=json.dumps(sorted(seen | set(found))))
-
     return dg.Definitions(
         assets=assets,
         asset_checks=[great_expectations_suite],
         jobs=[foundation, finetune, report, retrain],
-        schedules=[schedule],
-        sensors=[new_teacher_sensor],
-        resources={"gfm": GfmParams(params_path=params_path, preset=preset), "launcher": PretrainLauncher()},
+        schedules=[build_retrain_schedule(params, retrain)],
+        sensors=[
+            build_teacher_sensor(lambda: load_params(params_path, preset=preset), retrain),
+            dg.AutomationConditionSensorDefinition(
+                "gfm_automation", target=dg.AssetSelection.assets(*downstream),
+                default_status=dg.DefaultSensorStatus.RUNNING,
+                description="fine-tuning, evaluation and promotion follow a (re)training (eager conditions)",
+            ),
+        ],
+        resources=resources or default_resources(params_path, preset),
     )
 
 

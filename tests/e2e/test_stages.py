@@ -8,6 +8,7 @@ import pytest
 import timm
 import torch
 import yaml
+from PIL import Image
 
 from gfm_core import cli, stages
 from gfm_core.config import parse_params
@@ -54,6 +55,9 @@ def test_ingest_then_pretrain_exports_a_loadable_backbone(demo_params):
     assert summary["steps"] == 4 and summary["images"] == 144
     rows = res.metrics_csv.read_text().splitlines()
     assert rows[0].startswith("step,") and len(rows) == 3  # header + steps 2 and 4
+    assert res.reconstructions == demo_params.pretrain.out_dir / "reconstructions.png"
+    with Image.open(res.reconstructions) as im:  # 4 rows of input | masked | prediction | pasted
+        assert im.size == (4 * demo_params.pretrain.student.img_size, 4 * demo_params.pretrain.student.img_size)
 
     meta = json.loads(res.backbone.with_suffix(".json").read_text())
     assert meta["meta"]["data"]["manifest_content_hash"] == ing.content_hash  # lineage: pile -> weights

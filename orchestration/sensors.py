@@ -1,0 +1,102 @@
+"""Retraining triggers: a cron schedule, and a sensor that notices new ImageNet teachers.
+
+The sensor watches two places:
+
+- ``retrain.teacher_dir``: each checkpoint whose sha256 it has not seen (and that is not already the teacher in
+  force) gets exactly one run of the retraining job, with run key = the sha256 (Dagster never launches a run
+  key twice) and the tags ``gfm/teacher_file``, ``gfm/teacher_arch``, ``gfm/teacher_sha256``, which the
+  pretraining assets read to pretrain on that teacher. Fine-tuning, evaluation and promotion follow by their
+  automation conditions.
+- timm's pretrained list (``retrain.timm_patterns``): names that appear after a timm upgrade are announced (the
+  tick's skip reason and the run log) and remembered. Nothing is downloaded: put the weights in the teacher
+  folder (named ``<timm name>.safetensors``) and the folder branch launches the run.
+
+The cursor is JSON: ``{"sha256": [seen hashes], "timm": {"version": ..., "names": [...]}}``; the first tick
+records timm's list without announcing it. A plain JSON list (an older cursor) is read as the seen hashes.
+"""
+
+
+import json
+from collections.abc import Callable
+from typing import Any
+
+import dagster as dg
+
+from gfm_core.config import Params
+from gfm_core.io import sha256_file
+from gfm_core.registry import scan_teachers, timm_teachers
+from orchestration.resources import TEACHER_ARCH_TAG, TEACHER_FILE_TAG, TEACHER_SHA_TAG
+
+
+def read_cursor(cursor: str | None) -> dict[str, Any]:
+    """The sensor's cursor as ``{"sha256": [...], "timm": {...} | None}``."""
+    if not cursor:
+        return {"sha256": [], "timm": None}
+    raw = json.loads(cursor)
+    if isinstance(raw, list):
+        return {"sha256": raw, "timm": None}
+    return {"sha256": list(raw.get("sha256", [])), "timm": raw.get("timm")}
+
+
+def timm_patterns(params: Params) -> tuple[str, ...]:
+    """``retrain.timm_patterns``, or the teacher's own arch family when unset."""
+    pats = params.retrain.timm_patterns
+    return (f"{params.pretrain.teacher.arch}*",) if pats is None else tuple(pats)
+
+
+def evaluate_teachers(params: Params, cursor: str | None) -> dg.SensorResult:
+    """One sensor tick: run requests for new teacher files, announcements for new timm names, the new cursor."""
+    state = read_cursor(cursor)
+    seen = set(state["sha256"])
+    in_force = params.pretrain.teacher.checkpoint
+    if in_force is not None and in_force.is_file():
+        seen.add(sha256_file(in_force))  # the teacher the current model was trained on is not news
+    found = scan_teachers(params.retrain.teacher_dir, params.retrain.teacher_patterns)
+    requests = []
+    for sha, t in sorted(found.items()):
+        if sha in seen:
+            continue
+        tags = {TEACHER_SHA_TAG: sha, TEACHER_FILE_TAG: str(t.path)}
+        if t.arch:
+            tags[TEACHER_ARCH_TAG] = t.arch
+        requests.append(dg.RunRequest(run_key=sha, tags=tags))
+    new_cursor: dict[str, Any] = {"sha256": sorted(set(state["sha256"]) | set(found)), "timm": state["timm"]}
+
+    announced: list[str] = []
+    patterns = timm_patterns(params)
+    if patterns:
+        version, names = timm_teachers(patterns)
+        if state["timm"] is not None:
+            announced = sorted(set(names) - set(state["timm"].get("names", [])))
+        new_cursor["timm"] = {"version": version, "names": names}
+    text = json.dumps(new_cursor, sort_keys=True)
+    if requests:
+        return dg.SensorResult(run_requests=requests, cursor=text)
+    skip = (f"new ImageNet weights in timm {new_cursor['timm']['version']}: {', '.join(announced)}; put a "
+            f"checkpoint named <name>.safetensors into {params.retrain.teacher_dir} to retrain on it"
+            if announced else f"no new teacher in {params.retrain.teacher_dir}")
+    return dg.SensorResult(skip_reason=skip, cursor=text)
+
+
+def build_teacher_sensor(load_params: Callable[[], Params], job: Any) -> dg.SensorDefinition:
+    """The ``new_teacher_sensor`` of ``job`` (the params are read on every tick, so edits apply)."""
+
+    @dg.sensor(job=job, minimum_interval_seconds=300, name="new_teacher_sensor",
+               default_status=dg.DefaultSensorStatus.RUNNING,
+               description="a new ImageNet teacher: a checkpoint in retrain.teacher_dir, or new timm weights")
+    def new_teacher_sensor(context: dg.SensorEvaluationContext) -> dg.SensorResult:
+        result = evaluate_teachers(load_params(), context.cursor)
+        for r in result.run_requests or []:
+            context.log.info(f"new teacher {r.tags[TEACHER_FILE_TAG]} (sha256 {r.run_key}): retraining")
+        if result.skip_reason and "timm" in str(result.skip_reason):
+            context.log.info(str(result.skip_reason))
+        return result
+
+    return new_teacher_sensor
+
+
+def build_retrain_schedule(params: Params, job: Any) -> dg.ScheduleDefinition:
+    """Retraining on ``retrain.cron`` (UTC)."""
+    return dg.ScheduleDefinition(job=job, cron_schedule=params.retrain.cron, name="retrain_schedule",
+                                 execution_timezone="UTC",
+                                 description="periodic retraining (retrain.cron); stopped until switched on")

@@ -1,0 +1,168 @@
+"""The promotion gate on a real MLflow sqlite registry in tmp_path, with hand-made per-sample evidence."""
+
+from __future__ import annotations
+
+import json
+
+import mlflow
+import numpy as np
+import pytest
+import torch
+
+from gfm_core import registry, tracking
+from gfm_core.config import PretrainCfg, PromoteCfg, StudentCfg, TrackingCfg
+from gfm_core.errors import CheckpointError
+from gfm_core.objectives import build_continual_pretrain, export_backbone
+
+TINY = StudentCfg(arch="swin_tiny_patch4_window7_224", img_size=64, window_size=2, embed_dim=16,
+                  depths=(1, 1, 1, 1), num_heads=(1, 1, 1, 1))
+N = 300
+IDS = tuple(f"tile_{i:03d}" for i in range(N))
+
+
+def _task(task: str, right: int, ids=IDS, seeds=(0, 1)) -> registry.TaskEvidence:
+    """A classification task where the first ``right`` test samples are correct (for every seed)."""
+    correct = np.zeros(len(ids), dtype=bool)
+    correct[:right] = True
+    return registry.TaskEvidence(task, "classification", "acc", tuple(ids), {s: {"correct": correct} for s in seeds})
+
+
+def _evaluation(right: int, arp: float, *, baseline_arp: float = 0.0, **kw) -> registry.Evaluation:
+    tasks = {t: _task(t, right, **kw) for t in ("scene", "crops")}
+    return registry.Evaluation("gfm", {"gfm": arp, "imagenet": baseline_arp}, "imagenet",
+                               {"scene": 50.0, "crops": 40.0}, tasks)
+
+
+@pytest.fixture
+def store(tmp_path):
+    cfg = TrackingCfg(uri=f"sqlite:///{tmp_path}/mlflow.db", artifacts=tmp_path / "artifacts", experiment="gate")
+    tracking.configure(cfg)
+    yield tmp_path
+    mlflow.set_tracking_uri(None)
+
+
+def _backbone(tmp_path, seed):
+    torch.manual_seed(seed)
+    obj = build_continual_pretrain(PretrainCfg(student=TINY, alpha=0.0))  # MIM-only: no teacher file needed
+    return export_backbone(obj, tmp_path / f"b{seed}" / "backbone.safetensors", {"steps": seed}), obj
+
+
+def _register_and_promote(path, evaluation, cfg=None):
+    cfg = cfg or PromoteCfg()
+    with tracking.stage_run("promote", {"seed": 1}):
+        version = tracking.register_backbone(path, cfg.model_name, {"gfm.data_manifest": "abc"})
+        return tracking.promote(version, None, cfg, evaluation=evaluation)
+
+
+def test_arp_difference_is_the_mean_relative_gain_with_a_paired_interval():
+    cand = {t: _task(t, 285) for t in ("scene", "crops")}
+    champ = {t: _task(t, 240) for t in ("scene", "crops")}
+    diff, why = registry.arp_difference(cand, champ, {"scene": 50.0, "crops": 40.0}, n_bootstrap=200)
+    assert why == []
+    # accuracy 95 % vs 80 %: 100 * 15 / 50 and 100 * 15 / 40
+    assert diff.diff == pytest.approx((30.0 + 37.5) / 2)
+    assert 0 < diff.lo < diff.diff < diff.hi  # every paired difference favours the candidate
+    same, _ = registry.arp_difference(cand, cand, {"scene": 50.0, "crops": 40.0}, n_bootstrap=50)
+    assert (same.diff, same.lo, same.hi) == (0.0, 0.0, 0.0)
+    shuffled = {t: registry.TaskEvidence(t, e.head, e.headline, e.ids[::-1],
+                                         {s: {"correct": v["correct"][::-1]} for s, v in e.stats.items()})
+                for t, e in champ.items()}
+    again, _ = registry.arp_difference(cand, shuffled, {"scene": 50.0, "crops": 40.0}, n_bootstrap=50)
+    assert again.diff == pytest.approx(diff.diff)  # samples pair by id, not by row
+
+
+def test_gate_keeps_the_champion_against_a_worse_candidate_and_moves_for_a_better_one(store):
+    client = mlflow.MlflowClient()
+    first, _ = _backbone(store, 0)
+    d1 = _register_and_promote(first, _evaluation(240, arp=10.0))
+    assert d1.promoted and d1.method == "first"
+    assert client.get_model_version_by_alias("gfm-foundation", "champion").version == 1
+
+    worse, _ = _backbone(store, 1)
+    d2 = _register_and_promote(worse, _evaluation(210, arp=8.0))
+    assert not d2.promoted and d2.method == "bootstrap" and d2.champion_version == "1"
+    assert d2.arp_diff.hi < 0 and any("lower bound must exceed" in r for r in d2.reasons)
+    assert client.get_model_version_by_alias("gfm-foundation", "champion").version == 1  # unchanged
+    tags = client.get_model_version("gfm-foundation", d2.version).tags
+    assert tags["gfm.gate"] == "refused" and tags["gfm.champion_before"] == "1"
+    assert float(tags["gfm.arp_diff"]) == pytest.approx(d2.arp_diff.diff) and float(tags["gfm.arp_diff_hi"]) < 0
+    assert tags["gfm.gate_method"] == "bootstrap" and tags["gfm.evidence_run_id"]
+
+    better, obj = _backbone(store, 2)
+    d3 = _register_and_promote(better, _evaluation(285, arp=15.0))
+    assert d3.promoted and d3.arp_diff.lo > 0
+    assert str(client.get_model_version_by_alias("gfm-foundation", "champion").version) == d3.version
+    assert client.get_model_version("gfm-foundation", "1").tags["gfm.superseded_by"] == d3.version
+    assert client.get_model_version("gfm-foundation", d3.version).tags["gfm.gate"] == "passed"
+
+    # better than the champion, not better than a baseline: refused
+    d4 = _register_and_promote(better, _evaluation(299, arp=15.0, baseline_arp=16.0))
+    assert not d4.promoted and any("baseline imagenet" in r for r in d4.reasons)
+    assert str(client.get_model_version_by_alias("gfm-foundation", "champion").version) == d3.version
+
+    # @champion loads the backbone, as timm and as a pyfunc, with its model card
+    x = torch.randn(2, 3, 64, 64)
+    expected = obj.student.encoder.eval()
+    model = tracking.load_registered_backbone("models:/gfm-foundation@champion").eval()
+    with torch.no_grad():
+        assert torch.equal(model.forward_features(x), expected.forward_features(x))
+        pooled = expected(x).numpy()
+    feats = mlflow.pyfunc.load_model("models:/gfm-foundation@champion").predict(x.numpy())
+    np.testing.assert_allclose(feats, pooled, rtol=1e-5, atol=1e-6)
+    local = mlflow.artifacts.download_artifacts("models:/gfm-foundation@champion")
+    card = json.loads(open(f"{local}/model_card.json").read())
+    assert card["architecture"] == TINY.arch and card["normalisation"]["mean"] and card["input_size"] == [3, 64, 64]
+
+
+def test_evidence_on_other_test_samples_cannot_win(store):
+    first, _ = _backbone(store, 0)
+    assert _register_and_promote(first, _evaluation(240, arp=10.0)).promoted
+    other_ids = tuple(f"other_{i:03d}" for i in range(N))
+    d = _register_and_promote(first, _evaluation(299, arp=30.0, ids=other_ids))
+    assert not d.promoted and any("tested on other samples" in r for r in d.reasons)
+    no_evidence = registry.Evaluation("gfm", {"gfm": 50.0, "imagenet": 0.0}, "imagenet", {}, {})
+    d2 = _register_and_promote(first, no_evidence)
+    assert not d2.promoted and any("no evaluated task" in r for r in d2.reasons)
+
+
+class RacingClient:
+    """A real MlflowClient; a second promoter moves @champion while this one is deciding."""
+
+    def __init__(self, other_version: str) -> None:
+        self.client = mlflow.MlflowClient()
+        self.other_version = other_version
+
+    def __getattr__(self, name):
+        return getattr(self.client, name)
+
+    def set_model_version_tag(self, name, version, key, value):
+        if key == "gfm.gate" and value == "pending":
+            self.client.set_registered_model_alias(name, "champion", self.other_version)
+        return self.client.set_model_version_tag(name, version, key, value)
+
+
+def test_a_concurrent_promotion_aborts_without_touching_the_alias(store):
+    first, _ = _backbone(store, 0)
+    assert _register_and_promote(first, _evaluation(240, arp=10.0)).promoted
+    with tracking.stage_run("promote", {}):
+        rival = tracking.register_backbone(first, "gfm-foundation", {})
+        cand = tracking.register_backbone(first, "gfm-foundation", {})
+    with pytest.raises(registry.RegistryConflictError, match="moved from 1 to"):
+        registry.promote(RacingClient(rival), "gfm-foundation", cand, _evaluation(285, arp=15.0), PromoteCfg(),
+                         n_bootstrap=50)
+    client = mlflow.MlflowClient()
+    assert str(client.get_model_version_by_alias("gfm-foundation", "champion").version) == rival
+    assert client.get_model_version("gfm-foundation", cand).tags["gfm.gate"] == "conflict"
+
+
+def test_evidence_round_trips_without_pickles(tmp_path):
+    ev = registry.Evaluation("gfm", {"gfm": 1.0}, "imagenet", {"seg": 3.0}, {
+        "seg": registry.TaskEvidence("seg", "segmentation", "mIoU", ("a", "b"),
+                                     {0: {"confmat": np.arange(18).reshape(2, 3, 3)}}),
+    })
+    back = registry.load_evidence(registry.save_evidence(ev, tmp_path / "ev"))
+    assert back["seg"].ids == ("a", "b") and back["seg"].head == "segmentation"
+    np.testing.assert_array_equal(back["seg"].stats[0]["confmat"], np.arange(18).reshape(2, 3, 3))
+    (tmp_path / "ev" / "evidence.json").write_text("{}")
+    with pytest.raises(CheckpointError, match="schema"):
+        registry.load_evidence(tmp_path / "ev")
