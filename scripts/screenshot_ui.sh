@@ -76,15 +76,15 @@ req = urllib.request.Request(sys.argv[1], data=json.dumps({"query": "mutation { 
 urllib.request.urlopen(req, timeout=30).read()
 EOF
 
-shot() {  # URL FILE
-    "$browser" --headless --no-sandbox --disable-gpu --hide-scrollbars --window-size=1680,1050 \
+shot() {  # URL FILE [WIDTH,HEIGHT]
+    "$browser" --headless --no-sandbox --disable-gpu --hide-scrollbars --window-size="${3:-1680,1050}" \
         --virtual-time-budget=20000 --screenshot="$2" "$1" >/dev/null 2>&1
     echo "screenshot: $2"
 }
 # every asset group expanded (the UI's group ids: global@global:<group>)
 EXPANDED="global%40global%3Adata,global%40global%3Amodels,global%40global%3Adownstream"
 shot "http://127.0.0.1:$DAGSTER_PORT/asset-groups?expanded=$EXPANDED" "$OUT/dagster_asset_graph.png"
-shot "http://127.0.0.1:$DAGSTER_PORT/assets/foundation_model" "$OUT/dagster_foundation_model.png"
+shot "http://127.0.0.1:$DAGSTER_PORT/assets/foundation_model" "$OUT/dagster_foundation_model.png" 1680,2400
 shot "http://127.0.0.1:$DAGSTER_PORT/assets/champion_model" "$OUT/dagster_champion_model.png"
 shot "http://127.0.0.1:$DAGSTER_PORT/assets/evaluation_report" "$OUT/dagster_evaluation_report.png"
 shot "http://127.0.0.1:$MLFLOW_PORT/#/experiments" "$OUT/mlflow_experiments.png"
