@@ -332,7 +332,8 @@ def build_variants(
     objective = build_continual_pretrain(cfg)
     objective.train()
     backend = TorchBackend(str(device), cfg.precision)
-    optimizer = build_optimizer(param_groups(objective, cfg.weight_decay), lr=lr, betas=cfg.betas)
+    # as fit() builds it for the torch backend (LoopCfg.fused_optimizer)
+    optimizer = build_optimizer(param_groups(objective, cfg.weight_decay), lr=lr, betas=cfg.betas, fused=True)
     backend.prepare(objective, optimizer, grad_accum=1, clip_grad=cfg.clip_grad)
     if compile_candidate:  # experimental: fit() does not compile
         objective.student.compile()
@@ -584,7 +585,7 @@ def format_report(r: dict[str, Any]) -> str:
         f"batch       {r['batch']}; {r['warmup']} warm-up + {r['steps']} timed steps per variant, alternating",
         "baseline    eager fp32, timm default attention, teacher every step, torch AdamW, clip 5",
         f"candidate   build_continual_pretrain + TorchBackend({r['precision']}) + "
-        "build_optimizer(param_groups)" + (" + torch.compile" if r["compile"] else ""),
+        "build_optimizer(param_groups, fused=True)" + (" + torch.compile" if r["compile"] else ""),
         "",
         f"{'variant':<10} {'step s (median)':>15} {'min':>7} {'images/s':>9} {'fwd s':>7} {'bwd s':>7} "
         f"{'opt s':>7} {'state MiB':>10} {'step MiB':>9} {'peak MiB':>9} {'GFLOP/s':>9} {'1st loss':>9}",

@@ -534,6 +534,7 @@ def finetune(
         seed=seed,
         resume=resume,
         progress=progress,
+        fused_optimizer=True,  # TorchBackend
     )
     groups = param_groups(objective, cfg.weight_decay, lr_scale_fn=layer_decay_fn(model, cfg.layer_decay))
     log.info(

@@ -365,7 +365,7 @@ def run_pretrain(
         base_lr=scale_lr(cfg.base_lr, global_batch), warmup_lr=scale_lr(cfg.warmup_lr, global_batch),
         min_lr=scale_lr(cfg.min_lr, global_batch), warmup_steps=warmup, betas=cfg.betas,
         clip_grad=cfg.clip_grad, log_every=min(cfg.log_every, total), checkpoint_every=cfg.checkpoint_every,
-        seed=cfg.seed, resume=resume,
+        seed=cfg.seed, resume=resume, fused_optimizer=cfg.backend == "torch",
     )
     csv_path = out_dir / "metrics.csv"
     loader = _loader_factory(dataset, cfg.batch_size, cfg.num_workers, cfg.seed, backend.rank, world)

@@ -134,6 +134,23 @@ def test_resume_reproduces_the_uninterrupted_run_exactly(tmp_path):
     assert steps == list(range(1, 13))
 
 
+def test_fused_adamw_trains_like_the_default_and_resumes_exactly(tmp_path):
+    kw = dict(grad_accum=2, total_steps=12, checkpoint_every=5)
+    _, plain_model = _run(tmp_path / "plain", **kw)
+    _, fused_model = _run(tmp_path / "fused", fused_optimizer=True, **kw)
+    for a, b in zip(plain_model.state_dict().values(), fused_model.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)  # same update rule, another kernel
+    state = torch.load(tmp_path / "fused" / "checkpoints" / "step_000010" / "state.pt", weights_only=True)
+    assert [g["fused"] for g in state["optimizer"]["param_groups"]] == [True, True]
+
+    with pytest.raises(KeyboardInterrupt):
+        _run(tmp_path / "cut", callbacks=[Recorder(stop_at=7)], fused_optimizer=True, **kw)
+    resumed, resumed_model = _run(tmp_path / "cut", model_seed=123, resume=True, fused_optimizer=True, **kw)
+    assert [h["step"] for h in resumed.history] == list(range(6, 13))
+    for a, b in zip(fused_model.state_dict().values(), resumed_model.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+
+
 def test_resume_of_a_finished_run_does_nothing(tmp_path):
     first, _ = _run(tmp_path, total_steps=4, checkpoint_every=2)
     again, _ = _run(tmp_path, total_steps=4, checkpoint_every=2, resume=True)
