@@ -58,10 +58,12 @@ def build_defs(
         description="pretraining again (on a schedule, or on a new teacher); fine-tuning, evaluation and "
                     "promotion follow by their eager automation conditions",
     )
+    observe = dg.define_asset_job("observe_teacher", selection=[imagenet_teacher],
+                                  description="record the teacher file's sha256 as imagenet_teacher's data version")
     return dg.Definitions(
         assets=assets,
         asset_checks=[great_expectations_suite],
-        jobs=[foundation, finetune, report, retrain],
+        jobs=[foundation, finetune, report, retrain, observe],
         schedules=[build_retrain_schedule(params, retrain)],
         sensors=[
             build_teacher_sensor(lambda: load_params(params_path, preset=preset), retrain),

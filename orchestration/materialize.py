@@ -2,8 +2,10 @@
 
     DAGSTER_HOME=$PWD/.dagster_home python -m orchestration.materialize [--params params.yaml] [--preset demo]
 
-Runs the jobs of :mod:`orchestration.definitions` one after the other: ``gfm_foundation`` (demo data ->
-pretraining and its ablations), ``gfm_finetune`` once per task partition, then ``gfm_evaluate_and_promote``.
+Runs the jobs of :mod:`orchestration.definitions` one after the other: ``gfm_foundation`` for the data assets
+(demo data -> shards), ``observe_teacher`` (so that pretraining records the teacher's sha256 as its input data
+version: a new teacher then shows everything below as stale), ``gfm_foundation`` for pretraining and its
+ablations, ``gfm_finetune`` once per task partition, then ``gfm_evaluate_and_promote``.
 Each is a Dagster run of the instance under ``$DAGSTER_HOME`` (an ephemeral one when unset), so
 ``dagster dev`` shows them afterwards; all of them share one MLflow parent run (run tag ``gfm/pipeline``).
 Do not run it while a ``dagster dev`` daemon is automating the same assets: both would write the same output
@@ -24,13 +26,17 @@ import dagster as dg
 from orchestration.definitions import build_defs
 from orchestration.resources import PIPELINE_TAG
 
+DATA = ("demo_data", "geopile_manifest", "geopile_shards")
+MODELS = ("foundation_model", "ablation_models")
 
-def _run(defs: dg.Definitions, job: str, instance: dg.DagsterInstance, tags: dict[str, str],
-         log_level: str, partition: str | None = None) -> bool:
-    label = f"{job}[{partition}]" if partition else job
+
+def _run(defs: dg.Definitions, job: str, instance: dg.DagsterInstance, tags: dict[str, str], log_level: str,
+         partition: str | None = None, assets: Sequence[str] | None = None) -> bool:
+    label = f"{job}[{partition or ', '.join(assets or ())}]" if partition or assets else job
     print(f"[dagster] {label} ...", flush=True)
     res = defs.resolve_job_def(job).execute_in_process(
         instance=instance, partition_key=partition, raise_on_error=False, tags=tags,
+        asset_selection=[dg.AssetKey(a) for a in assets] if assets else None,
         run_config={"loggers": {"console": {"config": {"log_level": log_level}}}},
     )
     if not res.success:
@@ -69,11 +75,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     defs = build_defs(args.params, args.preset)
     instance = dg.DagsterInstance.get() if os.environ.get("DAGSTER_HOME") else dg.DagsterInstance.ephemeral()
     tags = {PIPELINE_TAG: uuid.uuid4().hex}
-    runs = [("gfm_foundation", None)]
-    runs += [("gfm_finetune", k) for k in defs.resolve_job_def("gfm_finetune").partitions_def.get_partition_keys()]
-    runs += [("gfm_evaluate_and_promote", None)]
-    for job, partition in runs:
-        if not _run(defs, job, instance, tags, args.log_level, partition):
+    runs = [("gfm_foundation", None, DATA), ("observe_teacher", None, None), ("gfm_foundation", None, MODELS)]
+    runs += [("gfm_finetune", k, None)
+             for k in defs.resolve_job_def("gfm_finetune").partitions_def.get_partition_keys()]
+    runs += [("gfm_evaluate_and_promote", None, None)]
+    for job, partition, assets in runs:
+        if not _run(defs, job, instance, tags, args.log_level, partition, assets):
             return 1
     where = os.environ.get("DAGSTER_HOME", "an ephemeral instance")
     print(f"[done] {len(runs)} Dagster runs in {time.perf_counter() - t0:.0f} s (instance: {where}; "

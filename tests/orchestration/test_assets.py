@@ -12,9 +12,12 @@ import mlflow
 import numpy as np
 import pytest
 import torch
+from dagster._core.definitions.data_version import StaleStatus
+from dagster._utils.test.data_versions import get_stale_status_resolver  # Dagster's own test helper
 from dagster_params import resources, write_params
 
 from gfm_core import tracking
+from gfm_core.io import sha256_file
 from gfm_core.models.backbones import load_backbone
 from orchestration import assets as A
 from orchestration.definitions import build_defs
@@ -168,9 +171,9 @@ def test_pretraining_through_pipes_streams_metrics_back(repo_root, workdir):
     assert [m.step for m in hist] == [1, 2]  # logged by the launched process into the asset's MLflow run
 
 
-@pytest.mark.slow
 def test_materialize_command_fills_the_instance_the_ui_reads(repo_root, workdir):
-    """``python -m orchestration.materialize``: every asset and partition, as runs of $DAGSTER_HOME."""
+    """``python -m orchestration.materialize`` (``make demo``): every asset and partition, as runs of $DAGSTER_HOME;
+    the teacher's sha256 is pretraining's input data version, so a new teacher makes it stale."""
     path = write_params(repo_root, workdir, models=("gfm", "imagenet"))
     home = workdir / "dagster_home"
     home.mkdir()
@@ -187,7 +190,20 @@ def test_materialize_command_fills_the_instance_the_ui_reads(repo_root, workdir)
         assert instance.get_latest_materialization_event(dg.AssetKey(key)) is not None, key
     parts = instance.get_materialized_partitions(dg.AssetKey("finetuned_models"))
     assert parts == {"scene", "change"}
-    assert len(instance.get_runs()) == 4  # foundation, two task partitions, evaluate + promote
+    assert len(instance.get_runs()) == 6  # data, teacher observation, pretraining, two partitions, evaluate
+    # pretraining recorded the teacher file's sha256 as its input data version ...
+    teacher = workdir / "demo" / "teacher" / "tf_efficientnet_lite0.safetensors"
+    sha = sha256_file(teacher)
+    mat = instance.get_latest_materialization_event(dg.AssetKey("foundation_model")).asset_materialization
+    assert mat.tags["dagster/input_data_version/imagenet_teacher"] == sha
+    # ... so a new teacher (observed again) makes the foundation model stale, and only then
+    defs = build_defs(str(path))
+    status = get_stale_status_resolver(instance, defs.assets).get_status(dg.AssetKey("foundation_model"))
+    assert status == StaleStatus.FRESH
+    teacher.write_bytes(teacher.read_bytes() + b"\0")
+    assert defs.resolve_job_def("observe_teacher").execute_in_process(instance=instance).success
+    status = get_stale_status_resolver(instance, defs.assets).get_status(dg.AssetKey("foundation_model"))
+    assert status == StaleStatus.STALE
     assert "ARP vs the ImageNet baseline: gfm " in out.stdout
     parents = _client(workdir).search_runs(["1"], filter_string="tags.`gfm.stage` = 'pipeline'")
     assert len(parents) == 1  # the four Dagster runs share one MLflow parent run (run tag gfm/pipeline)
