@@ -359,24 +359,6 @@ def promote(
     return decision
 
 
-def gate(report: Any, cfg: PromoteCfg, champion_arp: float | None) -> tuple[bool, list[str]]:
-    """Point-estimate form of the gate (no registry): beats every baseline's ARP and ``champion_arp + min_gain``."""
-    arp = report.arp
-    cand = float(arp.get(cfg.candidate, math.nan))
-    reasons = []
-    if not math.isfinite(cand):
-        reasons.append(f"no ARP for candidate {cfg.candidate!r} in the evaluation report")
-    for name, value in sorted(arp.items()):
-        if name != cfg.candidate and math.isfinite(value) and not cand > value:
-            reasons.append(f"ARP {cand:+.2f} does not beat baseline {name} ({value:+.2f})")
-    if champion_arp is not None and not cand > champion_arp + cfg.min_gain:
-        reasons.append(f"ARP {cand:+.2f} does not beat the champion's {champion_arp:+.2f} by {cfg.min_gain}")
-    missing = getattr(report, "missing", [])
-    if missing and cfg.require_complete:
-        reasons.append(f"evaluation is incomplete: {len(missing)} missing result(s)")
-    return not reasons, reasons
-
-
 def load_registered_backbone(uri: str) -> Any:
     """A timm backbone from a registry URI such as ``models:/gfm-foundation@champion``."""
     from gfm_core.models.backbones import load_backbone
@@ -395,7 +377,6 @@ __all__ = [
     "callbacks",
     "card_markdown",
     "configure",
-    "gate",
     "git_sha",
     "load_registered_backbone",
     "log_artifacts",

@@ -19,3 +19,17 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 def repo_root() -> Path:
     """The repository root."""
     return REPO
+
+
+@pytest.fixture
+def store(tmp_path):
+    """A real MLflow sqlite store + artifact folder in tmp_path, selected for gfm_core.tracking."""
+    import mlflow
+
+    from gfm_core import tracking
+    from gfm_core.config import TrackingCfg
+
+    tracking.configure(TrackingCfg(uri=f"sqlite:///{tmp_path}/mlflow.db", artifacts=tmp_path / "artifacts",
+                                   experiment="t"))
+    yield tmp_path
+    mlflow.set_tracking_uri(None)

@@ -5,29 +5,11 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 import mlflow
-import pytest
 import torch
+from helpers.registry import tiny_backbone
 
 from gfm_core import tracking
-from gfm_core.config import PretrainCfg, PromoteCfg, StudentCfg, TrackingCfg
-from gfm_core.objectives import build_continual_pretrain, export_backbone
-
-TINY = StudentCfg(arch="swin_tiny_patch4_window7_224", img_size=64, window_size=2, embed_dim=16,
-                  depths=(1, 1, 1, 1), num_heads=(1, 1, 1, 1))
-
-
-@pytest.fixture
-def store(tmp_path):
-    cfg = TrackingCfg(uri=f"sqlite:///{tmp_path}/mlflow.db", artifacts=tmp_path / "artifacts", experiment="t")
-    tracking.configure(cfg)
-    yield tmp_path
-    mlflow.set_tracking_uri(None)
-
-
-def _backbone(tmp_path, seed):
-    torch.manual_seed(seed)
-    obj = build_continual_pretrain(PretrainCfg(student=TINY, alpha=0.0))  # MIM-only: no teacher file needed
-    return export_backbone(obj, tmp_path / f"b{seed}" / "backbone.safetensors"), obj
+from gfm_core.config import PromoteCfg
 
 
 def _register(path, name="gfm-foundation"):
@@ -41,14 +23,14 @@ def _report(**arp):
 
 def test_gate_refuses_a_worse_candidate_and_keeps_the_champion(store):
     cfg = PromoteCfg()
-    first, obj = _backbone(store, 0)
+    first, obj = tiny_backbone(store, 0)
     v1 = _register(first)
     d1 = tracking.promote(v1, _report(gfm=5.0, imagenet=0.0, random=-3.0), cfg)
     assert d1.promoted and d1.champion_version is None
     client = mlflow.MlflowClient()
     assert str(client.get_model_version_by_alias("gfm-foundation", "champion").version) == v1
 
-    worse, _ = _backbone(store, 1)
+    worse, _ = tiny_backbone(store, 1)
     v2 = _register(worse)
     d2 = tracking.promote(v2, _report(gfm=3.0, imagenet=0.0, random=-3.0), cfg)
     assert not d2.promoted and d2.champion_arp == 5.0
@@ -68,7 +50,7 @@ def test_gate_refuses_a_worse_candidate_and_keeps_the_champion(store):
 
 
 def test_incomplete_evaluation_is_refused(store):
-    path, _ = _backbone(store, 2)
+    path, _ = tiny_backbone(store, 2)
     v = _register(path)
     report = SimpleNamespace(arp={"gfm": 5.0, "imagenet": 0.0}, missing=["superres/mim_only/seed_0"])
     d = tracking.promote(v, report, PromoteCfg())

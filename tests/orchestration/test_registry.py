@@ -8,14 +8,12 @@ import mlflow
 import numpy as np
 import pytest
 import torch
+from helpers.registry import TINY, tiny_backbone
 
 from gfm_core import registry, tracking
-from gfm_core.config import PretrainCfg, PromoteCfg, StudentCfg, TrackingCfg
+from gfm_core.config import PromoteCfg
 from gfm_core.errors import CheckpointError
-from gfm_core.objectives import build_continual_pretrain, export_backbone
 
-TINY = StudentCfg(arch="swin_tiny_patch4_window7_224", img_size=64, window_size=2, embed_dim=16,
-                  depths=(1, 1, 1, 1), num_heads=(1, 1, 1, 1))
 N = 300
 IDS = tuple(f"tile_{i:03d}" for i in range(N))
 
@@ -33,18 +31,8 @@ def _evaluation(right: int, arp: float, *, baseline_arp: float = 0.0, **kw) -> r
                                {"scene": 50.0, "crops": 40.0}, tasks)
 
 
-@pytest.fixture
-def store(tmp_path):
-    cfg = TrackingCfg(uri=f"sqlite:///{tmp_path}/mlflow.db", artifacts=tmp_path / "artifacts", experiment="gate")
-    tracking.configure(cfg)
-    yield tmp_path
-    mlflow.set_tracking_uri(None)
 
 
-def _backbone(tmp_path, seed):
-    torch.manual_seed(seed)
-    obj = build_continual_pretrain(PretrainCfg(student=TINY, alpha=0.0))  # MIM-only: no teacher file needed
-    return export_backbone(obj, tmp_path / f"b{seed}" / "backbone.safetensors", {"steps": seed}), obj
 
 
 def _register_and_promote(path, evaluation, cfg=None):
@@ -73,12 +61,12 @@ def test_arp_difference_is_the_mean_relative_gain_with_a_paired_interval():
 
 def test_gate_keeps_the_champion_against_a_worse_candidate_and_moves_for_a_better_one(store):
     client = mlflow.MlflowClient()
-    first, _ = _backbone(store, 0)
+    first, _ = tiny_backbone(store, 0, {"steps": 0})
     d1 = _register_and_promote(first, _evaluation(240, arp=10.0))
     assert d1.promoted and d1.method == "first"
     assert client.get_model_version_by_alias("gfm-foundation", "champion").version == 1
 
-    worse, _ = _backbone(store, 1)
+    worse, _ = tiny_backbone(store, 1, {"steps": 1})
     d2 = _register_and_promote(worse, _evaluation(210, arp=8.0))
     assert not d2.promoted and d2.method == "bootstrap" and d2.champion_version == "1"
     assert d2.arp_diff.hi < 0 and any("lower bound must exceed" in r for r in d2.reasons)
@@ -88,7 +76,7 @@ def test_gate_keeps_the_champion_against_a_worse_candidate_and_moves_for_a_bette
     assert float(tags["gfm.arp_diff"]) == pytest.approx(d2.arp_diff.diff) and float(tags["gfm.arp_diff_hi"]) < 0
     assert tags["gfm.gate_method"] == "bootstrap" and tags["gfm.evidence_run_id"]
 
-    better, obj = _backbone(store, 2)
+    better, obj = tiny_backbone(store, 2, {"steps": 2})
     d3 = _register_and_promote(better, _evaluation(285, arp=15.0))
     assert d3.promoted and d3.arp_diff.lo > 0
     assert str(client.get_model_version_by_alias("gfm-foundation", "champion").version) == d3.version
@@ -115,7 +103,7 @@ def test_gate_keeps_the_champion_against_a_worse_candidate_and_moves_for_a_bette
 
 
 def test_evidence_on_other_test_samples_cannot_win(store):
-    first, _ = _backbone(store, 0)
+    first, _ = tiny_backbone(store, 0, {"steps": 0})
     assert _register_and_promote(first, _evaluation(240, arp=10.0)).promoted
     other_ids = tuple(f"other_{i:03d}" for i in range(N))
     d = _register_and_promote(first, _evaluation(299, arp=30.0, ids=other_ids))
@@ -142,7 +130,7 @@ class RacingClient:
 
 
 def test_a_concurrent_promotion_aborts_without_touching_the_alias(store):
-    first, _ = _backbone(store, 0)
+    first, _ = tiny_backbone(store, 0, {"steps": 0})
     assert _register_and_promote(first, _evaluation(240, arp=10.0)).promoted
     with tracking.stage_run("promote", {}):
         rival = tracking.register_backbone(first, "gfm-foundation", {})
