@@ -35,8 +35,10 @@ class DemoDataCfg(Section):
     multilabel_min_fraction: float = Field(0.05, gt=0, lt=1, description="a class is present above this area share")
     scene_classes: tuple[int, ...] = Field((1, 3, 5), description="land-cover codes kept for scene classification")
     sr_scale: int = Field(4, ge=2)
-    pile_crops_per_source: int = Field(48, ge=1)
+    pile_crops_per_source: int = Field(48, ge=1, description="random crops of the NC train blocks in the pile")
     pile_crop_range: tuple[int, int] = (64, 160)
+    pile_chip_size: int = Field(256, ge=32, description="other pile rasters are cut whole into chips of about this")
+    pile_min_chip: int = Field(64, ge=8, description="chips with a shorter side are dropped")
 
     @model_validator(mode="after")
     def _check(self) -> DemoDataCfg:
@@ -102,13 +104,29 @@ class PretrainCfg(Section):
     epochs: int = Field(100, ge=1)
     warmup_epochs: int = Field(10, ge=0)
     max_steps: int | None = Field(None, ge=1, description="stop early after this many optimizer steps")
-    base_lr: float = Field(2e-4, gt=0, description="scaled by global batch / 512")
+    lr_scaling: Literal["linear", "none"] = Field(
+        "linear", description="linear: lrs x global batch / 512 (the paper's rule); none: as written (tiny batches)"
+    )
+    base_lr: float = Field(2e-4, gt=0, description="peak lr (before lr_scaling)")
     warmup_lr: float = Field(1e-6, ge=0)
     min_lr: float = Field(1e-5, ge=0)
     weight_decay: float = Field(0.05, ge=0)
     betas: tuple[float, float] = (0.9, 0.999)
     clip_grad: float | None = Field(5.0, gt=0)
-    data: Literal["shards", "files"] = Field("shards", description="read the ingested shards, or decode files")
+    samples_per_epoch: int | None = Field(
+        None, ge=1, description="None = each pile image once per epoch (paper); N = N weighted draws per epoch"
+    )
+    source_weights: dict[str, float] | None = Field(
+        None, description="share of draws per source (needs samples_per_epoch); None = by pixel count"
+    )
+    holdout_fraction: float = Field(
+        0.01, ge=0, lt=1, description="share of each source's images never trained on (learning is measured there)"
+    )
+    holdout_crops: int = Field(256, ge=1, description="fixed held-out views measured at every logged step")
+    teacher_pool: int | None = Field(
+        None, ge=1, description="None = run the teacher live; N = targets of N fixed views computed once (cached)"
+    )
+    teacher_pool_seed: int = 0
     precision: Literal["fp32", "bf16", "fp16"] = "bf16"
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = cuda when visible, else cpu (logged)")
     backend: Literal["torch", "deepspeed"] = "torch"
@@ -146,7 +164,16 @@ class PretrainCfg(Section):
                 )
         if self.warmup_epochs >= self.epochs:
             raise ValueError(f"warmup_epochs {self.warmup_epochs} must be < epochs {self.epochs}")
+        if self.source_weights is not None:
+            if self.samples_per_epoch is None:
+                raise ValueError("source_weights needs samples_per_epoch (weighted draws)")
+            if min(self.source_weights.values(), default=0) < 0 or not sum(self.source_weights.values()) > 0:
+                raise ValueError(f"source_weights must be >= 0 with a positive sum, got {self.source_weights}")
         return self
+
+    def lr_factor(self, global_batch: int) -> float:
+        """What ``base_lr``, ``warmup_lr`` and ``min_lr`` are multiplied by (``lr_scaling``)."""
+        return global_batch / 512 if self.lr_scaling == "linear" else 1.0
 
 
 class IngestCfg(Section):
@@ -161,6 +188,10 @@ class IngestCfg(Section):
     sources: tuple[SourceSpec, ...] = ()
     settings: IngestSettings = IngestSettings()
     max_bad_fraction: float = Field(0.05, ge=0, le=1)
+    stretch: tuple[float, float] | None = Field(
+        None, description="per-source, per-band contrast stretch: these percentiles -> 0 and 1 (e.g. [2, 98]); "
+        "None = none (GeoPile's 8-bit images)",
+    )
     shard_size: int = Field(256, ge=32, description="training shards keep images with their short side at most this")
     images_per_shard: int = Field(512, ge=1)
 
@@ -210,6 +241,14 @@ class TaskCfg(Section):
     )
     value_range: tuple[float, float] | None = Field(
         None, description="(lo, hi) mapped to [0, 1]; None = the file dtype's default (gfm_core.data.raster)"
+    )
+    stretch_source: str | None = Field(
+        None, description="apply this pile source's contrast stretch (ingest.stretch, norm_stats.json): the task "
+        "then sees its pixels as pretraining saw that source's",
+    )
+    stretch: tuple[tuple[float, ...], tuple[float, ...]] | None = Field(
+        None, description="per-band (lo, hi) of the [0, 1]-scaled values mapped to 0 and 1 (set from "
+        "stretch_source when the task is looked up)",
     )
     classes: tuple[str, ...] | None = Field(
         None, description="label names (multilabel: None = info.json, else BigEarthNet's 19)"

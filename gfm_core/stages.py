@@ -80,7 +80,8 @@ def run_ingest(params: Params, *, progress: bool = True) -> IngestResult:
     report = build_manifest(
         cfg.root, pretrain_sources(params), cfg.out_dir, settings=cfg.settings, progress=progress
     )
-    stats = write_norm_stats(compute_norm_stats(report.manifest_path), cfg.out_dir / "norm_stats.json")
+    norm = compute_norm_stats(report.manifest_path, stretch_percentiles=cfg.stretch, data_root=cfg.root)
+    stats = write_norm_stats(norm, cfg.out_dir / "norm_stats.json")
     write_json(cfg.out_dir / "ingest_summary.json", {
         "accepted": report.accepted, "quarantined": report.quarantined, "bad_fraction": report.bad_fraction,
         "near_duplicates": report.near_duplicates, "content_hash": report.content_hash,
@@ -205,9 +206,12 @@ def run_shards(params: Params, *, progress: bool = True) -> ShardsResult:
     leaks = ing.out_dir / "contamination.json"
     if not leaks.is_file() or json.loads(leaks.read_text())["offenders"]:
         raise DataValidationError(f"{leaks}: downstream test images in the pile (or no check yet: gfm validate)")
+    from gfm_core.data.stats import load_stretches
+
     rep = write_shards(
         ing.out_dir / "manifest.parquet", ing.out_dir / "shards", data_root=ing.root, shard_size=ing.shard_size,
         images_per_shard=ing.images_per_shard, progress=progress,
+        stretch=load_stretches(ing.out_dir / "norm_stats.json") if ing.stretch else None,
     )
     return ShardsResult(
         shard_dir=rep.shard_dir, images=rep.images, shards=rep.shards, bytes=rep.bytes, rebuilt=rep.rebuilt,
@@ -310,114 +314,175 @@ def run_pretrain(
     max_steps: int | None = None,
     callbacks: Sequence[Any] = (),
 ) -> PretrainResult:
-    """GFM teacher-student continual pretraining on the pile, then export the student backbone.
+    """GFM teacher-student continual pretraining on the pile's shards, then export the student backbone.
 
     The schedule spans ``epochs`` over the pile (warm-up ``warmup_epochs``); ``max_steps`` (argument, else
-    ``pretrain.max_steps``) compresses the same schedule into that many optimizer steps.
+    ``pretrain.max_steps``) compresses the same schedule into that many optimizer steps. Learning is measured on
+    held-out views at every logged step (:mod:`gfm_core.evaluation.holdout`) and summarised in ``summary.json``.
     """
-    from gfm_core.data.masking import MaskGenerator
-    from gfm_core.data.pretrain_data import PretrainImages, list_pile
+    from gfm_core.evaluation.holdout import plot_learning
     from gfm_core.objectives import build_continual_pretrain, export_backbone
+    from gfm_core.training.backends import auto_device
     from gfm_core.training.checkpoint import seed_everything
-    from gfm_core.training.loop import LoopCfg, fit
+    from gfm_core.training.loop import fit
     from gfm_core.training.optim import param_groups
-    from gfm_core.training.schedule import scale_lr
 
     cfg = params.pretrain
     out_dir = cfg.out_dir
-    from gfm_core.training.backends import auto_device
-
     device = auto_device(cfg.device)
     seed_everything(cfg.seed)
     backend = make_backend(cfg, device, cfg.batch_size)
-
     objective = build_continual_pretrain(cfg)
-    mask = MaskGenerator(cfg.student.img_size, cfg.mask_patch_size, cfg.student.patch_size, cfg.mask_ratio)
-    augment = dict(crop_scale=cfg.crop_scale, crop_ratio=cfg.crop_ratio, mean=objective.mean, std=objective.std,
-                   seed=cfg.seed)
-    if cfg.data == "shards":
-        from gfm_core.data.shards import ShardPretrainImages
+    stream = pretrain_stream(params, objective, device)
+    probe = _holdout_probe(cfg, backend, objective, stream)
+    loop_cfg, steps_per_epoch = _pretrain_loop_cfg(params, len(stream), backend.world_size, resume, max_steps)
+    loader = _loader_factory(stream, cfg.batch_size, cfg.num_workers, cfg.seed, backend.rank, backend.world_size)
+    log.info(
+        "pretraining %s <- %s on %d views/epoch (%d steps/epoch, %d steps, %s/%s on %s, lr %.3g)",
+        cfg.student.arch, cfg.teacher.arch if cfg.alpha > 0 else "no teacher", len(stream), steps_per_epoch,
+        loop_cfg.total_steps, cfg.backend, cfg.precision, device, loop_cfg.base_lr,
+    )
+    t0 = time.perf_counter()
+    csv_log = _CsvLog(out_dir / "metrics.csv", start_fresh=not resume) if backend.is_main else None
+    fit_res = fit(
+        objective, loader, backend, loop_cfg, param_groups(objective, cfg.weight_decay),
+        callbacks=[*([csv_log] if csv_log else []), *([probe] if probe else []), *callbacks,
+                   *_tracking_callbacks(params, backend.is_main)],
+    )
+    elapsed = time.perf_counter() - t0
 
-        shard_dir = params.ingest.out_dir / "shards"
-        if not (shard_dir / "index.json").is_file():
-            raise ConfigError(f"{shard_dir}: no training shards; run `gfm shards` (or set pretrain.data: files)")
-        dataset: Any = ShardPretrainImages(shard_dir, cfg.student.img_size, mask, **augment)
-        data_meta = {"shards": str(shard_dir), "manifest_content_hash": dataset.data.content_hash}
-    else:
-        items = list_pile(params.ingest.root, pretrain_sources(params))
-        dataset = PretrainImages(items, cfg.student.img_size, mask, **augment)
-        data_meta = {"root": str(params.ingest.root),
-                     "files_sha256": sha256_json(sorted(str(i.path) for i in items))}
-    world = backend.world_size
+    backbone, summary = out_dir / "backbone.safetensors", out_dir / "summary.json"
+    weights = backend.state_dict()  # collective under ZeRO-3 (gathers the shards): every rank calls it
+    recon = None
+    if backend.is_main:
+        export_backbone(backend.module, backbone, _backbone_meta(cfg, stream, fit_res), state_dict=weights)
+        start = {f"{k}_start": v for k, v in (probe.start if probe else {}).items() if "trivial" not in k}
+        write_json(summary, {
+            "steps": fit_res.steps, "views_per_epoch": len(stream), "train_images": len(stream.train_images),
+            "holdout_images": len(stream.held_out), "device": device, "backend": cfg.backend,
+            "precision": cfg.precision, "peak_lr": loop_cfg.base_lr, "teacher_pool": cfg.teacher_pool if
+            stream.pool is not None else None, "seconds": round(elapsed, 2), **fit_res.metrics, **start,
+            **learning_margins(fit_res.metrics),
+        })
+        if probe is not None:
+            recon = probe.save_reconstructions(out_dir / "reconstructions.png")
+            plot_learning(out_dir / "metrics.jsonl", probe.start, out_dir / "learning.png")
+    backend.barrier()
+    return PretrainResult(
+        steps=fit_res.steps, metrics=dict(fit_res.metrics), backbone=backbone,
+        checkpoint_dir=out_dir / "checkpoints", metrics_csv=out_dir / "metrics.csv", summary_json=summary,
+        device=device, images=len(stream.train_images), history=list(fit_res.history), reconstructions=recon,
+    )
+
+
+def pretrain_stream(params: Params, objective: Any, device: str) -> Any:
+    """The training stream over the validated pile's shards, with the teacher pool when configured.
+
+    Raises:
+        ConfigError: no shards yet (run ``gfm shards``).
+    """
+    from gfm_core.data.masking import MaskGenerator
+    from gfm_core.data.pretrain_data import PretrainStream
+    from gfm_core.data.teacher_pool import load_or_build_pool, pool_key
+
+    cfg = params.pretrain
+    shard_dir = params.ingest.out_dir / "shards"
+    if not (shard_dir / "index.json").is_file():
+        raise ConfigError(f"{shard_dir}: no training shards; run `gfm shards` first")
+    mask = MaskGenerator(cfg.student.img_size, cfg.mask_patch_size, cfg.student.patch_size, cfg.mask_ratio)
+    stream = PretrainStream(
+        shard_dir, cfg.student.img_size, mask, crop_scale=cfg.crop_scale, crop_ratio=cfg.crop_ratio,
+        mean=objective.mean, std=objective.std, seed=cfg.seed, samples_per_epoch=cfg.samples_per_epoch,
+        source_weights=cfg.source_weights, holdout_fraction=cfg.holdout_fraction,
+    )
+    if cfg.teacher_pool and cfg.alpha > 0:
+        objective.teacher.to(device)
+        ident = _teacher_identity(cfg)
+        key = pool_key(stream, cfg.teacher_pool, cfg.teacher_pool_seed, ident)
+        stream.pool = load_or_build_pool(
+            stream, lambda views: objective.teacher_targets(views.to(device)),
+            params.ingest.out_dir / "teacher_pools" / f"pool-{key[:16]}.safetensors", size=cfg.teacher_pool,
+            seed=cfg.teacher_pool_seed,
+            teacher_id=ident,
+        )
+    return stream
+
+
+def _teacher_identity(cfg: PretrainCfg) -> dict[str, Any]:
+    """What a teacher target depends on besides the view: the weights' sha256 and the teacher geometry."""
+    return {"arch": cfg.teacher.arch, "sha256": sha256_file(cfg.teacher.checkpoint) if cfg.teacher.checkpoint
+            else None, "img_size": cfg.teacher.img_size, "stage": cfg.teacher.feature_stage}
+
+
+def _holdout_probe(cfg: PretrainCfg, backend: Any, objective: Any, stream: Any) -> Any:
+    """The held-out probe (rank 0; none without held-out images or under ZeRO-3's sharded weights)."""
+    if not backend.is_main or cfg.holdout_fraction == 0 or getattr(backend, "zero_stage", 0) == 3:
+        return None
+    import torch
+
+    from gfm_core.evaluation.holdout import HoldoutProbe
+
+    samples = stream.holdout_samples(cfg.holdout_crops)
+    targets = None
+    if cfg.alpha > 0:
+        with torch.no_grad():
+            targets = torch.cat([objective.teacher_targets(samples["image"][s : s + 128]).float().cpu()
+                                 for s in range(0, cfg.holdout_crops, 128)])
+    probe = HoldoutProbe(objective, samples, targets)
+    probe.begin()
+    return probe
+
+
+def _pretrain_loop_cfg(
+    params: Params, views: int, world: int, resume: bool, max_steps: int | None
+) -> tuple[Any, int]:
+    """The fit() settings of a pretraining: schedule in steps, learning rates after ``lr_scaling``."""
+    from gfm_core.training.loop import LoopCfg
+
+    cfg = params.pretrain
     global_batch = cfg.batch_size * cfg.grad_accum * world
-    steps_per_epoch = len(dataset) // world // cfg.batch_size // cfg.grad_accum
+    steps_per_epoch = views // world // cfg.batch_size // cfg.grad_accum
     if steps_per_epoch < 1:
         raise ConfigError(
             f"pretrain.batch_size {cfg.batch_size} x grad_accum {cfg.grad_accum} x {world} rank(s) = {global_batch} "
-            f"exceeds the pile's {len(dataset)} images under {params.ingest.root}"
+            f"exceeds the {views} views per epoch of the pile under {params.ingest.root} (set samples_per_epoch)"
         )
     full = cfg.epochs * steps_per_epoch
     limit = max_steps or cfg.max_steps
     total = min(full, limit) if limit else full
-    warmup = round(total * cfg.warmup_epochs / cfg.epochs)
+    k = cfg.lr_factor(global_batch)
     loop_cfg = LoopCfg(
-        total_steps=total, out_dir=out_dir, grad_accum=cfg.grad_accum,
-        base_lr=scale_lr(cfg.base_lr, global_batch), warmup_lr=scale_lr(cfg.warmup_lr, global_batch),
-        min_lr=scale_lr(cfg.min_lr, global_batch), warmup_steps=warmup, betas=cfg.betas,
-        clip_grad=cfg.clip_grad, log_every=min(cfg.log_every, total), checkpoint_every=cfg.checkpoint_every,
-        seed=cfg.seed, resume=resume, fused_optimizer=cfg.backend == "torch",
+        total_steps=total, out_dir=cfg.out_dir, grad_accum=cfg.grad_accum, base_lr=cfg.base_lr * k,
+        warmup_lr=cfg.warmup_lr * k, min_lr=cfg.min_lr * k, warmup_steps=round(total * cfg.warmup_epochs / cfg.epochs),
+        betas=cfg.betas, clip_grad=cfg.clip_grad, log_every=min(cfg.log_every, total),
+        checkpoint_every=cfg.checkpoint_every, seed=cfg.seed, resume=resume, fused_optimizer=cfg.backend == "torch",
     )
-    csv_path = out_dir / "metrics.csv"
-    loader = _loader_factory(dataset, cfg.batch_size, cfg.num_workers, cfg.seed, backend.rank, world)
-    log.info(
-        "pretraining %s <- %s on %d images (%d steps/epoch, %d steps, global batch %d, %s/%s on %s)",
-        cfg.student.arch, cfg.teacher.arch if cfg.alpha > 0 else "no teacher", len(dataset), steps_per_epoch,
-        total, global_batch, cfg.backend, cfg.precision, device,
-    )
-    t0 = time.perf_counter()
-    csv_log = _CsvLog(csv_path, start_fresh=not resume) if backend.is_main else None
-    fit_res = fit(
-        objective, loader, backend, loop_cfg,
-        param_groups(objective, cfg.weight_decay),
-        callbacks=[*([csv_log] if csv_log else []), *callbacks, *_tracking_callbacks(params, backend.is_main)],
-    )
-    elapsed = time.perf_counter() - t0
-
-    backbone = out_dir / "backbone.safetensors"
-    summary = out_dir / "summary.json"
-    weights = backend.state_dict()  # collective under ZeRO-3 (gathers the shards): every rank calls it
-    if backend.is_main:
-        teacher_meta: dict[str, Any] = {"arch": cfg.teacher.arch, "feature_stage": cfg.teacher.feature_stage}
-        if cfg.alpha > 0 and cfg.teacher.checkpoint is not None:
-            teacher_meta["sha256"] = sha256_file(cfg.teacher.checkpoint)
-            teacher_meta["file"] = str(cfg.teacher.checkpoint)
-        meta = {
-            "teacher": teacher_meta,
-            "params_sha256": sha256_json(cfg.model_dump(mode="json")),
-            "data": {**data_meta, "images": len(dataset)},
-            "steps": fit_res.steps, "loss": {k: v for k, v in fit_res.metrics.items() if math.isfinite(v)},
-        }
-        export_backbone(backend.module, backbone, meta, state_dict=weights)
-        write_json(summary, {
-            "steps": fit_res.steps, "images": len(dataset), "device": device, "backend": cfg.backend,
-            "precision": cfg.precision, "seconds": round(elapsed, 2), **fit_res.metrics,
-        })
-    recon = _save_reconstructions(backend, dataset, out_dir / "reconstructions.png")
-    backend.barrier()
-    return PretrainResult(
-        steps=fit_res.steps, metrics=dict(fit_res.metrics), backbone=backbone,
-        checkpoint_dir=out_dir / "checkpoints", metrics_csv=csv_path, summary_json=summary, device=device,
-        images=len(dataset), history=list(fit_res.history), reconstructions=recon,
-    )
+    return loop_cfg, steps_per_epoch
 
 
-def _save_reconstructions(backend: Any, dataset: Any, path: Path, n: int = 4) -> Path | None:
-    """The student's reconstructions of the pile's first ``n`` images (rank 0; not under ZeRO-3's shards)."""
-    if not backend.is_main or getattr(backend, "zero_stage", 0) == 3:
-        return None
-    from gfm_core.evaluation.reconstructions import save_reconstructions
+def _backbone_meta(cfg: PretrainCfg, stream: Any, fit_res: Any) -> dict[str, Any]:
+    """The exported backbone's provenance: teacher, params hash, data, steps and final losses."""
+    teacher_meta: dict[str, Any] = {"arch": cfg.teacher.arch, "feature_stage": cfg.teacher.feature_stage}
+    if cfg.alpha > 0 and cfg.teacher.checkpoint is not None:
+        teacher_meta["sha256"] = sha256_file(cfg.teacher.checkpoint)
+        teacher_meta["file"] = str(cfg.teacher.checkpoint)
+    return {
+        "teacher": teacher_meta,
+        "params_sha256": sha256_json(cfg.model_dump(mode="json")),
+        "data": {"shards": stream.generation, "manifest_content_hash": stream.content_hash,
+                 "images": len(stream.train_images), "holdout_images": len(stream.held_out)},
+        "steps": fit_res.steps, "loss": {k: v for k, v in fit_res.metrics.items() if math.isfinite(v)},
+    }
 
-    return save_reconstructions(backend.module, [dataset[i] for i in range(min(n, len(dataset)))], path)
+
+def learning_margins(metrics: dict[str, float]) -> dict[str, float]:
+    """``mim_ratio_holdout`` (student / trivial masked L1) and ``cos_margin_holdout`` (student - mean vector)."""
+    out = {}
+    if metrics.get("mim_trivial_holdout"):
+        out["mim_ratio_holdout"] = metrics["mim_holdout"] / metrics["mim_trivial_holdout"]
+    if "cos_holdout" in metrics and "cos_mean_vector_holdout" in metrics:
+        out["cos_margin_holdout"] = metrics["cos_holdout"] - metrics["cos_mean_vector_holdout"]
+    return out
 
 
 def pretraining_baselines(params: Params) -> list[str]:
@@ -604,7 +669,8 @@ def _demo_stages(params: Params) -> Iterator[str]:
         if params.tracking.enabled:
             from gfm_core import tracking
 
-            tracking.log_artifacts({"reconstructions": pre.reconstructions, "metrics": pre.metrics_csv})
+            tracking.log_artifacts({"reconstructions": pre.reconstructions, "metrics": pre.metrics_csv,
+                                    "learning": params.pretrain.out_dir / "learning.png"})
     yield f"[pretrain]  {pre.backbone}  ({pre.steps} steps on {pre.device}: {pre.summary()})"
     yield f"            metrics: {pre.metrics_csv}  reconstructions: {pre.reconstructions}"
     for name in pretraining_baselines(params):
