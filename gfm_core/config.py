@@ -86,6 +86,9 @@ class TeacherCfg(Section):
     )
     img_size: int | None = Field(None, ge=32, description="input size; None = the arch's pretrained size")
     feature_stage: int = Field(3, ge=1, description="1-based stage whose (pooled) output is distilled")
+    timm_kwargs: dict[str, Any] = Field(
+        default_factory=dict, description="extra timm.create_model kwargs (a non-default width or depth)"
+    )
 
 
 class PretrainCfg(Section):
@@ -406,6 +409,69 @@ class RetrainCfg(Section):
     )
 
 
+class EvalSetCfg(Section):
+    """A densely labelled evaluation set of the science experiment: image/mask pairs, read whole.
+
+    Images are ``<root>/<split>/<images>/*`` (every split of ``splits`` pooled; ``splits: []`` = ``<root>``
+    itself) and masks the same stem under ``<masks>``. Pixels are scaled with ``value_range``, area-averaged by
+    ``downsample`` (labels by majority) and contrast-stretched with the set's own ``stretch`` percentiles (the
+    rule the pile's sources get). ``mask_values[k]`` is the raw code of class ``k``; other codes are ignored.
+    """
+
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    root: Path
+    splits: tuple[str, ...] = ()
+    images: str = "images"
+    masks: str = "masks"
+    bands: tuple[int, ...] | None = None
+    value_range: tuple[float, float] | None = None
+    mask_values: tuple[int, ...] = Field(min_length=2)
+    class_names: tuple[str, ...] | None = None
+    downsample: int = Field(1, ge=1, description="area-average factor (FLAIR-2's 0.2 m -> 0.4 m: 2)")
+    stretch: tuple[float, float] | None = (2.0, 98.0)
+    block_size: int = Field(32, ge=4, description="spatial CV block edge in pixels (after downsampling)")
+    pixels_per_block: int = Field(64, ge=1, description="labelled pixels scored per block (fixed sample)")
+    min_labelled: float = Field(0.25, gt=0, le=1, description="blocks with fewer labelled pixels are dropped")
+    gsd_m: float | None = Field(None, gt=0, description="ground sample distance after downsampling (report)")
+
+
+class ScienceCfg(Section):
+    """The small-scale test of the paper's claims (``make science``; gfm_core.science).
+
+    Every variant is a pretraining of the active ``pretrain`` section with its overrides, for ``steps``
+    optimizer steps, once per seed; ``random`` (the student's initial weights) is scored too.
+    """
+
+    variants: dict[str, dict[str, Any]] = Field(
+        default_factory=lambda: {"gfm": {}, "mim_only": {"alpha": 0.0}, "distill_only": {"w_mim": 0.0}},
+        description="name -> pretrain overrides; gfm, mim_only and distill_only are the hypotheses' models",
+    )
+    seeds: tuple[int, ...] = Field((0, 1, 2), min_length=2)
+    steps: int = Field(1500, ge=1, description="optimizer steps of every pretraining (fixed; never wall time)")
+    curve_fractions: tuple[float, ...] = Field((0.25, 0.5, 1.0), description="H4: probe gfm/mim_only here")
+    eval_sets: tuple[EvalSetCfg, ...] = ()
+    student_levels: tuple[int, ...] = Field((0, 1, 2, 3), description="0-based stages probed (upsampled)")
+    teacher_levels: tuple[int, ...] = Field((2, 3, 4), description="the teacher's feature levels probed")
+    folds: int = Field(5, ge=2)
+    probe_weight_decay: float = Field(1e-3, ge=0)
+    probe_iters: int = Field(100, ge=1)
+    n_bootstrap: int = Field(2000, ge=100)
+    ci: float = Field(0.95, gt=0, lt=1)
+    alpha: float = Field(0.05, gt=0, lt=1)
+    relevance_margin: float = Field(2.0, ge=0, description="points the teacher must beat raw and MIM-only by")
+    seed: int = 0
+    out_dir: Path = Path("outputs/science")
+
+    @model_validator(mode="after")
+    def _check(self) -> ScienceCfg:
+        missing = {"gfm", "mim_only", "distill_only"} - set(self.variants)
+        if missing:
+            raise ValueError(f"science.variants must define {sorted(missing)} (the hypotheses compare them)")
+        if any(not 0 < f <= 1 for f in self.curve_fractions) or 1.0 not in self.curve_fractions:
+            raise ValueError(f"science.curve_fractions must lie in (0, 1] and include 1, got {self.curve_fractions}")
+        return self
+
+
 class Params(Section):
     """The whole ``params.yaml`` after the active preset is applied."""
 
@@ -422,6 +488,7 @@ class Params(Section):
     tracking: TrackingCfg = TrackingCfg()
     promote: PromoteCfg = PromoteCfg()
     retrain: RetrainCfg = RetrainCfg()
+    science: ScienceCfg = ScienceCfg()
     presets: dict[str, dict[str, Any]] = Field(default_factory=dict)
 
 

@@ -313,8 +313,12 @@ def run_pretrain(
     resume: bool = False,
     max_steps: int | None = None,
     callbacks: Sequence[Any] = (),
+    export_steps: Sequence[int] = (),
 ) -> PretrainResult:
     """GFM teacher-student continual pretraining on the pile's shards, then export the student backbone.
+
+    ``export_steps``: also export the student after these steps, as ``backbone_step<NNNNNN>.safetensors``
+    (learning curves; not under ZeRO-3, whose ranks hold shards of the weights).
 
     The schedule spans ``epochs`` over the pile (warm-up ``warmup_epochs``); ``max_steps`` (argument, else
     ``pretrain.max_steps``) compresses the same schedule into that many optimizer steps. Learning is measured on
@@ -344,9 +348,12 @@ def run_pretrain(
     )
     t0 = time.perf_counter()
     csv_log = _CsvLog(out_dir / "metrics.csv", start_fresh=not resume) if backend.is_main else None
+    exports = _ExportAt(objective, export_steps, out_dir, lambda: _backbone_meta(cfg, stream, None))
+    if export_steps and getattr(backend, "zero_stage", 0) == 3:
+        raise ConfigError("export_steps needs whole weights on rank 0: use zero_stage <= 2")
     fit_res = fit(
         objective, loader, backend, loop_cfg, param_groups(objective, cfg.weight_decay),
-        callbacks=[*([csv_log] if csv_log else []), *([probe] if probe else []), *callbacks,
+        callbacks=[*([csv_log] if csv_log else []), *([probe] if probe else []), exports, *callbacks,
                    *_tracking_callbacks(params, backend.is_main)],
     )
     elapsed = time.perf_counter() - t0
@@ -375,6 +382,20 @@ def run_pretrain(
     )
 
 
+class _ExportAt:
+    """Callback: export the student backbone after each of ``steps`` (rank 0)."""
+
+    def __init__(self, objective: Any, steps: Sequence[int], out_dir: Path, meta: Any) -> None:
+        self.objective, self.steps, self.out_dir, self.meta = objective, set(steps), out_dir, meta
+
+    def on_step_end(self, step: int) -> None:
+        if step in self.steps:
+            from gfm_core.objectives import export_backbone
+
+            export_backbone(self.objective, self.out_dir / f"backbone_step{step:06d}.safetensors",
+                            {**self.meta(), "steps": step})
+
+
 def pretrain_stream(params: Params, objective: Any, device: str) -> Any:
     """The training stream over the validated pile's shards, with the teacher pool when configured.
 
@@ -395,12 +416,14 @@ def pretrain_stream(params: Params, objective: Any, device: str) -> Any:
         mean=objective.mean, std=objective.std, seed=cfg.seed, samples_per_epoch=cfg.samples_per_epoch,
         source_weights=cfg.source_weights, holdout_fraction=cfg.holdout_fraction,
     )
-    if cfg.teacher_pool and cfg.alpha > 0:
-        objective.teacher.to(device)
+    if cfg.teacher_pool:  # every variant (MIM-only too) reads the same pool: the same views, fresh masks
+        from gfm_core.models.backbones import create_teacher
+
+        teacher = (objective.teacher if objective.teacher is not None else create_teacher(cfg.teacher)).to(device)
         ident = _teacher_identity(cfg)
         key = pool_key(stream, cfg.teacher_pool, cfg.teacher_pool_seed, ident)
         stream.pool = load_or_build_pool(
-            stream, lambda views: objective.teacher_targets(views.to(device)),
+            stream, lambda views: teacher(teacher.preprocess(views.to(device), objective.mean, objective.std)),
             params.ingest.out_dir / "teacher_pools" / f"pool-{key[:16]}.safetensors", size=cfg.teacher_pool,
             seed=cfg.teacher_pool_seed,
             teacher_id=ident,
@@ -460,7 +483,7 @@ def _pretrain_loop_cfg(
     return loop_cfg, steps_per_epoch
 
 
-def _backbone_meta(cfg: PretrainCfg, stream: Any, fit_res: Any) -> dict[str, Any]:
+def _backbone_meta(cfg: PretrainCfg, stream: Any, fit_res: Any | None) -> dict[str, Any]:
     """The exported backbone's provenance: teacher, params hash, data, steps and final losses."""
     teacher_meta: dict[str, Any] = {"arch": cfg.teacher.arch, "feature_stage": cfg.teacher.feature_stage}
     if cfg.alpha > 0 and cfg.teacher.checkpoint is not None:
@@ -471,7 +494,8 @@ def _backbone_meta(cfg: PretrainCfg, stream: Any, fit_res: Any) -> dict[str, Any
         "params_sha256": sha256_json(cfg.model_dump(mode="json")),
         "data": {"shards": stream.generation, "manifest_content_hash": stream.content_hash,
                  "images": len(stream.train_images), "holdout_images": len(stream.held_out)},
-        "steps": fit_res.steps, "loss": {k: v for k, v in fit_res.metrics.items() if math.isfinite(v)},
+        **({"steps": fit_res.steps, "loss": {k: v for k, v in fit_res.metrics.items() if math.isfinite(v)}}
+           if fit_res is not None else {}),
     }
 
 

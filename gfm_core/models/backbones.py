@@ -180,7 +180,7 @@ def create_teacher(cfg: TeacherCfg, **overrides: Any) -> FrozenTeacher:
             "teacher.checkpoint: a local weight file is required; nothing is downloaded "
             "(set teacher.checkpoint in params.yaml, e.g. weights/swin_base_patch4_window7_224_22k.pth)"
         )
-    kwargs: dict[str, Any] = dict(num_classes=0, **overrides)
+    kwargs: dict[str, Any] = dict(num_classes=0, **{**cfg.timm_kwargs, **overrides})
     if cfg.img_size is not None:
         kwargs.setdefault("img_size", cfg.img_size)
     model = load_timm_weights(

@@ -127,6 +127,9 @@ class Callback:
         """At each logged step, before ``on_log``: metrics of the current weights to add to the record."""
         return {}
 
+    def on_step_end(self, step: int) -> None:
+        """After every optimizer step (the weights are those after update ``step``)."""
+
     def on_log(self, step: int, metrics: dict[str, float]) -> None:
         """After each logged step (``metrics`` are averages over the steps since the previous log)."""
 
@@ -228,6 +231,10 @@ def fit(
             step += 1
             window.add_grad_norm(grad_norm)
             bar.update(1)
+            if backend.is_main:
+                for cb in callbacks:
+                    if hasattr(cb, "on_step_end"):
+                        cb.on_step_end(step)
 
             # 3. log: averages since the last log, reduced over ranks
             if step % cfg.log_every == 0 or step == cfg.total_steps:
