@@ -258,13 +258,15 @@ class _CsvLog:
 
 
 def pretrain_sources(params: Params) -> list[Any]:
-    """The pile's sources: ``ingest.sources`` if listed, else every subfolder of ``ingest.root``."""
-    from gfm_core.data.sources import discover_geopile
+    """The pile's sources: ``ingest.sources`` if listed, else every subfolder of ``ingest.root``.
+
+    Either way a source's ``root`` is relative to ``ingest.root``, the folder every reader is given.
+    """
+    from gfm_core.data.sources import discover_sources
 
     if params.ingest.sources:
         return list(params.ingest.sources)
-    root = params.ingest.root
-    return discover_geopile(root.parent, root.name)
+    return discover_sources(params.ingest.root)
 
 
 def make_backend(cfg: PretrainCfg, device: str, micro_batch: int) -> Any:
