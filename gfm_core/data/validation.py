@@ -43,7 +43,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from gfm_core.data.geopile import QUARANTINE_NAME, manifest_content_hash, read_manifest
+from gfm_core.data.geopile import QUARANTINE_NAME, load_manifest, manifest_content_hash
 from gfm_core.data.sources import SourceSpec
 from gfm_core.errors import DataValidationError
 from gfm_core.io import write_json
@@ -461,7 +461,7 @@ def validate_manifest(
         DataValidationError: the manifest or the quarantine file is missing, unreadable, or not one.
     """
     manifest_path = Path(manifest_path)
-    table = read_manifest(manifest_path)
+    table, manifest_sha = load_manifest(manifest_path)
     df = _manifest_frame(table, manifest_path)
     q_path = Path(quarantine_path) if quarantine_path is not None else manifest_path.parent / QUARANTINE_NAME
     quarantine = _load_quarantine(q_path)
@@ -540,6 +540,7 @@ def validate_manifest(
             "manifest": str(manifest_path),
             "quarantine": str(q_path),
             "manifest_content_hash": content,
+            "manifest_sha256": manifest_sha,  # the bytes judged: gfm_core.data.verdicts.require_verdicts
             "images": n_rows,
             "quarantined": n_bad,
             "statistics": {
