@@ -28,7 +28,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from fnmatch import fnmatch
@@ -45,7 +44,7 @@ from gfm_core.data.raster import DEFAULT_MAX_PIXELS, RasterImage, read_image
 from gfm_core.data.sources import IngestSettings, SourceSpec
 from gfm_core.data.workers import map_isolated
 from gfm_core.errors import ConfigError, DataValidationError, RasterReadError
-from gfm_core.io import atomic_write, sha256_file, write_json
+from gfm_core.io import atomic_write, clean_stale_temps, durable_replace, make_temp_dir, sha256_file, write_json
 
 log = logging.getLogger(__name__)
 
@@ -423,11 +422,11 @@ def _copy_quarantined(
 ) -> list[QuarantineEntry]:
     """Copy quarantined regular files under the data root to ``<out_dir>/quarantine/`` (fresh each run)."""
     final = out_dir / QUARANTINE_DIR
-    tmp = Path(tempfile.mkdtemp(prefix=".quarantine.", dir=out_dir))
+    tmp = make_temp_dir(final)
     try:
         out = _copy_into(data_root, tmp, entries)
         _remove_own_quarantine(final)
-        os.replace(tmp, final)
+        durable_replace(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -512,6 +511,7 @@ def build_manifest(
     root = Path(os.path.realpath(data_root))
     out_dir = Path(out_dir)
     resolved = _resolve_sources(root, sources, out_dir)
+    clean_stale_temps(out_dir)  # temps of a killed earlier ingest
     _check_own_quarantine(out_dir / QUARANTINE_DIR)  # fail now, not after reading the whole pile
 
     tasks: list[_Task] = []

@@ -46,7 +46,7 @@ import pyarrow as pa
 from gfm_core.data.geopile import QUARANTINE_NAME, load_manifest, manifest_content_hash
 from gfm_core.data.sources import SourceSpec
 from gfm_core.errors import DataValidationError
-from gfm_core.io import write_json
+from gfm_core.io import durable_replace, make_temp_dir, temp_prefix, write_json
 
 VALIDATION_NAME = "validation.json"
 DOCS_DIR = "data_docs"
@@ -420,11 +420,11 @@ def _swap_in(tmp: Path, final: Path) -> None:
     """Replace the folder ``final`` with ``tmp`` (the old one is removed once the new one is in place)."""
     old = None
     if final.exists():
-        old = final.with_name(f".{final.name}.old-{os.getpid()}")
+        old = Path(tempfile.mkdtemp(prefix=temp_prefix(final), dir=final.parent)) / "old"
         os.replace(final, old)
-    os.replace(tmp, final)
+    durable_replace(tmp, final)
     if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+        shutil.rmtree(old.parent, ignore_errors=True)
 
 
 def validate_manifest(
@@ -496,7 +496,7 @@ def validate_manifest(
 
     out_dir = Path(out_dir).resolve()  # GE's docs site needs an absolute base directory
     out_dir.mkdir(parents=True, exist_ok=True)
-    docs_tmp = Path(tempfile.mkdtemp(prefix=f".{DOCS_DIR}.", dir=out_dir)) if data_docs else None
+    docs_tmp = make_temp_dir(out_dir / DOCS_DIR) if data_docs else None
     try:
         ctx = _context(docs_tmp)
         outcomes = _run_suite(ctx, "manifest", df, [r for r in rules if r.frame == "manifest"])
