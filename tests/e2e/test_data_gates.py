@@ -182,11 +182,13 @@ def test_a_validate_that_does_not_complete_leaves_no_verdict(tmp_path, capsys):
 
 
 def test_dvc_shards_stage_depends_on_both_verdicts(repo_root):
-    """DVC re-runs `gfm shards` (whose stage function holds the gate) whenever a verdict file changes."""
-    stage = yaml.safe_load((repo_root / "dvc.yaml").read_text())["stages"]["shards"]
-    assert stage["cmd"] == "gfm shards"
+    """DVC re-runs `gfm shards` (whose stage function holds the gate) whenever a verdict file changes, and
+    `gfm validate` whenever the tasks it checks change."""
+    spec = yaml.safe_load((repo_root / "dvc.yaml").read_text())["stages"]
+    assert spec["shards"]["cmd"] == "gfm shards"
     assert {"outputs/geopile/manifest.parquet", "outputs/geopile/validation/validation.json",
-            "outputs/geopile/contamination.json"} <= set(stage["deps"])
+            "outputs/geopile/contamination.json"} <= set(spec["shards"]["deps"])
+    assert {"finetune.tasks", "presets.demo.finetune.tasks"} <= set(spec["validate"]["params"])
 
 
 # ------------------------------------------------------------------------------------------ defect 8
