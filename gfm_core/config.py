@@ -207,6 +207,9 @@ class ValidateCfg(Section):
     mean_range: tuple[float, float] = Field((0.01, 0.99), description="plausible per-band means of [0, 1] data")
     max_nodata_fraction: float = Field(0.5, ge=0, le=1)
     data_docs: bool = True
+    contamination_exclude: tuple[str, ...] = Field(
+        (), description="finetune.tasks names left out of the contamination check (their folders may be absent)"
+    )
 
 
 TaskHeadName = Literal["classification", "multilabel", "segmentation", "change", "superres"]
@@ -490,6 +493,17 @@ class Params(Section):
     retrain: RetrainCfg = RetrainCfg()
     science: ScienceCfg = ScienceCfg()
     presets: dict[str, dict[str, Any]] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _check_exclusions(self) -> Params:
+        tasks = [t.name for t in self.finetune.tasks]
+        unknown = sorted(set(self.validation.contamination_exclude) - set(tasks))
+        if unknown:
+            raise ValueError(
+                f"validate.contamination_exclude: unknown task name(s) {unknown}; finetune.tasks are: "
+                f"{', '.join(tasks) or '(none)'}"
+            )
+        return self
 
 
 def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:

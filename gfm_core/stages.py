@@ -101,40 +101,20 @@ def run_ingest(params: Params, *, progress: bool = True) -> IngestResult:
     return result
 
 
-def task_test_images(params: Params) -> list[tuple[Path, Any]]:
-    """``(image file, task cfg)`` of every downstream task's test split whose folder exists (for leak checks)."""
-    from gfm_core.data.task_datasets import list_task
+def run_contamination_check(params: Params, table: Any, manifest_sha256: str) -> Any:
+    """Val and test images of every downstream task checked against the manifest; ``contamination.json``.
 
-    out: list[tuple[Path, Any]] = []
-    for task in params.finetune.tasks:
-        if not Path(task.root).is_dir():
-            continue
-        for ref in list_task(task, "test").refs:
-            for key in ("image", "A", "B", "lr", "hr"):
-                f = ref.files.get(key)
-                if isinstance(f, Path):
-                    out.append((f, task))
-    return out
+    ``table`` is the manifest parsed from the bytes whose sha256 is ``manifest_sha256`` (the verdict's binding).
+    Returns the :class:`~gfm_core.data.contamination.ContaminationReport`.
+    """
+    from gfm_core.data.contamination import check_tasks
+    from gfm_core.data.verdicts import manifest_binding, verdict_paths
 
-
-def run_contamination_check(params: Params) -> Path:
-    """Downstream test images (or near-duplicates) found in the pile, written to ``contamination.json``."""
-    from gfm_core.data.geopile import contamination_check
-
-    manifest = params.ingest.out_dir / "manifest.parquet"
-    offenders: list[dict[str, Any]] = []
-    images = task_test_images(params)
-    by_task: dict[str, list[Path]] = {}
-    for f, task in images:
-        by_task.setdefault(task.name, []).append(f)
-    for task in params.finetune.tasks:
-        files = by_task.get(task.name, [])
-        for o in contamination_check(manifest, files, bands=task.bands, value_range=task.value_range) if files else []:
-            offenders.append({"task": task.name, "test_image": str(o.test_path), "pile_image": str(o.pile_path),
-                              "kind": o.kind, "distance": o.distance})
-    path = params.ingest.out_dir / "contamination.json"
-    write_json(path, {"test_images": len(images), "offenders": offenders})
-    return path
+    report = check_tasks(table, params.finetune.tasks, params.validation.contamination_exclude)
+    content = table.schema.metadata.get(b"gfm.content_hash", b"").decode() if table.schema.metadata else ""
+    write_json(verdict_paths(params.ingest.out_dir)[1],
+               {**manifest_binding(manifest_sha256, content), **report.to_json()})
+    return report
 
 
 @dataclass(frozen=True)
@@ -150,29 +130,45 @@ class ValidateResult:
 
 
 def run_validate(params: Params) -> ValidateResult:
-    """Check the manifest against the ``validate`` rules (a failed rule is a result, not an exception)."""
+    """Check the manifest against the ``validate`` rules and the downstream tasks (a failed rule is a result).
+
+    Both verdicts (``validation.json``, ``contamination.json``) are removed first and written only when their
+    check completes, each bound to the manifest bytes it read (:mod:`gfm_core.data.verdicts`).
+    """
+    from gfm_core.data.geopile import load_manifest
     from gfm_core.data.validation import validate_manifest
+    from gfm_core.data.verdicts import verdict_paths
 
     cfg, ing = params.validation, params.ingest
+    for old in verdict_paths(ing.out_dir):
+        old.unlink(missing_ok=True)  # a judgement that does not complete leaves no verdict behind
+    manifest = ing.out_dir / "manifest.parquet"
     rep = validate_manifest(
-        ing.out_dir / "manifest.parquet", pretrain_sources(params), quarantine_path=ing.out_dir / "quarantine.json",
+        manifest, pretrain_sources(params), quarantine_path=ing.out_dir / "quarantine.json",
         min_size=cfg.min_size or params.pretrain.student.img_size, max_nodata_fraction=cfg.max_nodata_fraction,
         max_bad_fraction=ing.max_bad_fraction, allowed_bands=cfg.allowed_bands, mean_range=cfg.mean_range,
         out_dir=ing.out_dir / "validation", data_docs=cfg.data_docs,
     )
     import json
 
-    leaks = json.loads(run_contamination_check(params).read_text())
+    judged = json.loads(rep.json_path.read_text())["manifest_sha256"]
+    table, sha = load_manifest(manifest)
+    if sha != judged:
+        raise DataValidationError(f"{manifest}: rewritten while `gfm validate` ran; run it again")
+    leaks = run_contamination_check(params, table, sha)
     failed = tuple(f.name for f in rep.failed)
-    summary = rep.summary()
-    if leaks["offenders"]:
+    summary = rep.summary() + "\n" + leaks.summary()
+    if leaks.problems:
+        failed += ("downstream_tasks_checked",)
+        summary += "\nFAILED downstream_tasks_checked: " + "; ".join(leaks.problems)
+    if leaks.offenders:
         failed += ("no_test_images_in_pile",)
         names = "; ".join(f"{o['test_image']} ~ {o['pile_image']} ({o['kind']}, d={o['distance']})"
-                          for o in leaks["offenders"][:5])
-        summary += f"\nFAILED no_test_images_in_pile: {len(leaks['offenders'])} downstream test image(s) in the " \
-                   f"pile: {names}"
+                          for o in leaks.offenders[:5])
+        summary += f"\nFAILED no_test_images_in_pile: {len(leaks.offenders)} downstream val/test image(s) in " \
+                   f"the pile: {names}"
     return ValidateResult(
-        success=rep.success and not leaks["offenders"], n_expectations=rep.n_expectations + 1, failed=failed,
+        success=rep.success and leaks.success, n_expectations=rep.n_expectations + 2, failed=failed,
         json=rep.json_path, docs=rep.docs_index, summary=summary,
     )
 
@@ -193,19 +189,13 @@ def run_shards(params: Params, *, progress: bool = True) -> ShardsResult:
     """Decode every image of the validated pile once into uint8 Arrow shards (skipped when up to date).
 
     Raises:
-        DataValidationError: the pile did not pass ``gfm validate`` (run it first).
+        DataValidationError: the pile did not pass ``gfm validate``, or was re-ingested since (run it again).
     """
-    import json
-
     from gfm_core.data.shards import write_shards
+    from gfm_core.data.verdicts import require_verdicts
 
     ing = params.ingest
-    verdict = ing.out_dir / "validation" / "validation.json"
-    if not verdict.is_file() or not json.loads(verdict.read_text()).get("success"):
-        raise DataValidationError(f"{verdict}: the pile has not passed validation; run `gfm validate` first")
-    leaks = ing.out_dir / "contamination.json"
-    if not leaks.is_file() or json.loads(leaks.read_text())["offenders"]:
-        raise DataValidationError(f"{leaks}: downstream test images in the pile (or no check yet: gfm validate)")
+    judged = require_verdicts(ing.out_dir)
     from gfm_core.data.stats import load_stretches
 
     rep = write_shards(
@@ -213,6 +203,11 @@ def run_shards(params: Params, *, progress: bool = True) -> ShardsResult:
         images_per_shard=ing.images_per_shard, progress=progress,
         stretch=load_stretches(ing.out_dir / "norm_stats.json") if ing.stretch else None,
     )
+    if rep.content_hash != judged["manifest_content_hash"]:  # re-ingested while the shards were written
+        raise DataValidationError(
+            f"{rep.shard_dir}: shards hold pile {rep.content_hash[:12]}, but the validated pile is "
+            f"{judged['manifest_content_hash'][:12]} (re-ingested meanwhile); run `gfm validate`, then `gfm shards`"
+        )
     return ShardsResult(
         shard_dir=rep.shard_dir, images=rep.images, shards=rep.shards, bytes=rep.bytes, rebuilt=rep.rebuilt,
         content_hash=rep.content_hash,
@@ -262,13 +257,15 @@ class _CsvLog:
 
 
 def pretrain_sources(params: Params) -> list[Any]:
-    """The pile's sources: ``ingest.sources`` if listed, else every subfolder of ``ingest.root``."""
-    from gfm_core.data.sources import discover_geopile
+    """The pile's sources: ``ingest.sources`` if listed, else every subfolder of ``ingest.root``.
+
+    Either way a source's ``root`` is relative to ``ingest.root``, the folder every reader is given.
+    """
+    from gfm_core.data.sources import discover_sources
 
     if params.ingest.sources:
         return list(params.ingest.sources)
-    root = params.ingest.root
-    return discover_geopile(root.parent, root.name)
+    return discover_sources(params.ingest.root)
 
 
 def make_backend(cfg: PretrainCfg, device: str, micro_batch: int) -> Any:
@@ -406,8 +403,11 @@ def pretrain_stream(params: Params, objective: Any, device: str) -> Any:
     from gfm_core.data.pretrain_data import PretrainStream
     from gfm_core.data.teacher_pool import load_or_build_pool, pool_key
 
+    from gfm_core.data.verdicts import require_verdicts
+
     cfg = params.pretrain
     shard_dir = params.ingest.out_dir / "shards"
+    judged = require_verdicts(params.ingest.out_dir)  # pretraining reads only a pile that passed its gates
     if not (shard_dir / "index.json").is_file():
         raise ConfigError(f"{shard_dir}: no training shards; run `gfm shards` first")
     mask = MaskGenerator(cfg.student.img_size, cfg.mask_patch_size, cfg.student.patch_size, cfg.mask_ratio)
@@ -416,6 +416,11 @@ def pretrain_stream(params: Params, objective: Any, device: str) -> Any:
         mean=objective.mean, std=objective.std, seed=cfg.seed, samples_per_epoch=cfg.samples_per_epoch,
         source_weights=cfg.source_weights, holdout_fraction=cfg.holdout_fraction,
     )
+    if stream.content_hash != judged["manifest_content_hash"]:
+        raise DataValidationError(
+            f"{shard_dir}: the shards hold pile {stream.content_hash[:12]} but the validated manifest is "
+            f"{judged['manifest_content_hash'][:12]}; run `gfm shards`"
+        )
     if cfg.teacher_pool:  # every variant (MIM-only too) reads the same pool: the same views, fresh masks
         from gfm_core.models.backbones import create_teacher
 

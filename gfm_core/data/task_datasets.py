@@ -409,6 +409,11 @@ LAYOUTS: dict[str, Callable[[TaskCfg, str], TaskIndex]] = {
 }
 
 
+def task_splits(cfg: TaskCfg) -> tuple[str, ...]:
+    """The splits ``cfg``'s layout has (OSCD ships no val split)."""
+    return ("train", "test") if cfg.layout == "oscd" else SPLITS
+
+
 def list_task(cfg: TaskCfg, split: str) -> TaskIndex:
     """The samples of one split (tiled when ``cfg.tile_size`` is set).
 
