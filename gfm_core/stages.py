@@ -402,7 +402,6 @@ def pretrain_stream(params: Params, objective: Any, device: str) -> Any:
     from gfm_core.data.masking import MaskGenerator
     from gfm_core.data.pretrain_data import PretrainStream
     from gfm_core.data.teacher_pool import load_or_build_pool, pool_key
-
     from gfm_core.data.verdicts import require_verdicts
 
     cfg = params.pretrain
