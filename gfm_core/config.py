@@ -529,6 +529,23 @@ def _format_error(source: str, err: ValidationError) -> str:
     return "\n".join(lines)
 
 
+def _preset_overrides(presets: dict[str, Any], name: str, source: str, seen: tuple[str, ...] = ()) -> dict[str, Any]:
+    """A preset's overrides, on top of those of the preset it ``extends`` (recursively)."""
+    overrides = presets.get(name)
+    if not isinstance(overrides, dict):
+        raise ConfigError(f"{source}: presets.{name}: expected a mapping")
+    base = overrides.get("extends")
+    overrides = {k: v for k, v in overrides.items() if k != "extends"}
+    if base is None:
+        return overrides
+    if base in seen or base == name:
+        raise ConfigError(f"{source}: presets.{name}.extends: a cycle through {' -> '.join((*seen, name, base))}")
+    if base not in presets:
+        valid = ", ".join(sorted(presets))
+        raise ConfigError(f"{source}: presets.{name}.extends: unknown preset {base!r}; valid: {valid}")
+    return _deep_merge(_preset_overrides(presets, base, source, (*seen, name)), overrides)
+
+
 def parse_params(raw: dict[str, Any], *, source: str = "params", preset: str | None = None) -> Params:
     """Validate a raw mapping, applying ``preset`` (or the mapping's own ``preset`` key)."""
     if not isinstance(raw, dict):
@@ -540,10 +557,7 @@ def parse_params(raw: dict[str, Any], *, source: str = "params", preset: str | N
         if name not in presets:
             valid = ", ".join(sorted(presets)) or "(none defined)"
             raise ConfigError(f"{source}: preset: unknown preset {name!r}; valid presets: {valid}")
-        overrides = presets[name]
-        if not isinstance(overrides, dict):
-            raise ConfigError(f"{source}: presets.{name}: expected a mapping")
-        merged = _deep_merge(raw, overrides)
+        merged = _deep_merge(raw, _preset_overrides(presets, name, source))
     merged["preset"] = name or None
     try:
         return Params.model_validate(merged)

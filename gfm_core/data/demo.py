@@ -15,6 +15,7 @@ Layout under ``cfg.root``::
     pile/<source>/<subdir>/<image>.tif   GeoPileV0-style ImageFolder per source
     tasks/<task>/...                     scene, multilabel, segmentation, change (semi-synthetic), superres;
                                          each with an info.json (gfm_core.data.demo_tasks)
+    scenes/nc_landcover/{images,masks}/  the whole NC scene (RGB) and its 7-class map (dense probes)
     manifest.json                        cfg, source hashes, label statistics, sha256 of every file
 
 Everything is deterministic for ``cfg.seed``. The build happens in ``<root>.tmp-build`` and is swapped in at
@@ -38,7 +39,7 @@ from gfm_core.data.packages import PINS, SDISTS, package_dir, package_version, s
 from gfm_core.io import sha256_file, write_json
 
 PURPOSE = "the embedded demo data (gfm demo-data)"
-OWNED = ("pile", "tasks", "manifest.json")  # the entries of cfg.root a rebuild replaces
+OWNED = ("pile", "tasks", "scenes", "manifest.json")  # the entries of cfg.root a rebuild replaces
 
 
 @dataclass(frozen=True)
@@ -99,6 +100,7 @@ def _build(cfg: DemoDataCfg, dirs: dict[str, Path], build: Path) -> dict[str, An
     plan = plan_tiles(scene.valid, cfg)
     pile = build_pile(cfg, dirs, scene, plan, build / "pile")
     stats = {task: write(scene, plan, cfg, build / "tasks" / task) for task, write in WRITERS.items()}
+    _write_landcover_scene(scene, build / "scenes" / "nc_landcover")
     files = {
         p.relative_to(build).as_posix(): {"sha256": sha256_file(p), "bytes": p.stat().st_size}
         for p in sorted(build.rglob("*")) if p.is_file()
@@ -113,6 +115,16 @@ def _build(cfg: DemoDataCfg, dirs: dict[str, Path], build: Path) -> dict[str, An
     }
     write_json(build / "manifest.json", manifest)
     return manifest
+
+
+def _write_landcover_scene(scene: NCScene, out: Path) -> None:
+    """The whole NC scene for dense probes: true colour (bands 3, 2, 1; float32 DN) and its land-cover map."""
+    from gfm_core.data.nc_landsat import NODATA, RGB, write_geotiff
+
+    write_geotiff(out / "images" / "nc_lsat7_2000.tif", scene.image[list(RGB)], crs=scene.crs,
+                  transform=scene.transform, nodata=NODATA)
+    write_geotiff(out / "masks" / "nc_lsat7_2000.tif", scene.strata[None], crs=scene.crs, transform=scene.transform,
+                  nodata=0)
 
 
 def _swap_in(build: Path, root: Path) -> None:
