@@ -261,7 +261,11 @@ class PretrainStream:
         return self.samples_per_epoch if self.samples_per_epoch is not None else len(self.train_images)
 
     def render(self, crop: Crop) -> torch.Tensor:
-        """The normalised ``[C, S, S]`` view ``crop`` of the stored uint8 image."""
+        """The normalised float32 ``[C, S, S]`` view ``crop`` of the stored uint8 image."""
+        return self.normalise(self.view(crop))
+
+    def view(self, crop: Crop) -> torch.Tensor:
+        """The uint8 ``[C, S, S]`` view ``crop`` (resized crop, flipped) of the stored image."""
         x = self.data.shards.view(crop.image)
         if x.shape[0] != self.channels:
             if x.shape[0] == 1:
@@ -274,7 +278,7 @@ class PretrainStream:
         x = TF.resized_crop(x, crop.top, crop.left, crop.height, crop.width, [self.img_size] * 2, antialias=True)
         if crop.flip:
             x = TF.horizontal_flip(x)
-        return self.normalise(x)
+        return x
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         if self.samples_per_epoch is None:
@@ -284,15 +288,13 @@ class PretrainStream:
             s = sample_seed(self.seed, self.epoch, index)
         rng = np.random.default_rng(s)
         out: dict[str, torch.Tensor] = {}
-        if self.pool is not None:
+        if self.pool is not None:  # a stored view and its target; only the mask is new
             j = int(rng.integers(len(self.pool)))
-            crop = self.pool.crop(j)
+            out["image"] = self.normalise(self.pool.views[j])
             out["teacher_target"] = self.pool.targets[j]
-        elif self.samples_per_epoch is None:
-            crop = self.sampler.crop(rng, image)
         else:
-            crop = self.sampler.draw(rng)
-        out["image"] = self.render(crop)
+            crop = self.sampler.crop(rng, image) if self.samples_per_epoch is None else self.sampler.draw(rng)
+            out["image"] = self.render(crop)
         out["mask"] = self.mask(torch.Generator().manual_seed(s ^ 0x5EED))
         return out
 

@@ -5,7 +5,8 @@ student's step when the teacher is the bigger network (EfficientNet-Lite0 at 128
 Swin at 64 px: about 4x here). With ``pretrain.teacher_pool: N`` the pile yields ``N`` fixed views (drawn like
 training views, from training images only) whose teacher targets are computed once and stored beside the shards;
 training then picks views from the pool (a fresh SimMIM mask every time), so the student still sees a new
-masking of a view at every step, but only ``N`` distinct crops.
+masking of a view at every step, but only ``N`` distinct crops. The views are stored too (uint8, 12 KB each at
+64 px), so a step only normalises and masks them: no decoding, cropping or resizing.
 
 The file is keyed by everything the targets depend on (teacher weights sha256 and geometry, the shards'
 generation, the view settings, pool size and seed, the student's normalisation): a new teacher, another pile or
@@ -38,11 +39,13 @@ class TeacherPool:
 
     Attributes:
         crops: ``[N, 6]`` int64 rows of :meth:`Crop.as_row`.
+        views: ``[N, C, S, S]`` uint8: the views themselves (a step then only normalises and masks them).
         targets: ``[N, D]`` float32 teacher features.
         key: what the targets were computed for (:func:`pool_key`).
     """
 
     crops: np.ndarray
+    views: Tensor
     targets: Tensor
     key: str
 
@@ -93,21 +96,21 @@ def load_or_build_pool(
         try:
             with safe_open(str(path), framework="pt") as f:
                 if (f.metadata() or {}).get("key") == key:
-                    return TeacherPool(f.get_tensor("crops").numpy(), f.get_tensor("targets"), key)
+                    return TeacherPool(f.get_tensor("crops").numpy(), f.get_tensor("views"), f.get_tensor("targets"),
+                                       key)
         except Exception as e:  # a foreign or damaged file: rebuilt below
             log.warning("%s: unreadable teacher pool (%s); recomputing it", path, e)
         log.info("%s: teacher pool of other settings or teacher; recomputing it", path)
     rng = np.random.default_rng([seed, 0x7001])
     crops = [stream.sampler.draw(rng) for _ in range(size)]
-    chunks = []
+    views = torch.stack([stream.view(c) for c in crops])
     with torch.no_grad():
-        for s in range(0, size, batch_size):
-            views = torch.stack([stream.render(c) for c in crops[s : s + batch_size]])
-            chunks.append(teacher(views).float().cpu())
-    targets = torch.cat(chunks)
+        targets = torch.cat([teacher(torch.stack([stream.normalise(v) for v in views[s : s + batch_size]]))
+                             .float().cpu() for s in range(0, size, batch_size)])
     if not torch.isfinite(targets).all():
         raise CheckpointError(f"{path}: the teacher produced non-finite targets; check teacher.checkpoint")
     rows = torch.tensor([c.as_row() for c in crops], dtype=torch.int64)
-    write_bytes(path, save({"crops": rows, "targets": targets.contiguous()}, metadata={"key": key}))
+    write_bytes(path, save({"crops": rows, "views": views.contiguous(), "targets": targets.contiguous()},
+                           metadata={"key": key}))
     log.info("teacher pool: %d views, targets %s -> %s", size, tuple(targets.shape), path)
-    return TeacherPool(rows.numpy(), targets, key)
+    return TeacherPool(rows.numpy(), views, targets, key)

@@ -31,7 +31,7 @@ import torch
 
 from gfm_core.config import Params
 from gfm_core.errors import DataValidationError
-from gfm_core.io import sha256_json
+from gfm_core.io import sha256_json, write_json
 from gfm_core.science.probes import (
     DenseSet,
     Encoder,
@@ -205,19 +205,41 @@ def _score(
 
 
 def measure_flops(params: Params, runs: list[Run]) -> None:
-    """Fill each run's FLOPs per optimizer step (student forward + backward) and fixed cost (teacher pool)."""
+    """Fill each run's FLOPs per optimizer step (student forward + backward) and fixed cost (teacher pool).
+
+    Counted once per set of variant settings (``<out_dir>/flops.json``).
+    """
+    cfg = params.pretrain
+    b, s = cfg.batch_size, cfg.student.img_size
+    cache = params.science.out_dir / "flops.json"
+    key = sha256_json({v: variant_params(params, v, 0).pretrain.model_dump(mode="json", exclude={"seed", "out_dir"})
+                       for v in params.science.variants})
+    known = json.loads(cache.read_text()) if cache.is_file() else {}
+    if known.get("key") == key:
+        per_step, per_view = known["per_step"], known["per_view"]
+    else:
+        per_step, per_view = _count_flops(params, b, s)
+        write_json(cache, {"key": key, "per_step": per_step, "per_view": per_view})
+    for run in runs:
+        run.step_flops = per_step[run.variant]
+        needs_teacher = params.science.variants[run.variant].get("alpha", cfg.alpha) > 0
+        run.fixed_flops = per_view * (cfg.teacher_pool or 0) if needs_teacher else 0.0
+        if needs_teacher and not cfg.teacher_pool:  # a live teacher runs on every view of every step
+            run.step_flops += per_view * b
+
+
+def _count_flops(params: Params, b: int, s: int) -> tuple[dict[str, float], float]:
+    """FLOPs of one training step of each variant, and of the teacher on one view (torch's FLOP counter)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     from gfm_core.data.masking import MaskGenerator
     from gfm_core.models.backbones import create_teacher
     from gfm_core.objectives import build_continual_pretrain
 
-    cfg = params.pretrain
-    b, s = cfg.batch_size, cfg.student.img_size
     gen = torch.Generator().manual_seed(0)
     per_step: dict[str, float] = {}
     for variant in params.science.variants:
-        p = variant_params(params, variant, params.science.seeds[0]).pretrain
+        p = variant_params(params, variant, 0).pretrain
         obj = build_continual_pretrain(p)
         masks = MaskGenerator(s, p.mask_patch_size, p.student.patch_size, p.mask_ratio)
         mask = torch.stack([masks(gen) for _ in range(b)])
@@ -227,16 +249,10 @@ def measure_flops(params: Params, runs: list[Run]) -> None:
         with FlopCounterMode(display=False) as counter:
             obj(batch)["loss"].backward()
         per_step[variant] = float(counter.get_total_flops())
-    teacher = create_teacher(cfg.teacher)
+    teacher = create_teacher(params.pretrain.teacher)
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         teacher(torch.randn(1, 3, *teacher.input_size))
-    per_view = float(counter.get_total_flops())
-    for run in runs:
-        run.step_flops = per_step[run.variant]
-        needs_teacher = params.science.variants[run.variant].get("alpha", cfg.alpha) > 0
-        run.fixed_flops = per_view * (cfg.teacher_pool or 0) if needs_teacher else 0.0
-        if needs_teacher and not cfg.teacher_pool:  # a live teacher runs on every view of every step
-            run.step_flops += per_view * b
+    return per_step, float(counter.get_total_flops())
 
 
 # ---------------------------------------------------------------------------------------------- the stage

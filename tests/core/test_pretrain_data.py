@@ -183,4 +183,5 @@ def test_teacher_pool_targets_are_the_teachers_and_are_keyed_by_teacher(shards, 
     s = st[3]
     j = int(np.random.default_rng(sample_seed(3, 0, 3)).integers(40))
     assert torch.equal(s["teacher_target"], other.targets[j])
-    assert torch.equal(s["image"], st.render(other.crop(j)))
+    assert torch.equal(s["image"], st.render(other.crop(j)))  # the stored view is the rendered crop
+    assert torch.equal(other.views[j], st.view(other.crop(j)))

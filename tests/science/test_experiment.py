@@ -12,7 +12,7 @@ from helpers.rasters import make_geotiff
 from safetensors.torch import save_file
 
 from gfm_core.config import parse_params
-from gfm_core.science.experiment import random_init, run_science
+from gfm_core.science.experiment import pretrain_runs, random_init, run_science
 
 SWIN = "swin_tiny_patch4_window7_224"
 TINY = dict(embed_dim=16, depths=[1, 1, 1, 1], num_heads=[1, 1, 2, 2])
@@ -89,8 +89,11 @@ def test_the_whole_science_path_runs_and_reports_every_hypothesis(tiny):
     assert res.report_md.read_text().startswith("# Science report")
     assert (res.report_json.parent / "curve.png").is_file()
 
-    again = run_science(tiny)  # finished runs are reused: only the probes and statistics run again
-    assert json.loads(again.report_json.read_text())["hypotheses"] == report["hypotheses"]
+    stamps = sorted(tiny.science.out_dir.glob("runs/*/seed*/science_run.json"))
+    before = [p.stat().st_mtime_ns for p in stamps]
+    again = pretrain_runs(tiny)  # finished runs with unchanged settings are reused, not trained again
+    assert len(stamps) == 6 and [p.stat().st_mtime_ns for p in stamps] == before
+    assert {(r.variant, r.seed) for r in again} == {(r["variant"], r["seed"]) for r in report["runs"]}
 
 
 def test_random_init_is_the_pretraining_start(tiny):
