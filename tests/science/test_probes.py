@@ -64,7 +64,8 @@ def test_features_are_each_levels_map_at_the_pixel_centre(scenes):
 
     f = encoder_features(identity, ds, 32, mean, std)  # 72 px: tiles of 32 with a reflected border
     assert f.shape == (len(ds.px_label), 6)
-    want = (np.stack([ds.images[i][:, r, c] for i, r, c in zip(ds.px_image, ds.px_row, ds.px_col)]) - 0.5) / 0.25
+    px = zip(ds.px_image, ds.px_row, ds.px_col, strict=True)
+    want = (np.stack([ds.images[i][:, r, c] for i, r, c in px]) - 0.5) / 0.25
     np.testing.assert_allclose(f[:, :3], want, atol=1e-5)
 
 
