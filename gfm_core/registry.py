@@ -18,6 +18,9 @@ named by the version tag ``gfm.evidence_run_id``. A champion registered without 
 recorded ARP point estimate (tag ``gfm.arp``), and the decision says so (``gfm.gate_method``). Evidence that
 does not cover the candidate's tasks and test samples cannot show the candidate is better: the gate refuses.
 
+The gate binds to bytes: it refuses a version whose registered weights (tag ``gfm.weights_sha256``, hashed
+from the logged artifact) are not the backbone the candidate's fine-tuning results started from.
+
 Registry writes keep a consistent state: the version is tagged ``gfm.gate=pending`` first, then with its
 numbers; the alias moves only after the current champion is read again and found unchanged; ``gfm.gate`` is
 written last (``passed``/``refused``). A failure between the alias move and the final tag moves the alias
@@ -92,6 +95,8 @@ class Evaluation:
         baseline: the ARP reference model; ``baseline_scores`` its headline score per task.
         evidence: task -> the candidate's :class:`TaskEvidence`.
         missing: results the report lacks.
+        weights_sha256: the backbone bytes the candidate's fine-tuning results started from (None: unknown);
+            the gate refuses a version whose registered weights differ.
     """
 
     candidate: str
@@ -100,6 +105,7 @@ class Evaluation:
     baseline_scores: dict[str, float]
     evidence: dict[str, TaskEvidence]
     missing: tuple[str, ...] = ()
+    weights_sha256: str | None = None
 
     @classmethod
     def from_report(cls, report: Any, params: Params, candidate: str | None = None) -> Evaluation:
@@ -107,7 +113,7 @@ class Evaluation:
 
         Raises:
             ConfigError: the candidate is not a model of the report.
-            CheckpointError: a result file the report used is gone.
+            CheckpointError: a result file the report used is gone, or the results changed since the report.
         """
         from gfm_core.evaluation.report import load_run
         from gfm_core.finetune import RESULT_FILE, result_dir
@@ -116,9 +122,12 @@ class Evaluation:
         if name not in report.models:
             raise ConfigError(f"promote.candidate {name!r} is not a model of the evaluation report {report.models}")
         evidence = {}
+        shas: dict[str | None, list[str]] = {}
         for task in report.tasks:
             seeds = report.seeds.get(name, {}).get(task, [])
             runs = [load_run(result_dir(params.finetune, task, name, s) / RESULT_FILE) for s in seeds]
+            for r in runs:
+                shas.setdefault(r.backbone_sha256, []).append(str(r.source))
             if not runs:
                 continue
             ids = tuple(runs[0].ids)
@@ -131,9 +140,16 @@ class Evaluation:
             evidence[task] = TaskEvidence(
                 task, runs[0].head, runs[0].headline, ids, {r.seed: dict(r.stats) for r in runs}
             )
+        reported = getattr(report, "backbones", {}).get(name)
+        if len(shas) > 1 or (shas and reported is not None and reported not in shas):
+            found = "; ".join(f"{k or 'unrecorded'}: {', '.join(v)}" for k, v in shas.items())
+            raise CheckpointError(
+                f"the fine-tuning results of {name} changed since the evaluation report (which used backbone "
+                f"sha256 {reported}; now {found}); re-run `gfm evaluate`, then `gfm promote`"
+            )
         base = {t: float(report.cell(report.baseline, t)) for t in report.tasks}
         return cls(name, {m: float(v) for m, v in report.arp.items()}, report.baseline, base, evidence,
-                   tuple(report.missing))
+                   tuple(report.missing), next(iter(shas), reported))
 
 
 def save_evidence(evaluation: Evaluation, out_dir: str | Path) -> Path:
@@ -318,6 +334,24 @@ def _current(client: Any, name: str, alias: str) -> Any | None:
         raise
 
 
+def _weights_reasons(client: Any, name: str, version: str, evaluation: Evaluation) -> list[str]:
+    """Why the registered weights of ``version`` are not the ones the evaluation judged (empty when they are)."""
+    rerun = (f"re-run `gfm finetune --model {evaluation.candidate}` and `gfm evaluate` on this backbone, "
+             f"then `gfm promote`")
+    registered = client.get_model_version(name, version).tags.get("gfm.weights_sha256")
+    judged = evaluation.weights_sha256
+    if not judged:
+        return [f"the evaluation does not record which backbone bytes {evaluation.candidate} was fine-tuned from "
+                f"(results written before backbone hashes were recorded); {rerun}"]
+    if not registered:
+        return [f"models:/{name}/{version} has no gfm.weights_sha256 tag (not registered with "
+                f"tracking.register_backbone); register the backbone again with `gfm promote`"]
+    if registered != judged:
+        return [f"models:/{name}/{version} holds backbone sha256 {registered}, but the evaluation judged "
+                f"fine-tuning results of sha256 {judged}: the backbone changed after fine-tuning; {rerun}"]
+    return []
+
+
 def decide(
     client: Any,
     name: str,
@@ -329,11 +363,16 @@ def decide(
     ci: float = 0.95,
     seed: int = 0,
 ) -> PromotionDecision:
-    """The gate's verdict (reads the registry, writes nothing)."""
+    """The gate's verdict (reads the registry, writes nothing).
+
+    Besides the ARP rules (module docstring) the registered weights must be the evaluated ones: the version's
+    ``gfm.weights_sha256`` tag (the bytes :func:`gfm_core.tracking.register_backbone` logged) must equal
+    ``evaluation.weights_sha256`` (the bytes the candidate's fine-tuning started from).
+    """
     arp = evaluation.arp
     cand = arp.get(evaluation.candidate, math.nan)
     others = {m: v for m, v in arp.items() if m != evaluation.candidate}
-    reasons = []
+    reasons = _weights_reasons(client, name, version, evaluation)
     if not math.isfinite(cand):
         reasons.append(f"no ARP for candidate {evaluation.candidate!r} in the evaluation")
     for m, v in sorted(others.items()):

@@ -32,6 +32,7 @@ from typing import Any
 
 from gfm_core.config import Params, PromoteCfg, TrackingCfg
 from gfm_core.errors import CheckpointError, ConfigError
+from gfm_core.io import sha256_file
 from gfm_core.registry import EVIDENCE_DIR, Evaluation, PromotionDecision, save_evidence
 from gfm_core.registry import promote as _gate_and_alias
 
@@ -277,7 +278,9 @@ def register_backbone(
 ) -> str:
     """Log the backbone as a pyfunc model (with its model card) to the active run, register it; returns the version.
 
-    The version's source is ``<run artifacts>/backbone``; its description is the model card.
+    The version's source is ``<run artifacts>/backbone``; its description is the model card. Its tag
+    ``gfm.weights_sha256`` is the sha256 of the weight file as logged (what the promotion gate compares with
+    the evaluated bytes).
     """
     mlflow = _mlflow()
     run = mlflow.active_run()
@@ -306,12 +309,18 @@ def register_backbone(
             )
         (model_dir / "model_card.json").write_text(json.dumps(card, indent=2, default=str) + "\n")
         (model_dir / "model_card.md").write_text(card_markdown(card, model_name))
+        logged = sha256_file(model_dir / "artifacts" / backbone.name)  # the bytes registered, not the source's
         mlflow.log_artifacts(str(model_dir), artifact_path=ARTIFACT_DIR)
+    tags = dict(tags)
+    if tags.get("gfm.weights_sha256", logged) != logged:
+        log.warning("%s changed while it was registered: the version is tagged with the logged bytes' sha256",
+                    backbone)
+    tags["gfm.weights_sha256"] = logged
     client = mlflow.MlflowClient()
     with contextlib.suppress(Exception):  # already registered
         client.create_registered_model(model_name, description="GFM foundation backbones (timm, safetensors)")
     version = client.create_model_version(
-        model_name, source=f"{run.info.artifact_uri}/{ARTIFACT_DIR}", run_id=run.info.run_id, tags=dict(tags),
+        model_name, source=f"{run.info.artifact_uri}/{ARTIFACT_DIR}", run_id=run.info.run_id, tags=tags,
         description=card_markdown(card, model_name)[:5000],
     )
     return str(version.version)
@@ -338,7 +347,7 @@ def promote(
     if evaluation is None:
         evaluation = Evaluation(
             cfg.candidate, {m: float(v) for m, v in report.arp.items()}, getattr(report, "baseline", ""), {}, {},
-            tuple(getattr(report, "missing", ())),
+            tuple(getattr(report, "missing", ())), getattr(report, "backbones", {}).get(cfg.candidate),
         )
     run = mlflow.active_run()
     evidence_run = None
