@@ -56,6 +56,8 @@ class RunScores:
     metrics: dict[str, float]
     ids: list[str]
     stats: dict[str, np.ndarray]
+    backbone_sha256: str | None = None  # the backbone bytes fine-tuning started from (None: not recorded)
+    source: Path | None = None  # the result file
 
 
 @dataclass(frozen=True)
@@ -97,6 +99,7 @@ class Report:
     ci_level: float
     missing: list[str] = field(default_factory=list)
     paths: dict[str, Path] = field(default_factory=dict)
+    backbones: dict[str, str | None] = field(default_factory=dict)  # model -> sha256 its results started from
 
     def cell(self, model: str, task: str, metric: str | None = None) -> float:
         return self.mean[model][f"{task}/{metric or self.headlines[task]}"]
@@ -117,6 +120,7 @@ class Report:
             "ci_level": self.ci_level,
             "bootstrap": {m: {t: _ci_json(c) for t, c in d.items()} for m, d in self.ci.items()},
             "missing": self.missing,
+            "backbones": self.backbones,
             "paths": {k: str(v) for k, v in self.paths.items()},
             "arp_definition": "mean over tasks of 100 * (headline - baseline) / baseline",
         }
@@ -240,7 +244,8 @@ def build_report(
 
     Raises:
         ConfigError: no runs, or the baseline/reference is not among the models.
-        DataValidationError: runs of one task were tested on different samples (paired stats impossible).
+        DataValidationError: runs of one task were tested on different samples (paired stats impossible), or
+            runs of one model started from different backbone bytes.
     """
     if not runs:
         raise ConfigError("no fine-tuning results to report (run gfm finetune first)")
@@ -263,6 +268,7 @@ def build_report(
             raise DataValidationError(f"task {r.task}: results disagree on its head/headline metric")
     tasks = [t for t in tasks if t in heads]
     _check_same_samples(by_key, tasks)
+    backbones = _check_same_backbone(by_key)
 
     columns = []
     for t in tasks:
@@ -320,7 +326,36 @@ def build_report(
         cis,
         ci,
         list(missing),
+        backbones={m: backbones.get(m) for m in models},
     )
+
+
+def _check_same_backbone(by_key: Mapping[tuple[str, str], Mapping[int, RunScores]]) -> dict[str, str | None]:
+    """``model -> sha256`` of the backbone all its runs started from (None when no run recorded one).
+
+    Raises:
+        DataValidationError: one model's runs started from different bytes (or some recorded none).
+    """
+    groups: dict[str, dict[str | None, list[RunScores]]] = {}
+    for (model, _), runs in by_key.items():
+        for r in runs.values():
+            groups.setdefault(model, {}).setdefault(r.backbone_sha256, []).append(r)
+    out: dict[str, str | None] = {}
+    for model, by_sha in groups.items():
+        if len(by_sha) > 1:
+            lines = []
+            for sha, runs in by_sha.items():
+                name = f"sha256 {sha}" if sha else "unrecorded backbone (written before backbone hashes)"
+                files = ", ".join(str(r.source or f"{r.task}/{r.model}/seed_{r.seed}") for r in runs)
+                lines.append(f"  {name}: {files}")
+            raise DataValidationError(
+                f"model {model}: its fine-tuning results started from different backbone bytes, so they "
+                f"cannot be reported together:\n" + "\n".join(lines) +
+                f"\nThe backbone changed between fine-tuning runs; re-run `gfm finetune --model {model}` (every "
+                f"task and seed), then `gfm evaluate`"
+            )
+        out[model] = next(iter(by_sha))
+    return out
 
 
 def _check_same_samples(
@@ -502,7 +537,8 @@ def load_run(result_json: str | Path) -> RunScores:
     ids, stats = load_scores(
         res.scores if res.scores.is_absolute() else Path(result_json).parent / res.scores.name
     )
-    return RunScores(res.task, res.head, res.model, res.seed, res.headline, dict(res.metrics), ids, stats)
+    return RunScores(res.task, res.head, res.model, res.seed, res.headline, dict(res.metrics), ids, stats,
+                     res.backbone_sha256, Path(result_json))
 
 
 def evaluate_results(results: Sequence[Any], *, out_dir: str | Path | None = None, **kwargs: Any) -> Report:
