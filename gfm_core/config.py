@@ -396,6 +396,9 @@ class PromoteCfg(Section):
     model_name: str = "gfm-foundation"
     alias: str = "champion"
     candidate: str = Field("gfm", description="the finetune.models entry that is the foundation model")
+    must_beat: tuple[str, ...] | None = Field(
+        None, description="models whose ARP the candidate must beat; None = every other evaluated model"
+    )
     min_gain: float = Field(0.0, ge=0, description="ARP points the candidate must gain over the champion")
     require_complete: bool = Field(True, description="refuse when the evaluation misses results")
 

@@ -3,7 +3,8 @@
 The rule, for the candidate (``promote.candidate``, the foundation model just trained) and an evaluation
 report over the same tasks:
 
-1. its ARP beats every other evaluated model's ARP (ImageNet, random init, ablations: the baselines);
+1. its ARP beats the ARP of every model in ``promote.must_beat`` (default: every other evaluated model: ImageNet,
+   random init, ablations, the trivial row);
 2. it beats the current champion: the paired bootstrap interval of ``ARP(candidate) - ARP(champion)`` lies
    above ``promote.min_gain`` (its lower bound is greater). Both models are scored on the *same* test samples
    and seeds; each replicate resamples the samples (and seeds) of every task with replacement and recomputes
@@ -377,15 +378,16 @@ def decide(
     """
     arp = evaluation.arp
     cand = arp.get(evaluation.candidate, math.nan)
-    others = {m: v for m, v in arp.items() if m != evaluation.candidate}
+    bar = cfg.must_beat if cfg.must_beat is not None else [m for m in arp if m != evaluation.candidate]
+    others = {m: arp.get(m, math.nan) for m in bar if m != evaluation.candidate}
     reasons = _weights_reasons(client, name, version, evaluation)
     if not math.isfinite(cand):
         reasons.append(f"no ARP for candidate {evaluation.candidate!r} in the evaluation")
     for m, v in sorted(others.items()):
         if math.isfinite(v) and not cand > v:
             reasons.append(f"ARP {cand:+.2f} does not beat baseline {m} ({v:+.2f})")
-        elif not math.isfinite(v) and cfg.require_complete:
-            reasons.append(f"baseline {m} was not evaluated (no ARP)")
+        elif not math.isfinite(v) and (cfg.require_complete or m not in arp):
+            reasons.append(f"baseline {m} was not evaluated (no ARP; promote.must_beat names it)")
     if evaluation.missing and cfg.require_complete:
         reasons.append(f"evaluation is incomplete: {len(evaluation.missing)} missing result(s)")
 

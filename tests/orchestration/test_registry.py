@@ -159,3 +159,15 @@ def test_evidence_round_trips_without_pickles(tmp_path):
     (tmp_path / "ev" / "evidence.json").write_text("{}")
     with pytest.raises(CheckpointError, match="schema"):
         registry.load_evidence(tmp_path / "ev")
+
+
+def test_must_beat_names_the_models_the_candidate_has_to_beat(store):
+    path, _ = tiny_backbone(store, 0, {"steps": 0})
+    ev = dataclasses.replace(_evaluation(240, arp=-5.0), arp={"gfm": -5.0, "imagenet": 0.0, "random": -12.0})
+    refused = _register_and_promote(path, ev)  # default: every other evaluated model, the teacher included
+    assert not refused.promoted and any("baseline imagenet" in r for r in refused.reasons)
+    demo = PromoteCfg(must_beat=("random",))  # the demo's bar: its own random init, not a foreign teacher
+    passed = _register_and_promote(path, ev, demo)
+    assert passed.promoted and passed.baseline_arps == {"random": -12.0}
+    missing = _register_and_promote(path, ev, PromoteCfg(must_beat=("mim_only",)))
+    assert not missing.promoted and any("mim_only was not evaluated" in r for r in missing.reasons)
