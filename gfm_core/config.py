@@ -378,6 +378,10 @@ class EvaluateCfg(Section):
     ci: float = Field(0.95, gt=0, lt=1)
     seed: int = 0
     require_complete: bool = Field(True, description="fail when a (model, task, seed) result is missing")
+    trivial: bool = Field(True, description="add the trivial predictor of each task as the row `trivial`")
+    arp_exclude: dict[str, str] = Field(
+        default_factory=dict, description="task -> why it stays out of ARP (reported, not averaged)"
+    )
     out_dir: Path = Path("outputs/evaluate")
 
 

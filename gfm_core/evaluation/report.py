@@ -79,6 +79,11 @@ class BootstrapCI:
     def excludes_zero(self) -> bool:
         return self.lo > 0 or self.hi < 0
 
+    @property
+    def mdd(self) -> float:
+        """Minimal detectable difference: 2.8 standard errors (80 % power, two-sided 5 %), SE from the interval."""
+        return 2.8 * (self.hi - self.lo) / 3.92
+
 
 @dataclass(frozen=True)
 class Report:
@@ -100,6 +105,12 @@ class Report:
     missing: list[str] = field(default_factory=list)
     paths: dict[str, Path] = field(default_factory=dict)
     backbones: dict[str, str | None] = field(default_factory=dict)  # model -> sha256 its results started from
+    arp_excluded: dict[str, str] = field(default_factory=dict)  # task -> why it is not part of ARP
+
+    def task_mdd(self, task: str) -> float:
+        """The median minimal detectable difference of the task's comparisons to the reference (NaN: none)."""
+        vals = [d[task].mdd for d in self.ci.values() if task in d]
+        return float(np.median(vals)) if vals else math.nan
 
     def cell(self, model: str, task: str, metric: str | None = None) -> float:
         return self.mean[model][f"{task}/{metric or self.headlines[task]}"]
@@ -121,6 +132,8 @@ class Report:
             "bootstrap": {m: {t: _ci_json(c) for t, c in d.items()} for m, d in self.ci.items()},
             "missing": self.missing,
             "backbones": self.backbones,
+            "arp_excluded": self.arp_excluded,
+            "mdd": {t: self.task_mdd(t) for t in self.tasks},
             "paths": {k: str(v) for k, v in self.paths.items()},
             "arp_definition": "mean over tasks of 100 * (headline - baseline) / baseline",
         }
@@ -239,6 +252,7 @@ def build_report(
     ci: float = 0.95,
     seed: int = 0,
     missing: Sequence[str] = (),
+    arp_exclude: Mapping[str, str] | None = None,
 ) -> Report:
     """Aggregate runs into the report (no files written; see :func:`write_report`).
 
@@ -288,7 +302,8 @@ def build_report(
             )
         for t in tasks:
             seeds[m][t] = sorted(by_key.get((m, t), {}))
-    head_scores = {m: {t: mean[m][f"{t}/{headlines[t]}"] for t in tasks} for m in models}
+    excluded = dict(arp_exclude or {})
+    head_scores = {m: {t: mean[m][f"{t}/{headlines[t]}"] for t in tasks if t not in excluded} for m in models}
     arp = {m: average_relative_performance(head_scores[m], head_scores[baseline]) for m in models}
 
     cis: dict[str, dict[str, BootstrapCI]] = {m: {} for m in models if m != reference}
@@ -327,6 +342,7 @@ def build_report(
         ci,
         list(missing),
         backbones={m: backbones.get(m) for m in models},
+        arp_excluded={t: why for t, why in (arp_exclude or {}).items() if t in tasks},
     )
 
 
@@ -433,7 +449,17 @@ def to_markdown(report: Report) -> str:
                 else f"{c.diff:+.2f} [{c.lo:+.2f}, {c.hi:+.2f}]" + ("*" if c.excludes_zero else "")
             )
         out.append(f"| {model} | " + " | ".join(cells) + " |")
-    out += ["", "\\* the interval excludes 0."]
+    out.append("| resolvable difference (MDD, 80 % power) | " + " | ".join(
+        "—" if math.isnan(r.task_mdd(t)) else f"{r.task_mdd(t):.2f}" for t in r.tasks) + " |")
+    out += ["", "\\* the interval excludes 0. Intervals resample test samples and fine-tuning seeds (paired); each "
+            "pretrained backbone is one pretraining run, so pretraining-seed variance is not in them (the science "
+            "report resamples pretraining seeds)."]
+    for t in r.tasks:
+        if not any(d[t].excludes_zero for d in r.ci.values() if t in d):
+            out.append(f"- **{t}** does not rank the models: no difference to {r.reference} is resolved at this test "
+                       f"size (MDD about {r.task_mdd(t):.2f} {r.headlines[t]}).")
+    if r.arp_excluded:
+        out += ["", "Tasks outside ARP: " + "; ".join(f"**{t}** ({why})" for t, why in r.arp_excluded.items())]
     if r.missing:
         out += ["", "## Missing results", "", *[f"- {m}" for m in r.missing]]
     return "\n".join(out) + "\n"
@@ -583,6 +609,16 @@ def run_evaluation(params: Params) -> Report:
         if ev.require_complete:
             raise CheckpointError(msg + "\n(or set evaluate.require_complete: false to report what exists)")
         log.warning(msg)
+    unknown = sorted(set(ev.arp_exclude) - known_tasks)
+    if unknown:
+        raise ConfigError(f"evaluate.arp_exclude: {unknown} not in finetune.tasks ({sorted(known_tasks)})")
+    if ev.trivial:  # the trivial predictor of each task (fitted on its train split) as one more row
+        from gfm_core.evaluation.trivial import TRIVIAL, trivial_scores
+        from gfm_core.finetune import get_task
+
+        for t in tasks:
+            runs.extend(trivial_scores(get_task(params, t), ft.seeds))
+        models = [*models, TRIVIAL]
     report = build_report(
         runs,
         models=models,
@@ -593,6 +629,7 @@ def run_evaluation(params: Params) -> Report:
         ci=ev.ci,
         seed=ev.seed,
         missing=missing,
+        arp_exclude=ev.arp_exclude,
     )
     report = write_report(report, ev.out_dir)
     log.info("evaluation report: %s", report.paths["markdown"])
