@@ -27,7 +27,7 @@ def write_params(repo_root: Path, tmp: Path, *, tasks: tuple[str, ...] = ("scene
     demo["validate"].update(validate)
     demo["pretrain"]["teacher"]["checkpoint"] = str(tmp / "demo" / "teacher" / TEACHER)
     demo["pretrain"].update(out_dir=str(tmp / "pretrain"), batch_size=4, max_steps=2, log_every=1,
-                            checkpoint_every=2)
+                            checkpoint_every=2, teacher_pool=16, holdout_crops=8)
     ft = demo["finetune"]
     for task in ft["tasks"]:  # every task's root: the contamination check reads all test splits
         task["root"] = str(tmp / "demo" / "tasks" / task["name"])
@@ -44,6 +44,8 @@ def write_params(repo_root: Path, tmp: Path, *, tasks: tuple[str, ...] = ("scene
             m["path"] = demo["pretrain"]["teacher"]["checkpoint"]
     ft.update(seeds=[0], epochs=1, max_steps=2, out_dir=str(tmp / "finetune"))
     demo["evaluate"].update(n_bootstrap=50, out_dir=str(tmp / "evaluate"))
+    demo["evaluate"]["arp_exclude"] = {t: why for t, why in demo["evaluate"].get("arp_exclude", {}).items()
+                                       if t in tasks}
     if "gfm" in models and "imagenet" not in models:
         demo["evaluate"].update(baseline="gfm", reference="gfm")
     if edit is not None:
