@@ -9,15 +9,17 @@ from __future__ import annotations
 import csv
 import logging
 import math
+import os
 import time
 from collections.abc import Iterator, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from gfm_core.config import Params, PretrainCfg
 from gfm_core.errors import ConfigError, DataValidationError
-from gfm_core.io import sha256_file, sha256_json, write_json
+from gfm_core.io import atomic_write, sha256_file, sha256_json, write_json
 
 log = logging.getLogger(__name__)
 
@@ -232,6 +234,9 @@ class PretrainResult:
     images: int  # images in the pile
     history: list[dict[str, float]] = field(default_factory=list)
     reconstructions: Path | None = None  # PNG: input | masked | prediction | visible + prediction
+    start_step: int = 0  # 0 = a fresh run; k = continued an interrupted run of the same fingerprint after step k
+    start_reason: str = ""  # why it resumed or started fresh
+    set_aside: Path | None = None  # where a fresh start moved the earlier run's checkpoints
 
     def summary(self) -> str:
         """One line of the final loss parts."""
@@ -240,12 +245,24 @@ class PretrainResult:
 
 
 class _CsvLog:
-    """Callback: mirror logged metrics into a CSV (DVC plots) as they arrive."""
+    """Callback: mirror logged metrics into a CSV (DVC plots) as they arrive (``metrics.jsonl`` is the record:
+    a fresh start moves it aside with the checkpoints and starts the CSV anew)."""
 
-    def __init__(self, path: Path, start_fresh: bool) -> None:
+    def __init__(self, path: Path) -> None:
         self.path = path
-        if start_fresh and path.exists():
-            path.unlink()
+
+    def on_start(self, step: int) -> None:
+        """Keep only the rows up to the step this run starts from (rows past a resumed checkpoint were lost)."""
+        if not self.path.exists():
+            return
+        with open(self.path, newline="") as f:
+            rows = list(csv.reader(f))
+        kept = [rows[0], *(r for r in rows[1:] if r and int(r[0]) <= step)] if rows else []
+        if len(kept) <= 1:
+            self.path.unlink()
+        else:
+            with atomic_write(self.path, "w") as f:
+                csv.writer(f, lineterminator="\n").writerows(kept)
 
     def on_log(self, step: int, metrics: dict[str, float]) -> None:
         row = {"step": step, **metrics}
@@ -265,6 +282,31 @@ def pretrain_sources(params: Params) -> list[Any]:
         return list(params.ingest.sources)
     root = params.ingest.root
     return discover_geopile(root.parent, root.name)
+
+
+#: Pretraining settings that do not change what a run computes (left out of its fingerprint).
+_RUN_NEUTRAL = ("out_dir", "log_every", "checkpoint_every", "num_workers")
+
+
+def pretrain_fingerprint(cfg: PretrainCfg, data_hash: str, total_steps: int) -> dict[str, str]:
+    """What a pretraining run is: its data's content hash, its settings' sha256 (with the optimizer steps its
+    schedule spans) and its teacher file's sha256.
+
+    A checkpoint is continued only by a run with the same fingerprint. Settings that do not change the result
+    (``out_dir``, ``log_every``, ``checkpoint_every``, ``num_workers``) and the teacher's path (its bytes count,
+    through the sha256) are left out.
+    """
+    section = cfg.model_dump(mode="json")
+    for key in _RUN_NEUTRAL:
+        section.pop(key, None)
+    section["teacher"].pop("checkpoint", None)
+    section["total_steps"] = total_steps  # max_steps may come from the caller, not from params
+    teacher = cfg.teacher.checkpoint
+    return {
+        "data": data_hash,
+        "params_sha256": sha256_json(section),
+        "teacher_sha256": sha256_file(teacher) if cfg.alpha > 0 and teacher is not None else "none",
+    }
 
 
 def make_backend(cfg: PretrainCfg, device: str, micro_batch: int) -> Any:
@@ -306,7 +348,7 @@ def _tracking_callbacks(params: Params, is_main: bool) -> list[Any]:
 def run_pretrain(
     params: Params,
     *,
-    resume: bool = False,
+    resume: bool | Literal["unfinished"] = False,
     max_steps: int | None = None,
     callbacks: Sequence[Any] = (),
 ) -> PretrainResult:
@@ -314,7 +356,26 @@ def run_pretrain(
 
     The schedule spans ``epochs`` over the pile (warm-up ``warmup_epochs``); ``max_steps`` (argument, else
     ``pretrain.max_steps``) compresses the same schedule into that many optimizer steps.
+
+    ``resume``: ``True`` continues the newest checkpoint in ``pretrain.out_dir`` when it has this run's
+    :func:`pretrain_fingerprint` (same data, settings and teacher); ``"unfinished"`` continues only an
+    interrupted one (a finished run starts over: what a Dagster re-materialisation wants); ``False`` starts
+    fresh. A fresh start moves the earlier run's checkpoints to ``checkpoints.stale-<time>/`` (never deletes
+    them); the result's ``start_step``/``start_reason``/``set_aside`` say what happened.
+
+    Raises:
+        CheckpointError: another pretraining is writing ``pretrain.out_dir`` (rank 0 holds its lock file).
     """
+    from gfm_core.training.checkpoint import exclusive_out_dir
+
+    lock = exclusive_out_dir(params.pretrain.out_dir) if os.environ.get("RANK", "0") == "0" else nullcontext()
+    with lock:
+        return _run_pretrain(params, resume=resume, max_steps=max_steps, callbacks=callbacks)
+
+
+def _run_pretrain(
+    params: Params, *, resume: bool | Literal["unfinished"], max_steps: int | None, callbacks: Sequence[Any]
+) -> PretrainResult:
     from gfm_core.data.masking import MaskGenerator
     from gfm_core.data.pretrain_data import PretrainImages, list_pile
     from gfm_core.objectives import build_continual_pretrain, export_backbone
@@ -359,13 +420,15 @@ def run_pretrain(
     full = cfg.epochs * steps_per_epoch
     limit = max_steps or cfg.max_steps
     total = min(full, limit) if limit else full
+    data_hash = data_meta.get("manifest_content_hash") or data_meta["files_sha256"]
+    fingerprint = pretrain_fingerprint(cfg, data_hash, total)
     warmup = round(total * cfg.warmup_epochs / cfg.epochs)
     loop_cfg = LoopCfg(
         total_steps=total, out_dir=out_dir, grad_accum=cfg.grad_accum,
         base_lr=scale_lr(cfg.base_lr, global_batch), warmup_lr=scale_lr(cfg.warmup_lr, global_batch),
         min_lr=scale_lr(cfg.min_lr, global_batch), warmup_steps=warmup, betas=cfg.betas,
         clip_grad=cfg.clip_grad, log_every=min(cfg.log_every, total), checkpoint_every=cfg.checkpoint_every,
-        seed=cfg.seed, resume=resume, fused_optimizer=cfg.backend == "torch",
+        seed=cfg.seed, resume=resume, fingerprint=fingerprint, fused_optimizer=cfg.backend == "torch",
     )
     csv_path = out_dir / "metrics.csv"
     loader = _loader_factory(dataset, cfg.batch_size, cfg.num_workers, cfg.seed, backend.rank, world)
@@ -375,7 +438,7 @@ def run_pretrain(
         total, global_batch, cfg.backend, cfg.precision, device,
     )
     t0 = time.perf_counter()
-    csv_log = _CsvLog(csv_path, start_fresh=not resume) if backend.is_main else None
+    csv_log = _CsvLog(csv_path) if backend.is_main else None
     fit_res = fit(
         objective, loader, backend, loop_cfg,
         param_groups(objective, cfg.weight_decay),
@@ -389,7 +452,7 @@ def run_pretrain(
     if backend.is_main:
         teacher_meta: dict[str, Any] = {"arch": cfg.teacher.arch, "feature_stage": cfg.teacher.feature_stage}
         if cfg.alpha > 0 and cfg.teacher.checkpoint is not None:
-            teacher_meta["sha256"] = sha256_file(cfg.teacher.checkpoint)
+            teacher_meta["sha256"] = fingerprint["teacher_sha256"]
             teacher_meta["file"] = str(cfg.teacher.checkpoint)
         meta = {
             "teacher": teacher_meta,
@@ -401,6 +464,8 @@ def run_pretrain(
         write_json(summary, {
             "steps": fit_res.steps, "images": len(dataset), "device": device, "backend": cfg.backend,
             "precision": cfg.precision, "seconds": round(elapsed, 2), **fit_res.metrics,
+            "start_step": fit_res.start_step, "start_reason": fit_res.start_reason,
+            "set_aside": str(fit_res.set_aside) if fit_res.set_aside else None, "fingerprint": fingerprint,
         })
     recon = _save_reconstructions(backend, dataset, out_dir / "reconstructions.png")
     backend.barrier()
@@ -408,6 +473,7 @@ def run_pretrain(
         steps=fit_res.steps, metrics=dict(fit_res.metrics), backbone=backbone,
         checkpoint_dir=out_dir / "checkpoints", metrics_csv=csv_path, summary_json=summary, device=device,
         images=len(dataset), history=list(fit_res.history), reconstructions=recon,
+        start_step=fit_res.start_step, start_reason=fit_res.start_reason, set_aside=fit_res.set_aside,
     )
 
 

@@ -21,13 +21,16 @@ continued, and an earlier run's files are moved aside (:func:`set_aside`), never
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import logging
 import os
 import random
 import re
 import shutil
+import socket
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -47,6 +50,7 @@ META_FILE = "meta.json"
 LATEST_FILE = "latest"
 STALE_PREFIX = "checkpoints.stale-"
 SET_ASIDE_FILE = "set_aside.json"
+LOCK_FILE = ".lock"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
@@ -362,3 +366,35 @@ def set_aside(out_dir: str | Path, reason: str, files: Sequence[str] = ()) -> Pa
     write_json(dest / SET_ASIDE_FILE, {"reason": reason, "set_aside_unix": time.time(), "files": moved})
     log.warning("%s; the earlier run's files are in %s", reason, dest)
     return dest
+
+
+@contextlib.contextmanager
+def exclusive_out_dir(out_dir: str | Path) -> Iterator[None]:
+    """Hold ``<out_dir>/.lock`` (``flock``) for the block: two runs never write one ``out_dir`` at once.
+
+    The kernel drops the lock when its process ends, even on ``kill -9``, so a crashed run never blocks the
+    next. Take it on rank 0 only.
+
+    Raises:
+        CheckpointError: another process holds the lock (its pid and host are named).
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    f = open(out_dir / LOCK_FILE, "a+")  # held open for the whole block
+    try:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            raise CheckpointError(
+                f"{out_dir}: {holder} is training into this folder right now; wait for it to finish or stop "
+                f"it (two runs must not share an out_dir)"
+            ) from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        f.flush()
+        yield
+    finally:
+        f.close()  # closing releases the lock
