@@ -11,7 +11,7 @@ export DO_NOT_TRACK := 1
 export HF_HUB_OFFLINE := 1
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-slow env ui mlflow-ui screenshots
+.PHONY: demo science test test-slow env ui mlflow-ui screenshots
 
 env:
 	@bash scripts/bootstrap.sh
@@ -22,6 +22,11 @@ env:
 ## Run the whole pipeline end to end on the embedded demo data: every Dagster asset, into $(DAGSTER_HOME).
 demo: env
 	$(VENV)/bin/python -m orchestration.materialize
+
+## The paper's claims tested at small scale on real data (about 45 min on 2 cores): outputs/science/report.md
+science: env
+	$(VENV)/bin/gfm demo-data
+	$(VENV)/bin/gfm science --preset science
 
 ## Run the default test suite (slow and GPU tests are opt-in: make test PYTEST_ARGS="-m slow").
 test: env

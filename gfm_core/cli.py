@@ -110,6 +110,16 @@ def _cmd_demo(args: argparse.Namespace) -> None:
         print(line)
 
 
+def _cmd_science(args: argparse.Namespace) -> None:
+    from gfm_core.science.experiment import run_science
+
+    params = _params(args)
+    res = run_science(params, progress=print)
+    for h, sets in res.verdicts.items():
+        print(f"{h}: " + ", ".join(f"{s} {v}" for s, v in sets.items()))
+    print(f"report: {res.report_md} ({res.report_json}); {res.seconds:.0f} s")
+
+
 COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], None], str]] = {
     "demo-data": (_cmd_demo_data, "build the embedded demo GeoPile and downstream tasks from real imagery"),
     "ingest": (_cmd_ingest, "read the pile once: manifest, quarantine report, normalisation stats"),
@@ -120,6 +130,8 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], None], str]] = {
     "evaluate": (_cmd_evaluate, "the comparison report: table, ARP, bootstrap CIs, radar chart"),
     "promote": (_cmd_promote, "register the foundation model; alias it @champion only if the evaluation gate passes"),
     "demo": (_cmd_demo, "run every stage end to end on the embedded demo data"),
+    "science": (_cmd_science, "test the paper's claims at small scale (use --preset science): variants x seeds, "
+                "dense probes, paired bootstrap, report"),
 }
 
 

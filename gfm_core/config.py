@@ -35,8 +35,10 @@ class DemoDataCfg(Section):
     multilabel_min_fraction: float = Field(0.05, gt=0, lt=1, description="a class is present above this area share")
     scene_classes: tuple[int, ...] = Field((1, 3, 5), description="land-cover codes kept for scene classification")
     sr_scale: int = Field(4, ge=2)
-    pile_crops_per_source: int = Field(48, ge=1)
+    pile_crops_per_source: int = Field(48, ge=1, description="random crops of the NC train blocks in the pile")
     pile_crop_range: tuple[int, int] = (64, 160)
+    pile_chip_size: int = Field(256, ge=32, description="other pile rasters are cut whole into chips of about this")
+    pile_min_chip: int = Field(64, ge=8, description="chips with a shorter side are dropped")
 
     @model_validator(mode="after")
     def _check(self) -> DemoDataCfg:
@@ -84,6 +86,9 @@ class TeacherCfg(Section):
     )
     img_size: int | None = Field(None, ge=32, description="input size; None = the arch's pretrained size")
     feature_stage: int = Field(3, ge=1, description="1-based stage whose (pooled) output is distilled")
+    timm_kwargs: dict[str, Any] = Field(
+        default_factory=dict, description="extra timm.create_model kwargs (a non-default width or depth)"
+    )
 
 
 class PretrainCfg(Section):
@@ -102,13 +107,29 @@ class PretrainCfg(Section):
     epochs: int = Field(100, ge=1)
     warmup_epochs: int = Field(10, ge=0)
     max_steps: int | None = Field(None, ge=1, description="stop early after this many optimizer steps")
-    base_lr: float = Field(2e-4, gt=0, description="scaled by global batch / 512")
+    lr_scaling: Literal["linear", "none"] = Field(
+        "linear", description="linear: lrs x global batch / 512 (the paper's rule); none: as written (tiny batches)"
+    )
+    base_lr: float = Field(2e-4, gt=0, description="peak lr (before lr_scaling)")
     warmup_lr: float = Field(1e-6, ge=0)
     min_lr: float = Field(1e-5, ge=0)
     weight_decay: float = Field(0.05, ge=0)
     betas: tuple[float, float] = (0.9, 0.999)
     clip_grad: float | None = Field(5.0, gt=0)
-    data: Literal["shards", "files"] = Field("shards", description="read the ingested shards, or decode files")
+    samples_per_epoch: int | None = Field(
+        None, ge=1, description="None = each pile image once per epoch (paper); N = N weighted draws per epoch"
+    )
+    source_weights: dict[str, float] | None = Field(
+        None, description="share of draws per source (needs samples_per_epoch); None = by pixel count"
+    )
+    holdout_fraction: float = Field(
+        0.01, ge=0, lt=1, description="share of each source's images never trained on (learning is measured there)"
+    )
+    holdout_crops: int = Field(256, ge=1, description="fixed held-out views measured at every logged step")
+    teacher_pool: int | None = Field(
+        None, ge=1, description="None = run the teacher live; N = targets of N fixed views computed once (cached)"
+    )
+    teacher_pool_seed: int = 0
     precision: Literal["fp32", "bf16", "fp16"] = "bf16"
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = cuda when visible, else cpu (logged)")
     backend: Literal["torch", "deepspeed"] = "torch"
@@ -146,7 +167,16 @@ class PretrainCfg(Section):
                 )
         if self.warmup_epochs >= self.epochs:
             raise ValueError(f"warmup_epochs {self.warmup_epochs} must be < epochs {self.epochs}")
+        if self.source_weights is not None:
+            if self.samples_per_epoch is None:
+                raise ValueError("source_weights needs samples_per_epoch (weighted draws)")
+            if min(self.source_weights.values(), default=0) < 0 or not sum(self.source_weights.values()) > 0:
+                raise ValueError(f"source_weights must be >= 0 with a positive sum, got {self.source_weights}")
         return self
+
+    def lr_factor(self, global_batch: int) -> float:
+        """What ``base_lr``, ``warmup_lr`` and ``min_lr`` are multiplied by (``lr_scaling``)."""
+        return global_batch / 512 if self.lr_scaling == "linear" else 1.0
 
 
 class IngestCfg(Section):
@@ -161,6 +191,10 @@ class IngestCfg(Section):
     sources: tuple[SourceSpec, ...] = ()
     settings: IngestSettings = IngestSettings()
     max_bad_fraction: float = Field(0.05, ge=0, le=1)
+    stretch: tuple[float, float] | None = Field(
+        None, description="per-source, per-band contrast stretch: these percentiles -> 0 and 1 (e.g. [2, 98]); "
+        "None = none (GeoPile's 8-bit images)",
+    )
     shard_size: int = Field(256, ge=32, description="training shards keep images with their short side at most this")
     images_per_shard: int = Field(512, ge=1)
 
@@ -173,6 +207,9 @@ class ValidateCfg(Section):
     mean_range: tuple[float, float] = Field((0.01, 0.99), description="plausible per-band means of [0, 1] data")
     max_nodata_fraction: float = Field(0.5, ge=0, le=1)
     data_docs: bool = True
+    contamination_exclude: tuple[str, ...] = Field(
+        (), description="finetune.tasks names left out of the contamination check (their folders may be absent)"
+    )
 
 
 TaskHeadName = Literal["classification", "multilabel", "segmentation", "change", "superres"]
@@ -210,6 +247,14 @@ class TaskCfg(Section):
     )
     value_range: tuple[float, float] | None = Field(
         None, description="(lo, hi) mapped to [0, 1]; None = the file dtype's default (gfm_core.data.raster)"
+    )
+    stretch_source: str | None = Field(
+        None, description="apply this pile source's contrast stretch (ingest.stretch, norm_stats.json): the task "
+        "then sees its pixels as pretraining saw that source's",
+    )
+    stretch: tuple[tuple[float, ...], tuple[float, ...]] | None = Field(
+        None, description="per-band (lo, hi) of the [0, 1]-scaled values mapped to 0 and 1 (set from "
+        "stretch_source when the task is looked up)",
     )
     classes: tuple[str, ...] | None = Field(
         None, description="label names (multilabel: None = info.json, else BigEarthNet's 19)"
@@ -367,6 +412,69 @@ class RetrainCfg(Section):
     )
 
 
+class EvalSetCfg(Section):
+    """A densely labelled evaluation set of the science experiment: image/mask pairs, read whole.
+
+    Images are ``<root>/<split>/<images>/*`` (every split of ``splits`` pooled; ``splits: []`` = ``<root>``
+    itself) and masks the same stem under ``<masks>``. Pixels are scaled with ``value_range``, area-averaged by
+    ``downsample`` (labels by majority) and contrast-stretched with the set's own ``stretch`` percentiles (the
+    rule the pile's sources get). ``mask_values[k]`` is the raw code of class ``k``; other codes are ignored.
+    """
+
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    root: Path
+    splits: tuple[str, ...] = ()
+    images: str = "images"
+    masks: str = "masks"
+    bands: tuple[int, ...] | None = None
+    value_range: tuple[float, float] | None = None
+    mask_values: tuple[int, ...] = Field(min_length=2)
+    class_names: tuple[str, ...] | None = None
+    downsample: int = Field(1, ge=1, description="area-average factor (FLAIR-2's 0.2 m -> 0.4 m: 2)")
+    stretch: tuple[float, float] | None = (2.0, 98.0)
+    block_size: int = Field(32, ge=4, description="spatial CV block edge in pixels (after downsampling)")
+    pixels_per_block: int = Field(64, ge=1, description="labelled pixels scored per block (fixed sample)")
+    min_labelled: float = Field(0.25, gt=0, le=1, description="blocks with fewer labelled pixels are dropped")
+    gsd_m: float | None = Field(None, gt=0, description="ground sample distance after downsampling (report)")
+
+
+class ScienceCfg(Section):
+    """The small-scale test of the paper's claims (``make science``; gfm_core.science).
+
+    Every variant is a pretraining of the active ``pretrain`` section with its overrides, for ``steps``
+    optimizer steps, once per seed; ``random`` (the student's initial weights) is scored too.
+    """
+
+    variants: dict[str, dict[str, Any]] = Field(
+        default_factory=lambda: {"gfm": {}, "mim_only": {"alpha": 0.0}, "distill_only": {"w_mim": 0.0}},
+        description="name -> pretrain overrides; gfm, mim_only and distill_only are the hypotheses' models",
+    )
+    seeds: tuple[int, ...] = Field((0, 1, 2), min_length=2)
+    steps: int = Field(1500, ge=1, description="optimizer steps of every pretraining (fixed; never wall time)")
+    curve_fractions: tuple[float, ...] = Field((0.25, 0.5, 1.0), description="H4: probe gfm/mim_only here")
+    eval_sets: tuple[EvalSetCfg, ...] = ()
+    student_levels: tuple[int, ...] = Field((0, 1, 2, 3), description="0-based stages probed (upsampled)")
+    teacher_levels: tuple[int, ...] = Field((2, 3, 4), description="the teacher's feature levels probed")
+    folds: int = Field(5, ge=2)
+    probe_weight_decay: float = Field(1e-3, ge=0)
+    probe_iters: int = Field(100, ge=1)
+    n_bootstrap: int = Field(2000, ge=100)
+    ci: float = Field(0.95, gt=0, lt=1)
+    alpha: float = Field(0.05, gt=0, lt=1)
+    relevance_margin: float = Field(2.0, ge=0, description="points the teacher must beat raw and MIM-only by")
+    seed: int = 0
+    out_dir: Path = Path("outputs/science")
+
+    @model_validator(mode="after")
+    def _check(self) -> ScienceCfg:
+        missing = {"gfm", "mim_only", "distill_only"} - set(self.variants)
+        if missing:
+            raise ValueError(f"science.variants must define {sorted(missing)} (the hypotheses compare them)")
+        if any(not 0 < f <= 1 for f in self.curve_fractions) or 1.0 not in self.curve_fractions:
+            raise ValueError(f"science.curve_fractions must lie in (0, 1] and include 1, got {self.curve_fractions}")
+        return self
+
+
 class Params(Section):
     """The whole ``params.yaml`` after the active preset is applied."""
 
@@ -383,7 +491,19 @@ class Params(Section):
     tracking: TrackingCfg = TrackingCfg()
     promote: PromoteCfg = PromoteCfg()
     retrain: RetrainCfg = RetrainCfg()
+    science: ScienceCfg = ScienceCfg()
     presets: dict[str, dict[str, Any]] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _check_exclusions(self) -> Params:
+        tasks = [t.name for t in self.finetune.tasks]
+        unknown = sorted(set(self.validation.contamination_exclude) - set(tasks))
+        if unknown:
+            raise ValueError(
+                f"validate.contamination_exclude: unknown task name(s) {unknown}; finetune.tasks are: "
+                f"{', '.join(tasks) or '(none)'}"
+            )
+        return self
 
 
 def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
@@ -409,6 +529,23 @@ def _format_error(source: str, err: ValidationError) -> str:
     return "\n".join(lines)
 
 
+def _preset_overrides(presets: dict[str, Any], name: str, source: str, seen: tuple[str, ...] = ()) -> dict[str, Any]:
+    """A preset's overrides, on top of those of the preset it ``extends`` (recursively)."""
+    overrides = presets.get(name)
+    if not isinstance(overrides, dict):
+        raise ConfigError(f"{source}: presets.{name}: expected a mapping")
+    base = overrides.get("extends")
+    overrides = {k: v for k, v in overrides.items() if k != "extends"}
+    if base is None:
+        return overrides
+    if base in seen or base == name:
+        raise ConfigError(f"{source}: presets.{name}.extends: a cycle through {' -> '.join((*seen, name, base))}")
+    if base not in presets:
+        valid = ", ".join(sorted(presets))
+        raise ConfigError(f"{source}: presets.{name}.extends: unknown preset {base!r}; valid: {valid}")
+    return _deep_merge(_preset_overrides(presets, base, source, (*seen, name)), overrides)
+
+
 def parse_params(raw: dict[str, Any], *, source: str = "params", preset: str | None = None) -> Params:
     """Validate a raw mapping, applying ``preset`` (or the mapping's own ``preset`` key)."""
     if not isinstance(raw, dict):
@@ -420,10 +557,7 @@ def parse_params(raw: dict[str, Any], *, source: str = "params", preset: str | N
         if name not in presets:
             valid = ", ".join(sorted(presets)) or "(none defined)"
             raise ConfigError(f"{source}: preset: unknown preset {name!r}; valid presets: {valid}")
-        overrides = presets[name]
-        if not isinstance(overrides, dict):
-            raise ConfigError(f"{source}: presets.{name}: expected a mapping")
-        merged = _deep_merge(raw, overrides)
+        merged = _deep_merge(raw, _preset_overrides(presets, name, source))
     merged["preset"] = name or None
     try:
         return Params.model_validate(merged)

@@ -36,7 +36,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from gfm_core.config import BackboneSpec, FinetuneCfg, Params, TaskCfg
-from gfm_core.errors import CheckpointError, ConfigError
+from gfm_core.errors import CheckpointError, ConfigError, DataValidationError
 from gfm_core.evaluation.metrics import HEADLINES, TaskMetrics, build_metrics
 from gfm_core.io import write_bytes, write_json
 from gfm_core.models.backbones import load_backbone, load_timm_weights
@@ -612,9 +612,30 @@ def get_task(params: Params, name: str) -> TaskCfg:
     """
     for t in params.finetune.tasks:
         if t.name == name:
-            return t
+            return with_pile_stretch(params, t)
     valid = ", ".join(t.name for t in params.finetune.tasks) or "(none configured)"
     raise ConfigError(f"finetune.tasks: unknown task {name!r}; valid: {valid}")
+
+
+def with_pile_stretch(params: Params, task: TaskCfg) -> TaskCfg:
+    """``task`` with ``stretch`` set from its ``stretch_source``'s recorded stretch (unchanged without one).
+
+    Raises:
+        DataValidationError: no statistics yet, or the pile source has no stretch.
+    """
+    if task.stretch_source is None:
+        return task
+    from gfm_core.data.stats import load_stretches
+
+    path = params.ingest.out_dir / "norm_stats.json"
+    stretches = load_stretches(path) if path.is_file() else {}
+    if task.stretch_source not in stretches:
+        raise DataValidationError(
+            f"{path}: no contrast stretch of pile source {task.stretch_source!r} (finetune.tasks[{task.name}]."
+            f"stretch_source); run `gfm ingest` with ingest.stretch set, or drop stretch_source"
+        )
+    st = stretches[task.stretch_source]
+    return task.model_copy(update={"stretch": (st.lo, st.hi)})
 
 
 def get_model(params: Params, name: str) -> BackboneSpec:

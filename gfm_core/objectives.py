@@ -99,7 +99,9 @@ class ContinualPretrain(nn.Module):
         """One objective evaluation.
 
         Args:
-            batch: ``{"image": [B, C, H, W] normalised, "mask": [B, h, w] token resolution, 1 = masked}``.
+            batch: ``{"image": [B, C, H, W] normalised, "mask": [B, h, w] token resolution, 1 = masked}``,
+                optionally ``"teacher_target": [B, D]`` (the frozen teacher's features of the unmasked image,
+                precomputed; the teacher is then not run).
 
         Returns:
             Scalar tensors ``loss`` (= w_mim * mim + alpha * distill), ``mim``, ``distill`` (negative cosine,
@@ -115,14 +117,26 @@ class ContinualPretrain(nn.Module):
         mask_pixels = mask.repeat_interleave(p, dim=-2).repeat_interleave(p, dim=-1).unsqueeze(1)
         projected = self.projector(feature)
         target = None
-        if self.alpha > 0 and self.teacher is not None:
-            target = self.teacher(self.teacher.preprocess(x, self.mean, self.std))
+        if self.alpha > 0:
+            target = batch.get("teacher_target")  # precomputed (gfm_core.data.teacher_pool), else run live
+            if target is None and self.teacher is not None:
+                target = self.teacher(self.teacher.preprocess(x, self.mean, self.std))
         parts = gfm_loss(pred, x, mask_pixels, projected, target, w_mim=self.w_mim, alpha=self.alpha)
         with torch.no_grad():
             cosine = -parts["distill"].detach() if target is not None else torch.zeros((), device=x.device)
             unit = F.normalize(projected.detach().float(), dim=-1)
             embed_std = unit.std(dim=0, correction=0).mean()
         return {**parts, "cosine": cosine, "embed_std": embed_std}
+
+    def teacher_targets(self, x: Tensor) -> Tensor:
+        """The frozen teacher's ``[B, D]`` targets of normalised student views ``x`` (no grad).
+
+        Raises:
+            ConfigError: the objective has no teacher (MIM-only).
+        """
+        if self.teacher is None:
+            raise ConfigError("this objective has no teacher (alpha 0): there are no teacher targets")
+        return self.teacher(self.teacher.preprocess(x, self.mean, self.std))
 
     def reconstruct(self, x: Tensor, mask: Tensor) -> Tensor:
         """The decoder's ``[B, C, H, W]`` prediction of ``x`` (normalised) from its visible patches."""

@@ -27,6 +27,7 @@ never touches the alias.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
@@ -465,17 +466,40 @@ class TeacherFile:
     arch: str | None
 
 
-def scan_teachers(folder: str | Path, patterns: Sequence[str]) -> dict[str, TeacherFile]:
-    """``{sha256: TeacherFile}`` of the checkpoints in ``folder`` matching ``patterns`` (no folder: none)."""
-    from gfm_core.io import sha256_file
-
+def teacher_stats(folder: str | Path, patterns: Sequence[str]) -> dict[str, list[int]]:
+    """``{path: [size, mtime_ns]}`` of the checkpoints in ``folder`` matching ``patterns`` (no folder: none)."""
     folder = Path(folder)
     if not folder.is_dir():
         return {}
-    files = sorted({p for pat in patterns for p in folder.glob(pat) if p.is_file()})
     out = {}
-    for p in files:
-        sha = sha256_file(p)
+    for p in sorted({p for pat in patterns for p in folder.glob(pat) if p.is_file()}):
+        with contextlib.suppress(FileNotFoundError):  # removed between the listing and the stat
+            st = p.stat()
+            out[str(p)] = [st.st_size, st.st_mtime_ns]
+    return out
+
+
+def scan_teachers(
+    folder: str | Path, patterns: Sequence[str], stable: Mapping[str, Sequence[int]] | None = None
+) -> dict[str, TeacherFile]:
+    """``{sha256: TeacherFile}`` of the checkpoints in ``folder`` matching ``patterns`` (no folder: none).
+
+    With ``stable`` (:func:`teacher_stats` of an earlier look), only files whose size and mtime are still the
+    same are hashed and reported: a file still being copied waits until it has stopped changing.
+    """
+    from gfm_core.io import sha256_file
+
+    out = {}
+    for path, st in teacher_stats(folder, patterns).items():
+        if stable is not None and list(stable.get(path, ())) != st:
+            continue
+        p = Path(path)
+        try:
+            sha = sha256_file(p)
+            if stable is not None and [p.stat().st_size, p.stat().st_mtime_ns] != st:
+                continue  # it changed while being hashed
+        except FileNotFoundError:
+            continue
         out.setdefault(sha, TeacherFile(p, sha, _teacher_arch(p)))
     return out
 
@@ -517,5 +541,6 @@ __all__ = [
     "promote",
     "save_evidence",
     "scan_teachers",
+    "teacher_stats",
     "timm_teachers",
 ]

@@ -82,7 +82,8 @@ def run_ingest(params: Params, *, progress: bool = True) -> IngestResult:
     report = build_manifest(
         cfg.root, pretrain_sources(params), cfg.out_dir, settings=cfg.settings, progress=progress
     )
-    stats = write_norm_stats(compute_norm_stats(report.manifest_path), cfg.out_dir / "norm_stats.json")
+    norm = compute_norm_stats(report.manifest_path, stretch_percentiles=cfg.stretch, data_root=cfg.root)
+    stats = write_norm_stats(norm, cfg.out_dir / "norm_stats.json")
     write_json(cfg.out_dir / "ingest_summary.json", {
         "accepted": report.accepted, "quarantined": report.quarantined, "bad_fraction": report.bad_fraction,
         "near_duplicates": report.near_duplicates, "content_hash": report.content_hash,
@@ -102,40 +103,20 @@ def run_ingest(params: Params, *, progress: bool = True) -> IngestResult:
     return result
 
 
-def task_test_images(params: Params) -> list[tuple[Path, Any]]:
-    """``(image file, task cfg)`` of every downstream task's test split whose folder exists (for leak checks)."""
-    from gfm_core.data.task_datasets import list_task
+def run_contamination_check(params: Params, table: Any, manifest_sha256: str) -> Any:
+    """Val and test images of every downstream task checked against the manifest; ``contamination.json``.
 
-    out: list[tuple[Path, Any]] = []
-    for task in params.finetune.tasks:
-        if not Path(task.root).is_dir():
-            continue
-        for ref in list_task(task, "test").refs:
-            for key in ("image", "A", "B", "lr", "hr"):
-                f = ref.files.get(key)
-                if isinstance(f, Path):
-                    out.append((f, task))
-    return out
+    ``table`` is the manifest parsed from the bytes whose sha256 is ``manifest_sha256`` (the verdict's binding).
+    Returns the :class:`~gfm_core.data.contamination.ContaminationReport`.
+    """
+    from gfm_core.data.contamination import check_tasks
+    from gfm_core.data.verdicts import manifest_binding, verdict_paths
 
-
-def run_contamination_check(params: Params) -> Path:
-    """Downstream test images (or near-duplicates) found in the pile, written to ``contamination.json``."""
-    from gfm_core.data.geopile import contamination_check
-
-    manifest = params.ingest.out_dir / "manifest.parquet"
-    offenders: list[dict[str, Any]] = []
-    images = task_test_images(params)
-    by_task: dict[str, list[Path]] = {}
-    for f, task in images:
-        by_task.setdefault(task.name, []).append(f)
-    for task in params.finetune.tasks:
-        files = by_task.get(task.name, [])
-        for o in contamination_check(manifest, files, bands=task.bands, value_range=task.value_range) if files else []:
-            offenders.append({"task": task.name, "test_image": str(o.test_path), "pile_image": str(o.pile_path),
-                              "kind": o.kind, "distance": o.distance})
-    path = params.ingest.out_dir / "contamination.json"
-    write_json(path, {"test_images": len(images), "offenders": offenders})
-    return path
+    report = check_tasks(table, params.finetune.tasks, params.validation.contamination_exclude)
+    content = table.schema.metadata.get(b"gfm.content_hash", b"").decode() if table.schema.metadata else ""
+    write_json(verdict_paths(params.ingest.out_dir)[1],
+               {**manifest_binding(manifest_sha256, content), **report.to_json()})
+    return report
 
 
 @dataclass(frozen=True)
@@ -151,29 +132,45 @@ class ValidateResult:
 
 
 def run_validate(params: Params) -> ValidateResult:
-    """Check the manifest against the ``validate`` rules (a failed rule is a result, not an exception)."""
+    """Check the manifest against the ``validate`` rules and the downstream tasks (a failed rule is a result).
+
+    Both verdicts (``validation.json``, ``contamination.json``) are removed first and written only when their
+    check completes, each bound to the manifest bytes it read (:mod:`gfm_core.data.verdicts`).
+    """
+    from gfm_core.data.geopile import load_manifest
     from gfm_core.data.validation import validate_manifest
+    from gfm_core.data.verdicts import verdict_paths
 
     cfg, ing = params.validation, params.ingest
+    for old in verdict_paths(ing.out_dir):
+        old.unlink(missing_ok=True)  # a judgement that does not complete leaves no verdict behind
+    manifest = ing.out_dir / "manifest.parquet"
     rep = validate_manifest(
-        ing.out_dir / "manifest.parquet", pretrain_sources(params), quarantine_path=ing.out_dir / "quarantine.json",
+        manifest, pretrain_sources(params), quarantine_path=ing.out_dir / "quarantine.json",
         min_size=cfg.min_size or params.pretrain.student.img_size, max_nodata_fraction=cfg.max_nodata_fraction,
         max_bad_fraction=ing.max_bad_fraction, allowed_bands=cfg.allowed_bands, mean_range=cfg.mean_range,
         out_dir=ing.out_dir / "validation", data_docs=cfg.data_docs,
     )
     import json
 
-    leaks = json.loads(run_contamination_check(params).read_text())
+    judged = json.loads(rep.json_path.read_text())["manifest_sha256"]
+    table, sha = load_manifest(manifest)
+    if sha != judged:
+        raise DataValidationError(f"{manifest}: rewritten while `gfm validate` ran; run it again")
+    leaks = run_contamination_check(params, table, sha)
     failed = tuple(f.name for f in rep.failed)
-    summary = rep.summary()
-    if leaks["offenders"]:
+    summary = rep.summary() + "\n" + leaks.summary()
+    if leaks.problems:
+        failed += ("downstream_tasks_checked",)
+        summary += "\nFAILED downstream_tasks_checked: " + "; ".join(leaks.problems)
+    if leaks.offenders:
         failed += ("no_test_images_in_pile",)
         names = "; ".join(f"{o['test_image']} ~ {o['pile_image']} ({o['kind']}, d={o['distance']})"
-                          for o in leaks["offenders"][:5])
-        summary += f"\nFAILED no_test_images_in_pile: {len(leaks['offenders'])} downstream test image(s) in the " \
-                   f"pile: {names}"
+                          for o in leaks.offenders[:5])
+        summary += f"\nFAILED no_test_images_in_pile: {len(leaks.offenders)} downstream val/test image(s) in " \
+                   f"the pile: {names}"
     return ValidateResult(
-        success=rep.success and not leaks["offenders"], n_expectations=rep.n_expectations + 1, failed=failed,
+        success=rep.success and leaks.success, n_expectations=rep.n_expectations + 2, failed=failed,
         json=rep.json_path, docs=rep.docs_index, summary=summary,
     )
 
@@ -194,23 +191,25 @@ def run_shards(params: Params, *, progress: bool = True) -> ShardsResult:
     """Decode every image of the validated pile once into uint8 Arrow shards (skipped when up to date).
 
     Raises:
-        DataValidationError: the pile did not pass ``gfm validate`` (run it first).
+        DataValidationError: the pile did not pass ``gfm validate``, or was re-ingested since (run it again).
     """
-    import json
-
     from gfm_core.data.shards import write_shards
+    from gfm_core.data.verdicts import require_verdicts
 
     ing = params.ingest
-    verdict = ing.out_dir / "validation" / "validation.json"
-    if not verdict.is_file() or not json.loads(verdict.read_text()).get("success"):
-        raise DataValidationError(f"{verdict}: the pile has not passed validation; run `gfm validate` first")
-    leaks = ing.out_dir / "contamination.json"
-    if not leaks.is_file() or json.loads(leaks.read_text())["offenders"]:
-        raise DataValidationError(f"{leaks}: downstream test images in the pile (or no check yet: gfm validate)")
+    judged = require_verdicts(ing.out_dir)
+    from gfm_core.data.stats import load_stretches
+
     rep = write_shards(
         ing.out_dir / "manifest.parquet", ing.out_dir / "shards", data_root=ing.root, shard_size=ing.shard_size,
         images_per_shard=ing.images_per_shard, progress=progress,
+        stretch=load_stretches(ing.out_dir / "norm_stats.json") if ing.stretch else None,
     )
+    if rep.content_hash != judged["manifest_content_hash"]:  # re-ingested while the shards were written
+        raise DataValidationError(
+            f"{rep.shard_dir}: shards hold pile {rep.content_hash[:12]}, but the validated pile is "
+            f"{judged['manifest_content_hash'][:12]} (re-ingested meanwhile); run `gfm validate`, then `gfm shards`"
+        )
     return ShardsResult(
         shard_dir=rep.shard_dir, images=rep.images, shards=rep.shards, bytes=rep.bytes, rebuilt=rep.rebuilt,
         content_hash=rep.content_hash,
@@ -275,13 +274,15 @@ class _CsvLog:
 
 
 def pretrain_sources(params: Params) -> list[Any]:
-    """The pile's sources: ``ingest.sources`` if listed, else every subfolder of ``ingest.root``."""
-    from gfm_core.data.sources import discover_geopile
+    """The pile's sources: ``ingest.sources`` if listed, else every subfolder of ``ingest.root``.
+
+    Either way a source's ``root`` is relative to ``ingest.root``, the folder every reader is given.
+    """
+    from gfm_core.data.sources import discover_sources
 
     if params.ingest.sources:
         return list(params.ingest.sources)
-    root = params.ingest.root
-    return discover_geopile(root.parent, root.name)
+    return discover_sources(params.ingest.root)
 
 
 #: Pretraining settings that do not change what a run computes (left out of its fingerprint).
@@ -351,11 +352,16 @@ def run_pretrain(
     resume: bool | Literal["unfinished"] = False,
     max_steps: int | None = None,
     callbacks: Sequence[Any] = (),
+    export_steps: Sequence[int] = (),
 ) -> PretrainResult:
-    """GFM teacher-student continual pretraining on the pile, then export the student backbone.
+    """GFM teacher-student continual pretraining on the pile's shards, then export the student backbone.
+
+    ``export_steps``: also export the student after these steps, as ``backbone_step<NNNNNN>.safetensors``
+    (learning curves; not under ZeRO-3, whose ranks hold shards of the weights).
 
     The schedule spans ``epochs`` over the pile (warm-up ``warmup_epochs``); ``max_steps`` (argument, else
-    ``pretrain.max_steps``) compresses the same schedule into that many optimizer steps.
+    ``pretrain.max_steps``) compresses the same schedule into that many optimizer steps. Learning is measured on
+    held-out views at every logged step (:mod:`gfm_core.evaluation.holdout`) and summarised in ``summary.json``.
 
     ``resume``: ``True`` continues the newest checkpoint in ``pretrain.out_dir`` when it has this run's
     :func:`pretrain_fingerprint` (same data, settings and teacher); ``"unfinished"`` continues only an
@@ -370,120 +376,212 @@ def run_pretrain(
 
     lock = exclusive_out_dir(params.pretrain.out_dir) if os.environ.get("RANK", "0") == "0" else nullcontext()
     with lock:
-        return _run_pretrain(params, resume=resume, max_steps=max_steps, callbacks=callbacks)
+        return _run_pretrain(params, resume=resume, max_steps=max_steps, callbacks=callbacks,
+                             export_steps=export_steps)
 
 
 def _run_pretrain(
-    params: Params, *, resume: bool | Literal["unfinished"], max_steps: int | None, callbacks: Sequence[Any]
+    params: Params, *, resume: bool | Literal["unfinished"], max_steps: int | None, callbacks: Sequence[Any],
+    export_steps: Sequence[int],
 ) -> PretrainResult:
-    from gfm_core.data.masking import MaskGenerator
-    from gfm_core.data.pretrain_data import PretrainImages, list_pile
+    from gfm_core.evaluation.holdout import plot_learning
     from gfm_core.objectives import build_continual_pretrain, export_backbone
+    from gfm_core.training.backends import auto_device
     from gfm_core.training.checkpoint import seed_everything
-    from gfm_core.training.loop import LoopCfg, fit
+    from gfm_core.training.loop import fit
     from gfm_core.training.optim import param_groups
-    from gfm_core.training.schedule import scale_lr
 
     cfg = params.pretrain
     out_dir = cfg.out_dir
-    from gfm_core.training.backends import auto_device
-
     device = auto_device(cfg.device)
     seed_everything(cfg.seed)
     backend = make_backend(cfg, device, cfg.batch_size)
-
     objective = build_continual_pretrain(cfg)
-    mask = MaskGenerator(cfg.student.img_size, cfg.mask_patch_size, cfg.student.patch_size, cfg.mask_ratio)
-    augment = dict(crop_scale=cfg.crop_scale, crop_ratio=cfg.crop_ratio, mean=objective.mean, std=objective.std,
-                   seed=cfg.seed)
-    if cfg.data == "shards":
-        from gfm_core.data.shards import ShardPretrainImages
-
-        shard_dir = params.ingest.out_dir / "shards"
-        if not (shard_dir / "index.json").is_file():
-            raise ConfigError(f"{shard_dir}: no training shards; run `gfm shards` (or set pretrain.data: files)")
-        dataset: Any = ShardPretrainImages(shard_dir, cfg.student.img_size, mask, **augment)
-        data_meta = {"shards": str(shard_dir), "manifest_content_hash": dataset.data.content_hash}
-    else:
-        items = list_pile(params.ingest.root, pretrain_sources(params))
-        dataset = PretrainImages(items, cfg.student.img_size, mask, **augment)
-        data_meta = {"root": str(params.ingest.root),
-                     "files_sha256": sha256_json(sorted(str(i.path) for i in items))}
-    world = backend.world_size
-    global_batch = cfg.batch_size * cfg.grad_accum * world
-    steps_per_epoch = len(dataset) // world // cfg.batch_size // cfg.grad_accum
-    if steps_per_epoch < 1:
-        raise ConfigError(
-            f"pretrain.batch_size {cfg.batch_size} x grad_accum {cfg.grad_accum} x {world} rank(s) = {global_batch} "
-            f"exceeds the pile's {len(dataset)} images under {params.ingest.root}"
-        )
-    full = cfg.epochs * steps_per_epoch
-    limit = max_steps or cfg.max_steps
-    total = min(full, limit) if limit else full
-    data_hash = data_meta.get("manifest_content_hash") or data_meta["files_sha256"]
-    fingerprint = pretrain_fingerprint(cfg, data_hash, total)
-    warmup = round(total * cfg.warmup_epochs / cfg.epochs)
-    loop_cfg = LoopCfg(
-        total_steps=total, out_dir=out_dir, grad_accum=cfg.grad_accum,
-        base_lr=scale_lr(cfg.base_lr, global_batch), warmup_lr=scale_lr(cfg.warmup_lr, global_batch),
-        min_lr=scale_lr(cfg.min_lr, global_batch), warmup_steps=warmup, betas=cfg.betas,
-        clip_grad=cfg.clip_grad, log_every=min(cfg.log_every, total), checkpoint_every=cfg.checkpoint_every,
-        seed=cfg.seed, resume=resume, fingerprint=fingerprint, fused_optimizer=cfg.backend == "torch",
-    )
-    csv_path = out_dir / "metrics.csv"
-    loader = _loader_factory(dataset, cfg.batch_size, cfg.num_workers, cfg.seed, backend.rank, world)
+    stream = pretrain_stream(params, objective, device)
+    probe = _holdout_probe(cfg, backend, objective, stream)
+    loop_cfg, steps_per_epoch = _pretrain_loop_cfg(params, len(stream), backend.world_size, resume, max_steps,
+                                                   stream.content_hash)
+    loader = _loader_factory(stream, cfg.batch_size, cfg.num_workers, cfg.seed, backend.rank, backend.world_size)
     log.info(
-        "pretraining %s <- %s on %d images (%d steps/epoch, %d steps, global batch %d, %s/%s on %s)",
-        cfg.student.arch, cfg.teacher.arch if cfg.alpha > 0 else "no teacher", len(dataset), steps_per_epoch,
-        total, global_batch, cfg.backend, cfg.precision, device,
+        "pretraining %s <- %s on %d views/epoch (%d steps/epoch, %d steps, %s/%s on %s, lr %.3g)",
+        cfg.student.arch, cfg.teacher.arch if cfg.alpha > 0 else "no teacher", len(stream), steps_per_epoch,
+        loop_cfg.total_steps, cfg.backend, cfg.precision, device, loop_cfg.base_lr,
     )
     t0 = time.perf_counter()
-    csv_log = _CsvLog(csv_path) if backend.is_main else None
+    csv_log = _CsvLog(out_dir / "metrics.csv") if backend.is_main else None
+    exports = _ExportAt(objective, export_steps, out_dir, lambda: _backbone_meta(cfg, stream, None))
+    if export_steps and getattr(backend, "zero_stage", 0) == 3:
+        raise ConfigError("export_steps needs whole weights on rank 0: use zero_stage <= 2")
     fit_res = fit(
-        objective, loader, backend, loop_cfg,
-        param_groups(objective, cfg.weight_decay),
-        callbacks=[*([csv_log] if csv_log else []), *callbacks, *_tracking_callbacks(params, backend.is_main)],
+        objective, loader, backend, loop_cfg, param_groups(objective, cfg.weight_decay),
+        callbacks=[*([csv_log] if csv_log else []), *([probe] if probe else []), exports, *callbacks,
+                   *_tracking_callbacks(params, backend.is_main)],
     )
     elapsed = time.perf_counter() - t0
 
-    backbone = out_dir / "backbone.safetensors"
-    summary = out_dir / "summary.json"
+    backbone, summary = out_dir / "backbone.safetensors", out_dir / "summary.json"
     weights = backend.state_dict()  # collective under ZeRO-3 (gathers the shards): every rank calls it
+    recon = None
     if backend.is_main:
-        teacher_meta: dict[str, Any] = {"arch": cfg.teacher.arch, "feature_stage": cfg.teacher.feature_stage}
-        if cfg.alpha > 0 and cfg.teacher.checkpoint is not None:
-            teacher_meta["sha256"] = fingerprint["teacher_sha256"]
-            teacher_meta["file"] = str(cfg.teacher.checkpoint)
-        meta = {
-            "teacher": teacher_meta,
-            "params_sha256": sha256_json(cfg.model_dump(mode="json")),
-            "data": {**data_meta, "images": len(dataset)},
-            "steps": fit_res.steps, "loss": {k: v for k, v in fit_res.metrics.items() if math.isfinite(v)},
-        }
-        export_backbone(backend.module, backbone, meta, state_dict=weights)
+        export_backbone(backend.module, backbone, _backbone_meta(cfg, stream, fit_res), state_dict=weights)
+        start = {f"{k}_start": v for k, v in (probe.start if probe else {}).items() if "trivial" not in k}
         write_json(summary, {
-            "steps": fit_res.steps, "images": len(dataset), "device": device, "backend": cfg.backend,
-            "precision": cfg.precision, "seconds": round(elapsed, 2), **fit_res.metrics,
+            "steps": fit_res.steps, "views_per_epoch": len(stream), "train_images": len(stream.train_images),
+            "holdout_images": len(stream.held_out), "device": device, "backend": cfg.backend,
+            "precision": cfg.precision, "peak_lr": loop_cfg.base_lr, "teacher_pool": cfg.teacher_pool if
+            stream.pool is not None else None, "seconds": round(elapsed, 2), **fit_res.metrics, **start,
+            **learning_margins(fit_res.metrics),
             "start_step": fit_res.start_step, "start_reason": fit_res.start_reason,
-            "set_aside": str(fit_res.set_aside) if fit_res.set_aside else None, "fingerprint": fingerprint,
+            "set_aside": str(fit_res.set_aside) if fit_res.set_aside else None,
+            "fingerprint": loop_cfg.fingerprint,
         })
-    recon = _save_reconstructions(backend, dataset, out_dir / "reconstructions.png")
+        if probe is not None:
+            recon = probe.save_reconstructions(out_dir / "reconstructions.png")
+            plot_learning(out_dir / "metrics.jsonl", probe.start, out_dir / "learning.png")
     backend.barrier()
     return PretrainResult(
         steps=fit_res.steps, metrics=dict(fit_res.metrics), backbone=backbone,
-        checkpoint_dir=out_dir / "checkpoints", metrics_csv=csv_path, summary_json=summary, device=device,
-        images=len(dataset), history=list(fit_res.history), reconstructions=recon,
+        checkpoint_dir=out_dir / "checkpoints", metrics_csv=out_dir / "metrics.csv", summary_json=summary,
+        device=device, images=len(stream.train_images), history=list(fit_res.history), reconstructions=recon,
         start_step=fit_res.start_step, start_reason=fit_res.start_reason, set_aside=fit_res.set_aside,
     )
 
 
-def _save_reconstructions(backend: Any, dataset: Any, path: Path, n: int = 4) -> Path | None:
-    """The student's reconstructions of the pile's first ``n`` images (rank 0; not under ZeRO-3's shards)."""
-    if not backend.is_main or getattr(backend, "zero_stage", 0) == 3:
-        return None
-    from gfm_core.evaluation.reconstructions import save_reconstructions
+class _ExportAt:
+    """Callback: export the student backbone after each of ``steps`` (rank 0)."""
 
-    return save_reconstructions(backend.module, [dataset[i] for i in range(min(n, len(dataset)))], path)
+    def __init__(self, objective: Any, steps: Sequence[int], out_dir: Path, meta: Any) -> None:
+        self.objective, self.steps, self.out_dir, self.meta = objective, set(steps), out_dir, meta
+
+    def on_step_end(self, step: int) -> None:
+        if step in self.steps:
+            from gfm_core.objectives import export_backbone
+
+            export_backbone(self.objective, self.out_dir / f"backbone_step{step:06d}.safetensors",
+                            {**self.meta(), "steps": step})
+
+
+def pretrain_stream(params: Params, objective: Any, device: str) -> Any:
+    """The training stream over the validated pile's shards, with the teacher pool when configured.
+
+    Raises:
+        ConfigError: no shards yet (run ``gfm shards``).
+    """
+    from gfm_core.data.masking import MaskGenerator
+    from gfm_core.data.pretrain_data import PretrainStream
+    from gfm_core.data.teacher_pool import load_or_build_pool, pool_key
+    from gfm_core.data.verdicts import require_verdicts
+
+    cfg = params.pretrain
+    shard_dir = params.ingest.out_dir / "shards"
+    judged = require_verdicts(params.ingest.out_dir)  # pretraining reads only a pile that passed its gates
+    if not (shard_dir / "index.json").is_file():
+        raise ConfigError(f"{shard_dir}: no training shards; run `gfm shards` first")
+    mask = MaskGenerator(cfg.student.img_size, cfg.mask_patch_size, cfg.student.patch_size, cfg.mask_ratio)
+    stream = PretrainStream(
+        shard_dir, cfg.student.img_size, mask, crop_scale=cfg.crop_scale, crop_ratio=cfg.crop_ratio,
+        mean=objective.mean, std=objective.std, seed=cfg.seed, samples_per_epoch=cfg.samples_per_epoch,
+        source_weights=cfg.source_weights, holdout_fraction=cfg.holdout_fraction,
+    )
+    if stream.content_hash != judged["manifest_content_hash"]:
+        raise DataValidationError(
+            f"{shard_dir}: the shards hold pile {stream.content_hash[:12]} but the validated manifest is "
+            f"{judged['manifest_content_hash'][:12]}; run `gfm shards`"
+        )
+    if cfg.teacher_pool:  # every variant (MIM-only too) reads the same pool: the same views, fresh masks
+        from gfm_core.models.backbones import create_teacher
+
+        teacher = (objective.teacher if objective.teacher is not None else create_teacher(cfg.teacher)).to(device)
+        ident = _teacher_identity(cfg)
+        key = pool_key(stream, cfg.teacher_pool, cfg.teacher_pool_seed, ident)
+        stream.pool = load_or_build_pool(
+            stream, lambda views: teacher(teacher.preprocess(views.to(device), objective.mean, objective.std)),
+            params.ingest.out_dir / "teacher_pools" / f"pool-{key[:16]}.safetensors", size=cfg.teacher_pool,
+            seed=cfg.teacher_pool_seed,
+            teacher_id=ident,
+        )
+    return stream
+
+
+def _teacher_identity(cfg: PretrainCfg) -> dict[str, Any]:
+    """What a teacher target depends on besides the view: the weights' sha256 and the teacher geometry."""
+    return {"arch": cfg.teacher.arch, "sha256": sha256_file(cfg.teacher.checkpoint) if cfg.teacher.checkpoint
+            else None, "img_size": cfg.teacher.img_size, "stage": cfg.teacher.feature_stage}
+
+
+def _holdout_probe(cfg: PretrainCfg, backend: Any, objective: Any, stream: Any) -> Any:
+    """The held-out probe (rank 0; none without held-out images or under ZeRO-3's sharded weights)."""
+    if not backend.is_main or cfg.holdout_fraction == 0 or getattr(backend, "zero_stage", 0) == 3:
+        return None
+    import torch
+
+    from gfm_core.evaluation.holdout import HoldoutProbe
+
+    samples = stream.holdout_samples(cfg.holdout_crops)
+    targets = None
+    if cfg.alpha > 0:
+        with torch.no_grad():
+            targets = torch.cat([objective.teacher_targets(samples["image"][s : s + 128]).float().cpu()
+                                 for s in range(0, cfg.holdout_crops, 128)])
+    probe = HoldoutProbe(objective, samples, targets)
+    probe.begin()
+    return probe
+
+
+def _pretrain_loop_cfg(
+    params: Params, views: int, world: int, resume: bool | Literal["unfinished"], max_steps: int | None,
+    data_hash: str,
+) -> tuple[Any, int]:
+    """The fit() settings of a pretraining: schedule in steps, learning rates after ``lr_scaling``, and the run's
+    fingerprint (``data_hash``: the pile's content hash)."""
+    from gfm_core.training.loop import LoopCfg
+
+    cfg = params.pretrain
+    global_batch = cfg.batch_size * cfg.grad_accum * world
+    steps_per_epoch = views // world // cfg.batch_size // cfg.grad_accum
+    if steps_per_epoch < 1:
+        raise ConfigError(
+            f"pretrain.batch_size {cfg.batch_size} x grad_accum {cfg.grad_accum} x {world} rank(s) = {global_batch} "
+            f"exceeds the {views} views per epoch of the pile under {params.ingest.root} (set samples_per_epoch)"
+        )
+    full = cfg.epochs * steps_per_epoch
+    limit = max_steps or cfg.max_steps
+    total = min(full, limit) if limit else full
+    k = cfg.lr_factor(global_batch)
+    loop_cfg = LoopCfg(
+        total_steps=total, out_dir=cfg.out_dir, grad_accum=cfg.grad_accum, base_lr=cfg.base_lr * k,
+        warmup_lr=cfg.warmup_lr * k, min_lr=cfg.min_lr * k, warmup_steps=round(total * cfg.warmup_epochs / cfg.epochs),
+        betas=cfg.betas, clip_grad=cfg.clip_grad, log_every=min(cfg.log_every, total),
+        checkpoint_every=cfg.checkpoint_every, seed=cfg.seed, resume=resume,
+        fingerprint=pretrain_fingerprint(cfg, data_hash, total), fused_optimizer=cfg.backend == "torch",
+    )
+    return loop_cfg, steps_per_epoch
+
+
+def _backbone_meta(cfg: PretrainCfg, stream: Any, fit_res: Any | None) -> dict[str, Any]:
+    """The exported backbone's provenance: teacher, params hash, data, steps and final losses."""
+    teacher_meta: dict[str, Any] = {"arch": cfg.teacher.arch, "feature_stage": cfg.teacher.feature_stage}
+    if cfg.alpha > 0 and cfg.teacher.checkpoint is not None:
+        teacher_meta["sha256"] = sha256_file(cfg.teacher.checkpoint)
+        teacher_meta["file"] = str(cfg.teacher.checkpoint)
+    return {
+        "teacher": teacher_meta,
+        "params_sha256": sha256_json(cfg.model_dump(mode="json")),
+        "data": {"shards": stream.generation, "manifest_content_hash": stream.content_hash,
+                 "images": len(stream.train_images), "holdout_images": len(stream.held_out)},
+        **({"steps": fit_res.steps, "loss": {k: v for k, v in fit_res.metrics.items() if math.isfinite(v)}}
+           if fit_res is not None else {}),
+    }
+
+
+def learning_margins(metrics: dict[str, float]) -> dict[str, float]:
+    """``mim_ratio_holdout`` (student / trivial masked L1) and ``cos_margin_holdout`` (student - mean vector)."""
+    out = {}
+    if metrics.get("mim_trivial_holdout"):
+        out["mim_ratio_holdout"] = metrics["mim_holdout"] / metrics["mim_trivial_holdout"]
+    if "cos_holdout" in metrics and "cos_mean_vector_holdout" in metrics:
+        out["cos_margin_holdout"] = metrics["cos_holdout"] - metrics["cos_mean_vector_holdout"]
+    return out
 
 
 def pretraining_baselines(params: Params) -> list[str]:
@@ -670,7 +768,8 @@ def _demo_stages(params: Params) -> Iterator[str]:
         if params.tracking.enabled:
             from gfm_core import tracking
 
-            tracking.log_artifacts({"reconstructions": pre.reconstructions, "metrics": pre.metrics_csv})
+            tracking.log_artifacts({"reconstructions": pre.reconstructions, "metrics": pre.metrics_csv,
+                                    "learning": params.pretrain.out_dir / "learning.png"})
     yield f"[pretrain]  {pre.backbone}  ({pre.steps} steps on {pre.device}: {pre.summary()})"
     yield f"            metrics: {pre.metrics_csv}  reconstructions: {pre.reconstructions}"
     for name in pretraining_baselines(params):

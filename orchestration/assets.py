@@ -163,7 +163,8 @@ def _curve(history: Sequence[dict[str, float]], rows: int = 20) -> list[dict[str
         picked = list(history)
     else:
         picked = [history[round(i * (len(history) - 1) / (rows - 1))] for i in range(rows)]
-    keys = ("step", "loss", "mim", "distill", "cosine", "lr")
+    keys = ("step", "loss", "mim", "distill", "cosine", "lr", "mim_holdout", "mim_trivial_holdout", "cos_holdout",
+            "cos_mean_vector_holdout")
     return [{k: (int(r[k]) if k == "step" else float(r[k])) for k in keys if k in r} for r in picked]
 
 
@@ -179,7 +180,8 @@ def _pretrain(context: dg.AssetExecutionContext, gfm: GfmParams, mlflow: MlflowT
             _log_start(context, res.summary)
             _track(files={"summary": section.out_dir / "summary.json", "metrics": section.out_dir / "metrics.csv",
                           "sidecar": res.backbone.with_suffix(".json"),
-                          "reconstructions": section.out_dir / "reconstructions.png"})
+                          "reconstructions": section.out_dir / "reconstructions.png",
+                          "learning": section.out_dir / "learning.png"})
     return res, run_id, params
 
 
@@ -221,6 +223,7 @@ def foundation_model(context: dg.AssetExecutionContext, gfm: GfmParams, mlflow: 
         "loss_curve": _table(_curve(res.history)),
         "metrics_csv": dg.MetadataValue.path(str(params.pretrain.out_dir / "metrics.csv")),
         **_image("reconstructions", params.pretrain.out_dir / "reconstructions.png"),
+        **_image("learning", params.pretrain.out_dir / "learning.png"),
         **finals,
         **mlflow.links(run_id),
     })

@@ -11,8 +11,12 @@ The sensor watches two places:
   tick's skip reason and the run log) and remembered. Nothing is downloaded: put the weights in the teacher
   folder (named ``<timm name>.safetensors``) and the folder branch launches the run.
 
-The cursor is JSON: ``{"sha256": [seen hashes], "timm": {"version": ..., "names": [...]}}``; the first tick
-records timm's list without announcing it. A plain JSON list (an older cursor) is read as the seen hashes.
+A checkpoint counts only once its size and mtime are the same on two consecutive ticks, so a file still being
+copied into the folder never triggers a run (nor is its partial hash remembered as seen).
+
+The cursor is JSON: ``{"sha256": [seen hashes], "files": {path: [size, mtime_ns]}, "timm": {"version": ...,
+"names": [...]}}``; the first tick records timm's list without announcing it. A plain JSON list (an older
+cursor) is read as the seen hashes.
 """
 
 
@@ -24,18 +28,18 @@ import dagster as dg
 
 from gfm_core.config import Params
 from gfm_core.io import sha256_file
-from gfm_core.registry import scan_teachers, timm_teachers
+from gfm_core.registry import scan_teachers, teacher_stats, timm_teachers
 from orchestration.resources import TEACHER_ARCH_TAG, TEACHER_FILE_TAG, TEACHER_SHA_TAG
 
 
 def read_cursor(cursor: str | None) -> dict[str, Any]:
     """The sensor's cursor as ``{"sha256": [...], "timm": {...} | None}``."""
     if not cursor:
-        return {"sha256": [], "timm": None}
+        return {"sha256": [], "files": {}, "timm": None}
     raw = json.loads(cursor)
     if isinstance(raw, list):
-        return {"sha256": raw, "timm": None}
-    return {"sha256": list(raw.get("sha256", [])), "timm": raw.get("timm")}
+        return {"sha256": raw, "files": {}, "timm": None}
+    return {"sha256": list(raw.get("sha256", [])), "files": dict(raw.get("files", {})), "timm": raw.get("timm")}
 
 
 def timm_patterns(params: Params) -> tuple[str, ...]:
@@ -51,7 +55,10 @@ def evaluate_teachers(params: Params, cursor: str | None) -> dg.SensorResult:
     in_force = params.pretrain.teacher.checkpoint
     if in_force is not None and in_force.is_file():
         seen.add(sha256_file(in_force))  # the teacher the current model was trained on is not news
-    found = scan_teachers(params.retrain.teacher_dir, params.retrain.teacher_patterns)
+    folder, patterns = params.retrain.teacher_dir, params.retrain.teacher_patterns
+    now = teacher_stats(folder, patterns)
+    found = scan_teachers(folder, patterns, stable=state["files"])  # unchanged since the previous tick
+    settling = sorted(p for p, st in now.items() if state["files"].get(p) != st)
     requests = []
     for sha, t in sorted(found.items()):
         if sha in seen:
@@ -60,7 +67,8 @@ def evaluate_teachers(params: Params, cursor: str | None) -> dg.SensorResult:
         if t.arch:
             tags[TEACHER_ARCH_TAG] = t.arch
         requests.append(dg.RunRequest(run_key=sha, tags=tags))
-    new_cursor: dict[str, Any] = {"sha256": sorted(set(state["sha256"]) | set(found)), "timm": state["timm"]}
+    new_cursor: dict[str, Any] = {"sha256": sorted(set(state["sha256"]) | set(found)), "files": now,
+                                  "timm": state["timm"]}
 
     announced: list[str] = []
     patterns = timm_patterns(params)
@@ -75,6 +83,8 @@ def evaluate_teachers(params: Params, cursor: str | None) -> dg.SensorResult:
     skip = (f"new ImageNet weights in timm {new_cursor['timm']['version']}: {', '.join(announced)}; put a "
             f"checkpoint named <name>.safetensors into {params.retrain.teacher_dir} to retrain on it"
             if announced else f"no new teacher in {params.retrain.teacher_dir}")
+    if settling:
+        skip += f"; waiting for {len(settling)} file(s) to stop changing: {', '.join(settling)}"
     return dg.SensorResult(skip_reason=skip, cursor=text)
 
 

@@ -28,9 +28,8 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from fnmatch import fnmatch
 from pathlib import Path, PurePosixPath
 from typing import Any, Literal
@@ -38,13 +37,14 @@ from typing import Any, Literal
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from PIL import Image
 
 from gfm_core.data.dedup import hamming_join, near_duplicates, perceptual_hash, phash_hex
-from gfm_core.data.raster import DEFAULT_MAX_PIXELS, read_image
+from gfm_core.data.raster import DEFAULT_MAX_PIXELS, RasterImage, read_image
 from gfm_core.data.sources import IngestSettings, SourceSpec
 from gfm_core.data.workers import map_isolated
 from gfm_core.errors import ConfigError, DataValidationError, RasterReadError
-from gfm_core.io import atomic_write, sha256_file, write_json
+from gfm_core.io import atomic_write, clean_stale_temps, durable_replace, make_temp_dir, sha256_file, write_json
 
 log = logging.getLogger(__name__)
 
@@ -395,6 +395,23 @@ def read_manifest(manifest: str | Path | pa.Table) -> pa.Table:
     return table
 
 
+def load_manifest(path: str | Path) -> tuple[pa.Table, str]:
+    """The manifest table and the sha256 of the very bytes it was parsed from (what a verdict binds to).
+
+    Raises:
+        DataValidationError: the file is missing, not parquet, or lacks manifest columns.
+    """
+    try:
+        data = Path(path).read_bytes()
+    except OSError as e:
+        raise DataValidationError(f"{path}: cannot read the manifest ({e}); run `gfm ingest`") from e
+    try:
+        table = pq.read_table(pa.BufferReader(data))
+    except (OSError, pa.ArrowException) as e:
+        raise DataValidationError(f"{path}: cannot read the manifest ({e})") from e
+    return read_manifest(table), hashlib.sha256(data).hexdigest()
+
+
 def _table(rows: list[dict[str, Any]], meta: Mapping[str, str]) -> pa.Table:
     table = pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA)
     return table.replace_schema_metadata({f"gfm.{k}": v for k, v in meta.items()})
@@ -405,11 +422,11 @@ def _copy_quarantined(
 ) -> list[QuarantineEntry]:
     """Copy quarantined regular files under the data root to ``<out_dir>/quarantine/`` (fresh each run)."""
     final = out_dir / QUARANTINE_DIR
-    tmp = Path(tempfile.mkdtemp(prefix=".quarantine.", dir=out_dir))
+    tmp = make_temp_dir(final)
     try:
         out = _copy_into(data_root, tmp, entries)
         _remove_own_quarantine(final)
-        os.replace(tmp, final)
+        durable_replace(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -494,6 +511,7 @@ def build_manifest(
     root = Path(os.path.realpath(data_root))
     out_dir = Path(out_dir)
     resolved = _resolve_sources(root, sources, out_dir)
+    clean_stale_temps(out_dir)  # temps of a killed earlier ingest
     _check_own_quarantine(out_dir / QUARANTINE_DIR)  # fail now, not after reading the whole pile
 
     tasks: list[_Task] = []
@@ -631,9 +649,36 @@ def build_manifest(
 # --------------------------------------------------------------------------------------------------- leakage
 
 
+DownstreamImage = str | Path | tuple[str | Path, ...]
+"""A downstream image: one file, or one file per band (BigEarthNet, OSCD), composed in the given order."""
+
+
+def _read_test_image(item: DownstreamImage, bands: Sequence[int] | None, value_range: tuple[float, float] | None,
+                     max_pixels: int) -> RasterImage:
+    """One test image; per-band files are read one band each and resized to the first file's grid."""
+    kw = dict(value_range=value_range, min_size=2, max_pixels=max_pixels, allow_nonfinite=True)
+    if not isinstance(item, tuple):
+        return read_image(item, bands=bands, **kw)
+    parts = [read_image(f, bands=(1,), **kw) for f in item[:3]]  # the hash averages the first three bands
+    h, w = parts[0].array.shape[1:]
+    planes, valid = [], parts[0].valid
+    for part in parts:
+        plane = part.array[0]
+        if plane.shape != (h, w):
+            plane = np.asarray(Image.fromarray(plane, mode="F").resize((w, h), Image.Resampling.BILINEAR))
+        planes.append(plane)
+    return replace(parts[0], array=np.stack(planes).astype(np.float32), valid=valid,
+                   bands=tuple(range(1, len(planes) + 1)))
+
+
+def image_label(item: DownstreamImage) -> str:
+    """How a test image is named in reports (per-band files: the files joined by ``+``)."""
+    return "+".join(str(f) for f in item) if isinstance(item, tuple) else str(item)
+
+
 def contamination_check(
     manifest: str | Path | pa.Table,
-    test_images: Iterable[str | Path],
+    test_images: Iterable[DownstreamImage],
     *,
     max_hamming: int = 8,
     bands: Sequence[int] | None = None,
@@ -644,7 +689,8 @@ def contamination_check(
 
     Args:
         manifest: a manifest path or table from :func:`build_manifest`.
-        test_images: the downstream test images (any format :func:`read_image` reads).
+        test_images: the downstream test images (any format :func:`read_image` reads); a tuple is one image
+            stored as one file per band (hashed as their composite; each file's sha256 is compared too).
         max_hamming: perceptual-hash distance (of 64 bits) at or under which an image counts as the same
             picture (re-encoded, rescaled, slightly recoloured). Unrelated images are rarely under ~10.
         bands: bands of the test images to hash (the hash averages the first three: RGB and BGR agree).
@@ -666,16 +712,15 @@ def contamination_check(
     for p, s in zip(pile_paths, pile_sha, strict=True):
         by_sha.setdefault(s, []).append(p)
 
-    tests = [str(p) for p in test_images]
+    items = list(test_images)
+    tests = [image_label(t) for t in items]
     offenders: set[Offender] = set()
     test_hash = np.zeros(len(tests), dtype=np.uint64)
-    for k, t in enumerate(tests):
-        img = read_image(
-            t, bands=bands, value_range=value_range, min_size=2, max_pixels=max_pixels, allow_nonfinite=True
-        )
-        test_hash[k] = perceptual_hash(img)
-        for p in by_sha.get(sha256_file(t), []):
-            offenders.add(Offender(t, p, "exact", 0))
+    for k, item in enumerate(items):
+        test_hash[k] = perceptual_hash(_read_test_image(item, bands, value_range, max_pixels))
+        for f in item if isinstance(item, tuple) else (item,):
+            for p in by_sha.get(sha256_file(f), []):
+                offenders.add(Offender(tests[k], p, "exact", 0))
     exact_pairs = {(o.test_path, o.pile_path) for o in offenders}
     i, j, d = hamming_join(test_hash, pile_hash, max_hamming)
     for a, b, dist in zip(i.tolist(), j.tolist(), d.tolist(), strict=True):

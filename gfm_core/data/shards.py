@@ -4,7 +4,7 @@ Pretraining reads each image once per epoch for 100 epochs; decoding a JPEG/GeoT
 augmentation itself. :func:`write_shards` decodes each good image of a manifest once (with
 :func:`~gfm_core.data.raster.read_image`, using the bands and value range recorded in its manifest row, which
 are its source's), resizes it and writes it as 8-bit pixels; :class:`ShardDataset` and
-:class:`ShardPretrainImages` read them back with no decoding and no copy.
+:class:`~gfm_core.data.pretrain_data.PretrainStream` read them back with no decoding and no copy.
 
 Format: Arrow IPC files (the Feather v2 format), uncompressed, one per ~``images_per_shard`` images
 (``<gen>/shard-00000.arrow``), columns ``path, source, sha256, channels, height, width, pixels``; ``pixels``
@@ -47,7 +47,7 @@ import re
 import shutil
 import tempfile
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,16 +59,13 @@ from PIL import Image
 
 from gfm_core.data.geopile import manifest_content_hash, read_manifest
 from gfm_core.data.raster import read_image
+from gfm_core.data.stats import Stretch
 from gfm_core.errors import ConfigError, DataValidationError, RasterReadError
 from gfm_core.io import atomic_write, sha256_file, sha256_json, write_json
 
 if TYPE_CHECKING:  # torch and torchvision load only with the readers: writer processes start in ~1 s
     import torch
 
-    from gfm_core.data.masking import MaskGenerator
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)  # = gfm_core.data.pretrain_data's (not imported here: it loads torch)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 log = logging.getLogger(__name__)
 
 INDEX_NAME = "index.json"
@@ -157,7 +154,8 @@ def prepare_image(array: np.ndarray, shard_size: int, max_aspect: float) -> np.n
 # -------------------------------------------------------------------------------------------------- writing
 
 
-_Row = tuple[str, str, str, tuple[int, ...], tuple[float, float]]  # path, source, sha256, bands, value_range
+# path, source, sha256, bands, value_range, stretch (lo, hi) or None
+_Row = tuple[str, str, str, tuple[int, ...], tuple[float, float], tuple[tuple[float, ...], tuple[float, ...]] | None]
 
 
 @dataclass(frozen=True)
@@ -186,7 +184,7 @@ def _write_shard(task: _ShardTask) -> tuple[str, int, int]:
             for v in batch.values():
                 v.clear()
 
-        for rel, source, sha, bands, value_range in task.rows:
+        for rel, source, sha, bands, value_range, stretch in task.rows:
             path = os.path.join(task.data_root, rel)
             try:
                 if sha256_file(path) != sha:
@@ -207,7 +205,8 @@ def _write_shard(task: _ShardTask) -> tuple[str, int, int]:
                     f"{path}: cannot read a manifest image while writing shards ({e}); "
                     f"re-run ingestion so the manifest matches the files"
                 ) from e
-            pixels = prepare_image(img.array, task.shard_size, task.max_aspect)
+            array = img.array if stretch is None else Stretch(*stretch).apply(img.array)
+            pixels = prepare_image(array, task.shard_size, task.max_aspect)
             batch["path"].append(rel)
             batch["source"].append(source)
             batch["sha256"].append(sha)
@@ -254,14 +253,19 @@ def _run_tasks(tasks: Sequence[_ShardTask], workers: int, progress: bool) -> lis
     return sorted(out)
 
 
-def _settings(shard_size: int, max_aspect: float, images_per_shard: int) -> dict[str, Any]:
-    return {
+def _settings(
+    shard_size: int, max_aspect: float, images_per_shard: int, stretch: Mapping[str, Stretch] | None
+) -> dict[str, Any]:
+    out: dict[str, Any] = {
         "version": SHARD_VERSION,
         "shard_size": shard_size,
         "max_aspect": max_aspect,
         "images_per_shard": images_per_shard,
         "layout": "uint8 HWC, short side <= shard_size, antialiased bilinear",
     }
+    if stretch:  # absent when off, so shards written before stretches existed stay current
+        out["stretch"] = {k: {"lo": list(v.lo), "hi": list(v.hi)} for k, v in sorted(stretch.items())}
+    return out
 
 
 def _current_index(shard_dir: Path) -> dict[str, Any] | None:
@@ -290,6 +294,7 @@ def write_shards(
     workers: int | None = None,
     progress: bool = True,
     force: bool = False,
+    stretch: Mapping[str, Stretch] | None = None,
 ) -> ShardReport:
     """Decode every image of ``manifest`` once into uint8 Arrow shards under ``shard_dir``.
 
@@ -303,6 +308,7 @@ def write_shards(
         workers: writer processes; None = ``os.cpu_count()``; 0 = this process.
         progress: show a tqdm bar on stderr.
         force: rebuild even when the shards already match the manifest and settings.
+        stretch: per-source contrast stretch applied before the 8-bit quantisation (sources not listed: none).
 
     Returns:
         The :class:`ShardReport` (``rebuilt=False`` when the existing shards were kept).
@@ -332,7 +338,7 @@ def write_shards(
     paths = table.column("path").to_pylist()
     shas = table.column("sha256").to_pylist()
     content = manifest_content_hash(zip(paths, shas, strict=True))
-    settings = _settings(shard_size, float(max_aspect), images_per_shard)
+    settings = _settings(shard_size, float(max_aspect), images_per_shard, stretch)
     shard_dir = Path(shard_dir)
     generation = "gen-" + sha256_json({"content": content, "settings": settings})[:16]
 
@@ -350,8 +356,10 @@ def write_shards(
     sources = table.column("source").to_pylist()
     channels = table.column("channels").to_pylist()
     ranges = table.column("value_range").to_pylist()
+    st = {k: (tuple(v.lo), tuple(v.hi)) for k, v in (stretch or {}).items()}
     rows = sorted(
-        (paths[i], sources[i], shas[i], tuple(int(b) for b in channels[i]), (ranges[i][0], ranges[i][1]))
+        (paths[i], sources[i], shas[i], tuple(int(b) for b in channels[i]), (ranges[i][0], ranges[i][1]),
+         st.get(sources[i]))
         for i in range(len(paths))
     )
     shard_dir.mkdir(parents=True, exist_ok=True)
@@ -452,6 +460,7 @@ class _Shards:
         self.shape = np.empty((n, 3), dtype=np.int64)  # H, W, C
         self.paths: list[str] = []
         self.sources: list[str] = []
+        self.sha256: list[str] = []
         self.data: list[torch.Tensor] = []
         self._maps: list[pa.MemoryMappedFile] = []
         pos = 0
@@ -484,6 +493,7 @@ class _Shards:
                     self.shape[sl, 2] = rb.column("channels").to_numpy()
                     self.paths.extend(rb.column("path").to_pylist())
                     self.sources.extend(rb.column("source").to_pylist())
+                    self.sha256.extend(rb.column("sha256").to_pylist())
                     self.data.append(data)
                     seen += k
                 self._maps.append(mm)
@@ -601,70 +611,3 @@ class ShardDataset:
         import torch
 
         return self.view(index).clone(memory_format=torch.contiguous_format)
-
-
-class ShardPretrainImages:
-    """:class:`~gfm_core.data.pretrain_data.PretrainImages` from shards: same samples, same augmentation.
-
-    Each sample is ``{"image": [C, S, S] float32 normalised, "mask": [h, w] bool, 1 = masked}``; its
-    randomness depends only on ``(seed, epoch, global index)`` (the position in the whole pile, sorted by
-    path), so it does not change with the number of ranks or loader workers. The augmentation is
-    :class:`~gfm_core.data.pretrain_data.PretrainAugment`, applied to the stored uint8 pixels.
-
-    Args:
-        shard_dir: folder written by :func:`write_shards`.
-        img_size: output edge in pixels (paper 192).
-        mask: the mask generator (its input size must equal ``img_size``).
-        crop_scale: RandomResizedCrop area range (paper (0.67, 1)).
-        crop_ratio: RandomResizedCrop aspect range (paper (3/4, 4/3)).
-        mean: per-channel normalisation mean of the [0, 1]-scaled image (paper: ImageNet's).
-        std: per-channel normalisation std.
-        seed: base seed of the sample randomness.
-        rank: this process's rank.
-        world_size: number of ranks (see :class:`ShardDataset`).
-        shuffle_ranks: re-split the pile between ranks every epoch (from ``seed``) instead of a fixed split.
-    """
-
-    def __init__(
-        self,
-        shard_dir: str | Path,
-        img_size: int,
-        mask: MaskGenerator,
-        *,
-        crop_scale: tuple[float, float] = (0.67, 1.0),
-        crop_ratio: tuple[float, float] = (3 / 4, 4 / 3),
-        mean: Sequence[float] = IMAGENET_MEAN,
-        std: Sequence[float] = IMAGENET_STD,
-        seed: int = 0,
-        rank: int = 0,
-        world_size: int = 1,
-        shuffle_ranks: bool = False,
-    ) -> None:
-        from gfm_core.data.pretrain_data import PretrainAugment, sample_seed
-
-        self._sample_seed = sample_seed
-        self.augment = PretrainAugment(
-            img_size, mask, crop_scale=crop_scale, crop_ratio=crop_ratio, mean=mean, std=std
-        )
-        self.data = ShardDataset(
-            shard_dir, rank=rank, world_size=world_size, seed=seed if shuffle_ranks else None
-        )
-        self.mask = mask
-        self.channels = self.augment.channels
-        self.seed = seed
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        """Select the epoch whose random draws ``__getitem__`` makes."""
-        self.epoch = epoch
-        self.data.set_epoch(epoch)
-
-    def __len__(self) -> int:
-        return len(self.data)
-
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        g = self.data.global_index(index)
-        x = self.data.shards.view(g)
-        if x.shape[0] != self.channels:
-            x = self.augment.match_channels(x, self.data.shards.paths[g], self.data.shards.sources[g])
-        return self.augment(x, self._sample_seed(self.seed, self.epoch, g))

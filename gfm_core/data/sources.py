@@ -5,9 +5,12 @@ ways to get one:
 
 - :data:`PRESETS` / :func:`get_preset`: the five GeoPile sources (paper Table 2) in the layout each is
   distributed in, with their GSD ranges. ``get_preset("resisc45", root="elsewhere")`` moves one.
-- :func:`discover_geopile`: GFM's own ``GeoPileV0/<source>/<class>/<image>`` layout; every subfolder of
-  ``GeoPileV0`` becomes a source, and folders whose names match a preset (``NWPU-RESISC45``, ``patternnet``,
-  ...) inherit its settings.
+- :func:`discover_sources`: GFM's own ``GeoPileV0/<source>/<class>/<image>`` layout; every subfolder of
+  the pile folder becomes a source, and folders whose names match a preset (``NWPU-RESISC45``, ``patternnet``,
+  ...) inherit its settings. :func:`discover_geopile` does the same from the folder above ``GeoPileV0``.
+
+One convention for roots: a source's ``root`` is relative to the folder the pile is read from (``ingest.root``,
+the ``data_root`` of ``build_manifest``, ``list_pile`` and ``write_shards``).
 - :func:`folder_source`: any folder of GeoTIFF/JPEG/PNG files.
 
 The class of an image is the first folder below its source root (torchvision ``ImageFolder``'s rule, which GFM
@@ -259,40 +262,57 @@ def _errors(e: ValidationError) -> str:
     )
 
 
-def discover_geopile(
-    data_root: str | Path, geopile_dir: str = GEOPILE_DIR, *, skip_hidden: bool = True
-) -> list[SourceSpec]:
-    """One source per subfolder of ``<data_root>/<geopile_dir>`` (GFM's ``GeoPileV0/<source>/<class>/``).
+def discover_sources(pile_root: str | Path, *, skip_hidden: bool = True) -> list[SourceSpec]:
+    """One source per subfolder of ``pile_root``, with roots relative to ``pile_root`` (``ingest.root``).
 
     Folders named like a preset (case and punctuation ignored: ``NWPU-RESISC45``, ``PatternNet``, ``naip``)
-    take that preset's name and settings; any other folder becomes a generic :func:`folder_source` named after
-    the folder. Sources come back sorted by folder name.
+    take that preset's name and settings, and its inner layout when the folder holds it (``MLRSNet/Images``,
+    ``PatternNet/images``: the class is then the folder below it); any other folder becomes a generic
+    :func:`folder_source` named after the folder. Sources come back sorted by folder name.
 
     Raises:
         ConfigError: the folder is missing, holds no subfolders, or two folders map to the same source name.
     """
-    base = Path(data_root) / geopile_dir
+    base = Path(pile_root)
     if not base.is_dir():
         raise ConfigError(
-            f"{base}: GeoPile folder not found (expected <data_root>/{geopile_dir}/<source>/...)"
+            f"{base}: GeoPile folder not found (expected {base}/<source>/<class>/<image>; set ingest.root)"
         )
     specs: list[SourceSpec] = []
     for entry in sorted(os.scandir(base), key=lambda e: e.name):
         if not entry.is_dir() or (skip_hidden and entry.name.startswith(".")):
             continue
-        root = PurePosixPath(geopile_dir) / entry.name
+        root = PurePosixPath(entry.name)
         key = _ALIASES.get(_alias_key(entry.name))
         if key is not None:
+            inner = PurePosixPath(*PRESETS[key].root.parts[1:]) if len(PRESETS[key].root.parts) > 1 else None
+            if inner is not None and (base / root / inner).is_dir():
+                root = root / inner
             specs.append(PRESETS[key].with_root(root))
         else:
             name = re.sub(r"[^A-Za-z0-9_.-]", "_", entry.name).lstrip("_.-") or "source"
-            specs.append(folder_source(name, root, description=f"auto-discovered folder {root}"))
+            specs.append(folder_source(name, root, description=f"auto-discovered folder {entry.name}"))
     if not specs:
-        raise ConfigError(
-            f"{base}: no source subfolders (GFM's layout is {geopile_dir}/<source>/<class>/<image>)"
-        )
+        raise ConfigError(f"{base}: no source subfolders (GFM's layout is <pile>/<source>/<class>/<image>)")
     names = [s.name for s in specs]
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
         raise ConfigError(f"{base}: several folders map to the source name(s) {dupes}; rename one of them")
     return specs
+
+
+def discover_geopile(
+    data_root: str | Path, geopile_dir: str = GEOPILE_DIR, *, skip_hidden: bool = True
+) -> list[SourceSpec]:
+    """:func:`discover_sources` of ``<data_root>/<geopile_dir>``, with roots relative to ``data_root``.
+
+    For ``build_manifest(data_root, ...)``; with ``ingest.root`` pointing at the pile folder itself, use
+    :func:`discover_sources` (roots relative to the pile folder).
+
+    Raises:
+        ConfigError: as :func:`discover_sources`.
+    """
+    return [
+        s.with_root(PurePosixPath(geopile_dir) / s.root)
+        for s in discover_sources(Path(data_root) / geopile_dir, skip_hidden=skip_hidden)
+    ]

@@ -6,6 +6,14 @@ scaled to ``[0, 1]``) and its valid-pixel count ``n``. Pooling them is exact:
 ``mean = sum(n_i m_i) / N``,   ``var = sum(n_i (s_i^2 + m_i^2)) / N - mean^2``
 
 so the statistics equal those of all valid pixels of a source taken together, without re-reading any image.
+
+A per-source, per-band contrast stretch (:class:`Stretch`) maps the ``p_lo`` and ``p_hi`` percentiles of a
+source's valid pixels to 0 and 1 (e.g. 2-98 %: uint16 Landsat DNs fill a tenth of the dtype's range, and 8-bit
+training shards would keep about 25 grey levels of it). The percentiles come from a deterministic sample: up to
+``STRETCH_MAX_IMAGES`` images of the source, evenly spaced in path order, and up to ``STRETCH_MAX_PIXELS``
+evenly spaced valid pixels of each (exact for small sources; an estimate for GeoPile-sized ones). The same
+stretch is applied when the shards are written and when a downstream task reads the same source.
+
 The artifact records the manifest's content hash, so a model's normalisation can be traced to the pile it came
 from, and contains nothing run-specific (no timestamps): the same manifest always gives the same bytes.
 """
@@ -13,7 +21,7 @@ from, and contains nothing run-specific (no timestamps): the same manifest alway
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +32,40 @@ from gfm_core.errors import DataValidationError
 from gfm_core.io import write_json
 
 STATS_SCHEMA = "gfm.geopile.norm_stats"
-STATS_VERSION = 1
+STATS_VERSION = 2
+STRETCH_MAX_IMAGES = 64
+STRETCH_MAX_PIXELS = 65_536
+
+
+@dataclass(frozen=True)
+class Stretch:
+    """A per-band linear contrast stretch: ``(x - lo) / (hi - lo)``, clipped to [0, 1].
+
+    Attributes:
+        lo, hi: per-band values (of the [0, 1]-scaled image) mapped to 0 and 1.
+        percentiles: the percentiles they are (the rule, for the record).
+        images: images sampled to find them.
+    """
+
+    lo: tuple[float, ...]
+    hi: tuple[float, ...]
+    percentiles: tuple[float, float] = (2.0, 98.0)
+    images: int = 0
+
+    def apply(self, array: np.ndarray) -> np.ndarray:
+        """``[C, H, W]`` float in [0, 1] -> stretched float32 ``[C, H, W]`` in [0, 1].
+
+        Raises:
+            DataValidationError: the image's band count differs from the stretch's.
+        """
+        if array.shape[0] != len(self.lo):
+            raise DataValidationError(
+                f"a {len(self.lo)}-band contrast stretch cannot apply to a {array.shape[0]}-band image "
+                f"(the task's bands must match the pile source's)"
+            )
+        lo = np.asarray(self.lo, np.float32)[:, None, None]
+        span = np.maximum(np.asarray(self.hi, np.float32)[:, None, None] - lo, 1e-6)
+        return np.clip((array - lo) / span, 0.0, 1.0).astype(np.float32, copy=False)
 
 
 @dataclass(frozen=True)
@@ -35,6 +76,7 @@ class BandStats:
     std: tuple[float, ...]
     pixels: int
     images: int
+    stretch: Stretch | None = None
 
 
 @dataclass(frozen=True)
@@ -68,8 +110,16 @@ def _pool(means: np.ndarray, stds: np.ndarray, counts: np.ndarray) -> BandStats:
     )
 
 
-def compute_norm_stats(manifest: str | Path | pa.Table) -> NormStats:
+def compute_norm_stats(
+    manifest: str | Path | pa.Table,
+    *,
+    stretch_percentiles: tuple[float, float] | None = None,
+    data_root: str | Path | None = None,
+) -> NormStats:
     """Pool the manifest's per-image statistics per source (weighted by valid pixels).
+
+    With ``stretch_percentiles`` each source also gets its :class:`Stretch`, read from a sample of its images
+    under ``data_root`` (None = the root recorded in the manifest).
 
     Raises:
         DataValidationError: the manifest is empty, unreadable, or a source mixes channel counts (its images
@@ -103,10 +153,35 @@ def compute_norm_stats(manifest: str | Path | pa.Table) -> NormStats:
         out[name] = _pool(
             np.asarray([means[i] for i in idx]), np.asarray([stds[i] for i in idx]), counts[idx]
         )
+        if stretch_percentiles is not None:
+            root = data_root or (table.schema.metadata or {}).get(b"gfm.data_root", b"").decode()
+            if not root:
+                raise DataValidationError("the manifest records no data root: pass data_root for the stretch")
+            out[name] = replace(out[name], stretch=_source_stretch(table, idx, Path(root), stretch_percentiles))
     pooled = None
     if len(widths) == 1:
         pooled = _pool(np.asarray(means), np.asarray(stds), counts)
     return NormStats(manifest_hash=content, sources=out, pooled=pooled)
+
+
+def _source_stretch(table: pa.Table, idx: list[int], root: Path, percentiles: tuple[float, float]) -> Stretch:
+    """The percentiles of a deterministic sample of the source's valid pixels (module docstring)."""
+    from gfm_core.data.raster import read_image
+
+    paths = table.column("path").to_pylist()
+    order = sorted(idx, key=lambda i: paths[i])
+    picked = [order[round(k)] for k in np.linspace(0, len(order) - 1, min(len(order), STRETCH_MAX_IMAGES))]
+    channels = table.column("channels").to_pylist()
+    ranges = table.column("value_range").to_pylist()
+    samples = []
+    for i in picked:
+        img = read_image(root / paths[i], bands=channels[i], value_range=tuple(ranges[i]), min_size=1,
+                         allow_nonfinite=True)
+        px = img.array[:, img.valid]
+        samples.append(px[:, :: max(1, px.shape[1] // STRETCH_MAX_PIXELS)])
+    lo, hi = np.percentile(np.concatenate(samples, axis=1), percentiles, axis=1)
+    return Stretch(tuple(float(v) for v in lo), tuple(float(v) for v in hi),
+                   (float(percentiles[0]), float(percentiles[1])), len(picked))
 
 
 def write_norm_stats(stats: NormStats, path: str | Path) -> Path:
@@ -117,7 +192,8 @@ def write_norm_stats(stats: NormStats, path: str | Path) -> Path:
             "schema": STATS_SCHEMA,
             "version": stats.version,
             "manifest_hash": stats.manifest_hash,
-            "value_scale": "per-source read_image scaling to [0, 1]; statistics over valid pixels",
+            "value_scale": "per-source read_image scaling to [0, 1]; statistics over valid pixels (before any "
+            "stretch)",
             "sources": {k: asdict(v) for k, v in stats.sources.items()},
             "pooled": asdict(stats.pooled) if stats.pooled is not None else None,
         },
@@ -143,7 +219,11 @@ def load_norm_stats(path: str | Path) -> NormStats:
         )
 
     def band(d: dict) -> BandStats:
-        return BandStats(tuple(d["mean"]), tuple(d["std"]), int(d["pixels"]), int(d["images"]))
+        st = d.get("stretch")
+        stretch = None if st is None else Stretch(
+            tuple(st["lo"]), tuple(st["hi"]), tuple(st["percentiles"]), int(st["images"])  # type: ignore[arg-type]
+        )
+        return BandStats(tuple(d["mean"]), tuple(d["std"]), int(d["pixels"]), int(d["images"]), stretch)
 
     try:
         return NormStats(
@@ -156,3 +236,8 @@ def load_norm_stats(path: str | Path) -> NormStats:
         raise DataValidationError(
             f"{path}: malformed normalisation statistics ({type(e).__name__}: {e})"
         ) from e
+
+
+def load_stretches(path: str | Path) -> dict[str, Stretch]:
+    """Source name -> :class:`Stretch` of the sources that have one (none: ``ingest.stretch`` is off)."""
+    return {k: v.stretch for k, v in load_norm_stats(path).sources.items() if v.stretch is not None}

@@ -47,6 +47,7 @@ from torch.utils.data import Dataset
 
 from gfm_core.config import TaskCfg
 from gfm_core.data.raster import read_image
+from gfm_core.data.stats import Stretch
 from gfm_core.errors import ConfigError, DataValidationError, RasterReadError
 
 SPLITS = ("train", "val", "test")
@@ -408,6 +409,11 @@ LAYOUTS: dict[str, Callable[[TaskCfg, str], TaskIndex]] = {
 }
 
 
+def task_splits(cfg: TaskCfg) -> tuple[str, ...]:
+    """The splits ``cfg``'s layout has (OSCD ships no val split)."""
+    return ("train", "test") if cfg.layout == "oscd" else SPLITS
+
+
 def list_task(cfg: TaskCfg, split: str) -> TaskIndex:
     """The samples of one split (tiled when ``cfg.tile_size`` is set).
 
@@ -468,6 +474,12 @@ def _tile_refs(refs: list[SampleRef], cfg: TaskCfg) -> list[SampleRef]:
 
 
 def _read_array(path: Path | tuple[Path, ...], cfg: TaskCfg) -> np.ndarray:
+    """[C, H, W] float32 in [0, 1] (after ``cfg.stretch``): one multi-band file or one file per band."""
+    arr = _read_bands(path, cfg)
+    return arr if cfg.stretch is None else Stretch(*cfg.stretch).apply(arr)
+
+
+def _read_bands(path: Path | tuple[Path, ...], cfg: TaskCfg) -> np.ndarray:
     """[C, H, W] float32 in [0, 1]: one multi-band file (``cfg.bands``) or one file per band (resampled)."""
     if isinstance(path, tuple):
         layers = []

@@ -43,10 +43,10 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from gfm_core.data.geopile import QUARANTINE_NAME, manifest_content_hash, read_manifest
+from gfm_core.data.geopile import QUARANTINE_NAME, load_manifest, manifest_content_hash
 from gfm_core.data.sources import SourceSpec
 from gfm_core.errors import DataValidationError
-from gfm_core.io import write_json
+from gfm_core.io import durable_replace, make_temp_dir, temp_prefix, write_json
 
 VALIDATION_NAME = "validation.json"
 DOCS_DIR = "data_docs"
@@ -420,11 +420,11 @@ def _swap_in(tmp: Path, final: Path) -> None:
     """Replace the folder ``final`` with ``tmp`` (the old one is removed once the new one is in place)."""
     old = None
     if final.exists():
-        old = final.with_name(f".{final.name}.old-{os.getpid()}")
+        old = Path(tempfile.mkdtemp(prefix=temp_prefix(final), dir=final.parent)) / "old"
         os.replace(final, old)
-    os.replace(tmp, final)
+    durable_replace(tmp, final)
     if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+        shutil.rmtree(old.parent, ignore_errors=True)
 
 
 def validate_manifest(
@@ -461,7 +461,7 @@ def validate_manifest(
         DataValidationError: the manifest or the quarantine file is missing, unreadable, or not one.
     """
     manifest_path = Path(manifest_path)
-    table = read_manifest(manifest_path)
+    table, manifest_sha = load_manifest(manifest_path)
     df = _manifest_frame(table, manifest_path)
     q_path = Path(quarantine_path) if quarantine_path is not None else manifest_path.parent / QUARANTINE_NAME
     quarantine = _load_quarantine(q_path)
@@ -496,7 +496,7 @@ def validate_manifest(
 
     out_dir = Path(out_dir).resolve()  # GE's docs site needs an absolute base directory
     out_dir.mkdir(parents=True, exist_ok=True)
-    docs_tmp = Path(tempfile.mkdtemp(prefix=f".{DOCS_DIR}.", dir=out_dir)) if data_docs else None
+    docs_tmp = make_temp_dir(out_dir / DOCS_DIR) if data_docs else None
     try:
         ctx = _context(docs_tmp)
         outcomes = _run_suite(ctx, "manifest", df, [r for r in rules if r.frame == "manifest"])
@@ -540,6 +540,7 @@ def validate_manifest(
             "manifest": str(manifest_path),
             "quarantine": str(q_path),
             "manifest_content_hash": content,
+            "manifest_sha256": manifest_sha,  # the bytes judged: gfm_core.data.verdicts.require_verdicts
             "images": n_rows,
             "quarantined": n_bad,
             "statistics": {

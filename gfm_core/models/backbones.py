@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from gfm_core.config import StudentCfg, TeacherCfg
 from gfm_core.errors import CheckpointError, ConfigError
-from gfm_core.io import read_json, sidecar_path
+from gfm_core.io import read_json, sidecar_path, verify_weights
 
 _log = logging.getLogger(__name__)
 _TIMM_BUILDER_LOGGER = "timm.models._builder"
@@ -180,7 +180,7 @@ def create_teacher(cfg: TeacherCfg, **overrides: Any) -> FrozenTeacher:
             "teacher.checkpoint: a local weight file is required; nothing is downloaded "
             "(set teacher.checkpoint in params.yaml, e.g. weights/swin_base_patch4_window7_224_22k.pth)"
         )
-    kwargs: dict[str, Any] = dict(num_classes=0, **overrides)
+    kwargs: dict[str, Any] = dict(num_classes=0, **{**cfg.timm_kwargs, **overrides})
     if cfg.img_size is not None:
         kwargs.setdefault("img_size", cfg.img_size)
     model = load_timm_weights(
@@ -214,7 +214,8 @@ def load_timm_weights(
 
     Raises:
         ConfigError: unknown arch or kwargs.
-        CheckpointError: missing, unreadable or mismatching file.
+        CheckpointError: missing, unreadable or mismatching file, or not the bytes its sidecar's
+            ``weights_sha256`` describes.
     """
     _check_arch(arch, arch_field)
     path = Path(file).expanduser().resolve()
@@ -223,6 +224,7 @@ def load_timm_weights(
             f"{field}: weight file {path} not found; copy the weights there or point {field} at a local "
             f".safetensors/.pth file (nothing is downloaded)"
         )
+    verify_weights(Path(file).expanduser())  # its sidecar's weights_sha256, when it has one (beside a symlink too)
     # source='' so that a hub-only pretrained_cfg cannot route the load to the Hugging Face hub
     overlay = {**(overlay or {}), "file": str(path), "source": ""}
 
@@ -422,6 +424,10 @@ def load_backbone(path: str | Path, **overrides: Any) -> nn.Module:
             f"{path}: sidecar {side.name} not found; export with gfm_core.objectives.export_backbone"
         )
     meta = read_json(side)
+    if "weights_sha256" not in meta:  # export_backbone always records it; load_timm_weights checks it
+        raise CheckpointError(
+            f"{side}: no weights_sha256 for {path.name}; re-export the weights / re-run pretraining (gfm pretrain)"
+        )
     try:
         arch, kwargs = meta["arch"], dict(meta["timm_kwargs"])
     except (KeyError, TypeError) as e:

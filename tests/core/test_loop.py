@@ -321,3 +321,20 @@ def test_corrupt_checkpoint_is_a_checkpoint_error(tmp_path):
     (tmp_path / "checkpoints" / "step_000002" / "state.pt").write_bytes(b"not a torch file")
     with pytest.raises(CheckpointError, match=r"state\.pt: cannot restore training state"):
         _run(tmp_path, total_steps=4, resume=True)
+
+
+def test_measurements_of_callbacks_join_each_logged_record(tmp_path):
+    class Probe(Callback):
+        def __init__(self) -> None:
+            self.steps: list[int] = []
+
+        def measure(self, step):
+            self.steps.append(step)
+            return {"held_out": float(step) / 10}
+
+    probe, rec = Probe(), Recorder()
+    result, _ = _run(tmp_path, total_steps=6, log_every=3, callbacks=[probe, rec])
+    assert probe.steps == [3, 6]  # at logged steps only
+    assert [m["held_out"] for _, m in rec.logged] == [0.3, 0.6]  # before on_log sees the record
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["held_out"] for r in lines] == [0.3, 0.6] and result.metrics["held_out"] == 0.6

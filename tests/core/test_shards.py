@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
 import shutil
 import warnings
 
@@ -15,31 +14,19 @@ import rasterio
 import torch
 from helpers.rasters import make_geotiff, make_photo
 from rasterio.errors import NotGeoreferencedWarning
-from torch.utils.data import DataLoader
-from torchvision.transforms import v2
 
 from gfm_core.data.geopile import build_manifest
-from gfm_core.data.masking import MaskGenerator
-from gfm_core.data.pretrain_data import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    NormaliseToFloat,
-    PretrainAugment,
-    PretrainImages,
-    list_pile,
-    sample_seed,
-)
 from gfm_core.data.raster import read_image
 from gfm_core.data.shards import (
     INDEX_NAME,
     ShardDataset,
-    ShardPretrainImages,
     load_shard_index,
     rank_partition,
     shard_geometry,
     write_shards,
 )
 from gfm_core.data.sources import IngestSettings, folder_source
+from gfm_core.data.stats import Stretch
 from gfm_core.errors import ConfigError, DataValidationError
 
 SIZE = 32  # shard_size of these tests
@@ -263,102 +250,27 @@ def test_failed_build_publishes_nothing_and_keeps_the_previous_shards(pile, tmp_
         ShardDataset(fresh)
 
 
-# ----------------------------------------------------------------------------------- pretraining samples
+# ------------------------------------------------------------------------------------------ contrast stretch
 
 
-def make_dataset(pile, **kw):
-    mask = MaskGenerator(16, mask_patch_size=4, model_patch_size=2, mask_ratio=0.6)
-    return ShardPretrainImages(pile["base"] / "shards", 16, mask, seed=3, **kw)
-
-
-def test_shard_pretrain_samples_shapes_and_normalisation(pile):
-    ds = make_dataset(pile)
-    assert len(ds) == len(SHAPES)
-    for i in range(len(ds)):
-        s = ds[i]
-        assert s["image"].shape == (3, 16, 16) and s["image"].dtype == torch.float32
-        assert s["mask"].shape == (8, 8) and s["mask"].dtype == torch.bool
-        assert int(s["mask"].sum()) == 10 * 2 * 2  # ceil(0.6 * 16) cells of 2x2 tokens
-        mean = torch.tensor((0.485, 0.456, 0.406)).view(3, 1, 1)
-        std = torch.tensor((0.229, 0.224, 0.225)).view(3, 1, 1)
-        pixels = s["image"] * std + mean
-        assert pixels.min() >= -1e-5 and pixels.max() <= 1 + 1e-5
-
-
-def test_shard_pretrain_samples_are_a_function_of_seed_epoch_index(pile):
-    a, b = make_dataset(pile), make_dataset(pile)
-    torch.manual_seed(123)  # the global RNG does not matter
-    s1 = a[2]
-    torch.manual_seed(456)
-    assert torch.equal(s1["image"], b[2]["image"]) and torch.equal(s1["mask"], b[2]["mask"])
-    a.set_epoch(1)
-    assert not torch.equal(a[2]["image"], s1["image"])
-    b.set_epoch(1)
-    assert torch.equal(a[2]["image"], b[2]["image"])
-    clone = pickle.loads(pickle.dumps(a))  # what DataLoader workers receive: no pixels, no mappings
-    assert len(pickle.dumps(a)) < 20_000
-    assert torch.equal(clone[2]["image"], a[2]["image"])
-    batch = next(iter(DataLoader(a, batch_size=4)))
-    assert batch["image"].shape == (4, 3, 16, 16) and batch["mask"].shape == (4, 8, 8)
-
-
-def test_shard_samples_match_file_samples_from_the_same_augmentation(pile):
-    """For an image stored unresized, the shard sample equals PretrainImages' (same crop, up to 1/255)."""
-    mask = MaskGenerator(16, mask_patch_size=4, model_patch_size=2, mask_ratio=0.6)
-    shards = ShardPretrainImages(pile["base"] / "shards", 16, mask, seed=5)
-    files = PretrainImages(list_pile(pile["root"], SOURCES), 16, mask, seed=5)
-    paths = [shards.data.path(i) for i in range(len(shards))]
-    assert [str(it.path.relative_to(pile["root"])) for it in files.items] == paths
-    i = paths.index("pics/a/same.png")
-    for epoch in (0, 4):
-        shards.set_epoch(epoch)
-        files.set_epoch(epoch)
-        s, f = shards[i], files[i]
-        assert torch.equal(s["mask"], f["mask"])
-        assert (s["image"] - f["image"]).abs().max() < 1.5 / 255 / 0.224  # uint8 vs float resize rounding
-    aug = PretrainAugment(16, mask)
-    direct = aug(shards.data.view(i), sample_seed(5, 4, i))
-    assert torch.equal(direct["image"], shards[i]["image"])  # one augmentation implementation
-
-
-def test_fused_normalisation_equals_todtype_then_normalize():
-    ref = v2.Compose(
-        [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(IMAGENET_MEAN), list(IMAGENET_STD))]
-    )
-    fused = NormaliseToFloat(IMAGENET_MEAN, IMAGENET_STD)
-    hwc = torch.randint(0, 256, (20, 30, 3), dtype=torch.uint8).permute(2, 0, 1)  # channels-last, as shards
-    flt = torch.rand(3, 20, 30)
-    for x in (hwc, flt):
-        before = x.clone()
-        y = fused(x)
-        assert y.dtype == torch.float32 and y.is_contiguous()
-        assert torch.allclose(y, ref(x), atol=1e-5)
-        assert torch.equal(x, before)  # the input is never modified
-    with pytest.raises(TypeError, match="uint8 or float32"):
-        fused(torch.zeros(3, 2, 2, dtype=torch.int16))
-
-
-def test_shard_pretrain_ranks_and_epoch_resplit(pile):
-    world = 2
-    ranks = [make_dataset(pile, rank=r, world_size=world, shuffle_ranks=True) for r in range(world)]
-    for epoch in (0, 1):
-        for d in ranks:
-            d.set_epoch(epoch)
-        got = [d.data.global_index(i) for d in ranks for i in range(len(d))]
-        assert len(got) == len(set(got)) == 2 * (len(SHAPES) // 2)
-    full = make_dataset(pile)
-    full.set_epoch(1)
-    g = ranks[1].data.global_index(0)
-    assert torch.equal(ranks[1][0]["image"], full[g]["image"])  # randomness follows the global index
-
-
-def test_channel_mismatch_names_the_file(pile):
-    mask = MaskGenerator(16, mask_patch_size=4, model_patch_size=2)
-    ds = ShardPretrainImages(
-        pile["base"] / "shards", 16, mask, mean=(0.5, 0.5, 0.5, 0.5), std=(0.2, 0.2, 0.2, 0.2)
-    )
-    with pytest.raises(ConfigError, match=r"pics/a/big\.png: 3 band\(s\) read but the model takes 4"):
-        ds[0]
+def test_stretch_is_applied_before_quantisation_and_changes_the_generation(pile, tmp_path):
+    plain = ShardDataset(pile["base"] / "shards")
+    st = Stretch(lo=(0.2, 0.2, 0.2), hi=(0.6, 0.6, 0.6))
+    out = tmp_path / "stretched"
+    rep = write_shards(pile["report"].manifest_path, out, shard_size=SIZE, images_per_shard=3, workers=0,
+                       progress=False, stretch={"pics": st})
+    assert rep.rebuilt
+    stretched = ShardDataset(out)
+    i = [stretched.path(k) for k in range(len(stretched))].index("pics/a/same.png")
+    ref = read_image(pile["root"] / "pics/a/same.png").array  # stored unresized: exact up to rounding
+    want = np.clip((ref - 0.2) / 0.4, 0, 1) * 255
+    got = stretched[i].numpy().astype(float)
+    assert np.abs(got - want).max() <= 0.5 + 1e-4  # rounding to uint8 (float32 arithmetic)
+    assert not torch.equal(stretched[i], plain[i])
+    assert json.loads((out / INDEX_NAME).read_text())["settings"]["stretch"]["pics"]["lo"] == [0.2] * 3
+    again = write_shards(pile["report"].manifest_path, out, shard_size=SIZE, images_per_shard=3, workers=0,
+                         progress=False, stretch={"pics": Stretch(lo=(0.1,) * 3, hi=(0.6,) * 3)})
+    assert again.rebuilt  # another stretch is another generation
 
 
 def test_write_shards_refuses_bad_settings_and_empty_manifests(pile, tmp_path):

@@ -28,7 +28,7 @@ def _params(repo_root, tmp, **pretrain):
     for task in demo["finetune"]["tasks"]:  # the contamination check reads the tasks' test splits
         task["root"] = str(tmp / "demo" / "tasks" / task["name"])
     demo["pretrain"].update(out_dir=str(tmp / "pretrain"), batch_size=4, max_steps=4, log_every=2,
-                            checkpoint_every=2, **pretrain)
+                            checkpoint_every=2, teacher_pool=32, holdout_crops=8, **pretrain)
     return parse_params(raw, source="test-params")
 
 
@@ -44,29 +44,36 @@ def test_ingest_then_pretrain_exports_a_loadable_backbone(demo_params):
     with pytest.raises(DataValidationError, match="run `gfm validate` first"):
         stages.run_shards(demo_params)  # shards are only written from a validated pile
     ing = stages.run_ingest(demo_params, progress=False)
-    assert ing.accepted == 144 and ing.quarantined == 0 and ing.stats.is_file()
+    assert ing.accepted == 282 and ing.quarantined == 0 and ing.stats.is_file()
     val = stages.run_validate(demo_params)
     assert val.success and val.n_expectations >= 10 and val.docs is not None and val.docs.is_file()
     sh = stages.run_shards(demo_params, progress=False)
-    assert sh.images == 144 and sh.rebuilt
+    assert sh.images == 282 and sh.rebuilt
     assert not stages.run_shards(demo_params, progress=False).rebuilt  # up to date: nothing rewritten
 
     res = stages.run_pretrain(demo_params)
     assert res.steps == 4 and res.device == "cpu"
     assert {"loss", "mim", "distill", "cosine", "lr", "images_per_s"} <= set(res.metrics)
+    learning = {"mim_holdout", "mim_trivial_holdout", "cos_holdout", "cos_mean_vector_holdout"}
+    assert learning <= set(res.metrics)  # measured at every logged step
     summary = json.loads(res.summary_json.read_text())
-    assert summary["steps"] == 4 and summary["images"] == 144
+    assert summary["steps"] == 4 and summary["train_images"] + summary["holdout_images"] == 282
+    assert {"mim_ratio_holdout", "cos_margin_holdout", "mim_holdout_start"} <= set(summary)
+    assert summary["teacher_pool"] == 32
     rows = res.metrics_csv.read_text().splitlines()
     assert rows[0].startswith("step,") and len(rows) == 3  # header + steps 2 and 4
+    assert all(k in rows[0] for k in learning)
     assert res.reconstructions == demo_params.pretrain.out_dir / "reconstructions.png"
-    with Image.open(res.reconstructions) as im:  # 4 rows of input | masked | prediction | pasted
-        assert im.size == (4 * demo_params.pretrain.student.img_size, 4 * demo_params.pretrain.student.img_size)
+    size = demo_params.pretrain.student.img_size
+    with Image.open(res.reconstructions) as im:  # 4 held-out rows: input | masked | start | end | pasted
+        assert im.size == (5 * size, 4 * size)
+    assert (demo_params.pretrain.out_dir / "learning.png").is_file()
 
     meta = json.loads(res.backbone.with_suffix(".json").read_text())
     assert meta["meta"]["data"]["manifest_content_hash"] == ing.content_hash  # lineage: pile -> weights
     assert meta["meta"]["teacher"]["arch"] == "tf_efficientnet_lite0" and len(meta["meta"]["teacher"]["sha256"]) == 64
     model = load_backbone(res.backbone)
-    x = torch.randn(1, 3, 128, 128)
+    x = torch.randn(1, 3, 64, 64)
     plain = timm.create_model(meta["arch"], pretrained=True, pretrained_cfg_overlay=dict(file=str(res.backbone)),
                               **meta["timm_kwargs"])
     with torch.no_grad():
@@ -84,10 +91,9 @@ class _Crash:
             raise KeyboardInterrupt(f"simulated crash after step {step}")
 
 
-def _files_params(demo_params, out, **pretrain):
+def _tiny_params(demo_params, out, **pretrain):
     raw = demo_params.model_dump(mode="json")
-    raw["pretrain"].update(data="files", out_dir=str(out), max_steps=3, log_every=1, checkpoint_every=2,
-                           **pretrain)  # decode the files, no shards
+    raw["pretrain"].update(out_dir=str(out), max_steps=3, log_every=1, checkpoint_every=2, **pretrain)
     return parse_params({**raw, "preset": None}, source="test-params")
 
 
@@ -99,8 +105,8 @@ def test_resume_continues_from_the_last_checkpoint(demo_params, tmp_path, capsys
     """Crashed after step 3 was logged (last checkpoint: step 2) and resumed: only step 3 runs again, and
     weights, optimizer state, losses and metrics.csv equal an uninterrupted run's; `gfm pretrain` (no --resume)
     then moves that run aside."""
-    full = stages.run_pretrain(_files_params(demo_params, tmp_path / "full"))
-    params = _files_params(demo_params, tmp_path / "cut")
+    full = stages.run_pretrain(_tiny_params(demo_params, tmp_path / "full"))
+    params = _tiny_params(demo_params, tmp_path / "cut")
     with pytest.raises(KeyboardInterrupt):
         stages.run_pretrain(params, callbacks=[_Crash(at=3)])
     assert [s for s, _ in _csv(params.pretrain.out_dir / "metrics.csv")] == [1, 2, 3]
@@ -148,7 +154,7 @@ def test_pretrain_fingerprint_binds_data_params_steps_and_teacher_bytes(demo_par
 
 
 def test_two_pretrainings_never_share_an_out_dir(demo_params, tmp_path):
-    params = _files_params(demo_params, tmp_path / "busy")
+    params = _tiny_params(demo_params, tmp_path / "busy")
     with exclusive_out_dir(params.pretrain.out_dir):  # another run holds the folder
         with pytest.raises(CheckpointError, match=r"pid \d+ on .* is training into this folder right now"):
             stages.run_pretrain(params)
@@ -168,7 +174,6 @@ def test_cli_reports_config_errors_in_one_line(tmp_path, capsys):
 def test_pretrain_on_the_deepspeed_engine(repo_root, demo_params, tmp_path):
     raw = demo_params.model_dump(mode="json")
     raw["pretrain"].update(backend="deepspeed", zero_stage=1, precision="bf16", out_dir=str(tmp_path / "ds"),
-                           data="files",
                            max_steps=2, log_every=1)
     params = parse_params({**raw, "preset": None}, source="test-params")
     res = stages.run_pretrain(params)
@@ -179,7 +184,7 @@ def test_pretrain_on_the_deepspeed_engine(repo_root, demo_params, tmp_path):
 
 def test_loss_falls_on_the_demo_pile(demo_params, tmp_path):
     raw = demo_params.model_dump(mode="json")
-    raw["pretrain"].update(data="files", out_dir=str(tmp_path / "fall"), batch_size=8, max_steps=30, log_every=10,
+    raw["pretrain"].update(out_dir=str(tmp_path / "fall"), batch_size=8, max_steps=30, log_every=10,
                            checkpoint_every=30)
     res = stages.run_pretrain(parse_params({**raw, "preset": None}, source="test-params"))
     losses = [h["loss"] for h in res.history]

@@ -17,6 +17,7 @@ import yaml
 from dagster._core.definitions.data_version import StaleStatus
 from dagster._utils.test.data_versions import get_stale_status_resolver  # Dagster's own test helper
 from dagster_params import resources, write_params
+from helpers.rasters import make_photo
 
 from gfm_core import tracking
 from gfm_core.io import load_weights, sha256_file
@@ -58,6 +59,25 @@ def test_blocking_check_stops_downstream_on_a_bad_pile(repo_root, workdir):
     assert stages["ingest"].data.tags["mlflow.parentRunId"] == parent
     assert stages["validate"].data.metrics["passed"] == 0.0
     assert stages["ingest"].data.metrics["accepted"] == 144
+
+
+def test_shards_asset_refuses_a_verdict_of_the_previous_manifest(repo_root, workdir):
+    """The Dagster path runs the same gate as `gfm shards`: a re-ingested pile needs a new validation."""
+    from gfm_core import stages
+    from gfm_core.config import load_params
+
+    path = write_params(repo_root, workdir)
+    params = load_params(path)
+    stages.run_ingest(params, progress=False)
+    assert stages.run_validate(params).success
+    make_photo(workdir / "demo" / "pile" / "rmnp" / "extra.png", size=96, seed=3)  # the pile changes
+    res = dg.materialize([A.geopile_manifest, A.geopile_shards], resources=resources(path), raise_on_error=False)
+    done = {e.asset_key.to_user_string() for e in res.get_asset_materialization_events()}
+    assert done == {"geopile_manifest"}
+    message = _failure(res)
+    assert f"{workdir / 'geopile' / 'validation' / 'validation.json'}: stale validation verdict" in message
+    assert "run `gfm validate` first" in message
+    assert not (workdir / "geopile" / "shards").exists()
 
 
 def test_a_bad_params_key_fails_the_asset_naming_file_and_key(repo_root, workdir):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 
@@ -31,7 +32,9 @@ def test_one_run_per_new_teacher_file_and_none_on_the_next_tick(repo_root, workd
     data = bytearray((workdir / "demo" / "teacher" / TEACHER).read_bytes())
     data[-1] ^= 1  # another checkpoint of the same arch
     new.write_bytes(bytes(data))
-    second = sensor(dg.build_sensor_context(cursor=first.cursor))
+    settling = sensor(dg.build_sensor_context(cursor=first.cursor))
+    assert settling.run_requests == [] and "waiting for 1 file(s) to stop changing" in settling.skip_reason.skip_message
+    second = sensor(dg.build_sensor_context(cursor=settling.cursor))  # unchanged since the previous tick
     (req,) = second.run_requests
     sha = sha256_file(new)
     assert req.run_key == sha and req.job_name in (None, "retrain")
@@ -53,11 +56,36 @@ def test_a_sidecar_names_the_arch_and_an_old_list_cursor_is_read(repo_root, work
     ckpt = teachers / "vendor_release_v2.pth"
     ckpt.write_bytes(b"weights")
     (teachers / "vendor_release_v2.json").write_text(json.dumps({"arch": "swin_base_patch4_window7_224"}))
-    res = _sensor(path)(dg.build_sensor_context(cursor=json.dumps([])))
+    first = _sensor(path)(dg.build_sensor_context(cursor=json.dumps([])))  # an older cursor: the seen hashes
+    assert first.run_requests == []  # its files are new to the cursor: they must stay unchanged for a tick
+    res = _sensor(path)(dg.build_sensor_context(cursor=first.cursor))
     (req,) = res.run_requests
     assert req.tags["gfm/teacher_arch"] == "swin_base_patch4_window7_224"
-    again = _sensor(path)(dg.build_sensor_context(cursor=json.dumps([sha256_file(ckpt)])))
+    seen = {**json.loads(first.cursor), "sha256": [sha256_file(ckpt)]}
+    again = _sensor(path)(dg.build_sensor_context(cursor=json.dumps(seen)))
     assert again.run_requests == []
+
+
+def test_a_half_copied_teacher_waits_until_its_size_and_mtime_hold_still(repo_root, workdir):
+    path = write_params(repo_root, workdir)
+    sensor = _sensor(path)
+    teachers = workdir / "teachers"
+    teachers.mkdir()
+    data = bytearray((workdir / "demo" / "teacher" / TEACHER).read_bytes())
+    data[-1] ^= 1
+    copy = teachers / "tf_efficientnet_lite0.copied.safetensors"
+    copy.write_bytes(bytes(data[: len(data) // 2]))  # the copy is under way
+    ticks = [sensor.evaluate_tick(dg.build_sensor_context(cursor=None))]
+    with open(copy, "ab") as f:
+        f.write(bytes(data[len(data) // 2 :]))  # ... and done by the next tick
+    ticks.append(sensor.evaluate_tick(dg.build_sensor_context(cursor=ticks[-1].cursor)))
+    assert [t.run_requests for t in ticks] == [[], []]
+    assert sha256_file(copy) not in json.loads(ticks[-1].cursor)["sha256"]  # the partial file was never judged
+    ticks.append(sensor.evaluate_tick(dg.build_sensor_context(cursor=ticks[-1].cursor)))  # unchanged: now it counts
+    (req,) = ticks[-1].run_requests
+    assert req.run_key == sha256_file(copy) == hashlib.sha256(data).hexdigest()
+    ticks.append(sensor.evaluate_tick(dg.build_sensor_context(cursor=ticks[-1].cursor)))
+    assert ticks[-1].run_requests == []
 
 
 def test_new_timm_weights_are_announced_once(repo_root, workdir):
