@@ -2,7 +2,8 @@
 
     .venv/bin/python scripts/kill_resume_drill.py [--trials 5] [--steps 8] [--seed 0] [--workdir DIR]
 
-On the demo preset (tiny Swin student, EfficientNet-Lite0 teacher, batch 4) with every path under ``--workdir``
+On the demo preset (tiny Swin student, EfficientNet-Lite0 teacher, batch 4, a 32-view teacher pool and 8
+held-out crops, as the tests use) with every path under ``--workdir``
 (a temporary folder by default) and a Dagster instance configured like ``make env``'s (pool ``gfm_pretrain``
 limited to 1):
 
@@ -49,7 +50,7 @@ def write_params(work: Path, out_dir: Path, steps: int, checkpoint_every: int) -
     demo["ingest"].update(root=str(work / "demo" / "pile"), out_dir=str(work / "geopile"))
     demo["pretrain"]["teacher"]["checkpoint"] = str(work / "demo" / "teacher" / TEACHER_FILE)
     demo["pretrain"].update(out_dir=str(out_dir), batch_size=4, max_steps=steps, log_every=1,
-                            checkpoint_every=checkpoint_every)
+                            checkpoint_every=checkpoint_every, teacher_pool=32, holdout_crops=8)
     for task in demo["finetune"]["tasks"]:  # the contamination check reads every task's test split
         task["root"] = str(work / "demo" / "tasks" / task["name"])
     path = work / f"params_{out_dir.name}.yaml"

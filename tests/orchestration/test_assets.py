@@ -194,8 +194,10 @@ class _CrashingLauncher(PretrainLauncher):
 def test_a_failed_pretraining_rematerialised_continues_its_last_checkpoint(repo_root, workdir):
     """Dagster re-materialisation after a crash at step 3 (last checkpoint: step 2) continues from step 2 and ends
     with the weights of an uninterrupted run; a finished run re-materialised starts over, setting the old aside."""
-    three = lambda raw: raw["presets"]["demo"]["pretrain"].update(max_steps=3)  # noqa: E731
-    path = write_params(repo_root, workdir, edit=three)
+    def tiny(raw):  # 3 steps; a small teacher pool and held-out probe keep it quick
+        raw["presets"]["demo"]["pretrain"].update(max_steps=3, teacher_pool=32, holdout_crops=8)
+
+    path = write_params(repo_root, workdir, edit=tiny)
     raw = yaml.safe_load(path.read_text())
     raw["presets"]["demo"]["pretrain"]["out_dir"] = str(workdir / "reference")
     ref_path = workdir / "reference.yaml"
