@@ -5,14 +5,13 @@ horizontal flip -> float in [0, 1] -> ImageNet normalisation (torchvision.transf
 in the same process, batched by a DataLoader, in alternating repeated runs:
 
 - ``shards``: uint8 pixels read from the memory-mapped Arrow shards (:class:`gfm_core.data.shards.
-  ShardDataset`) through the training code's own transform (:class:`~gfm_core.data.pretrain_data.
-  PretrainAugment`: v2 RandomResizedCrop and flip on the uint8 tensor, then ``NormaliseToFloat``, which
-  equals v2 ToDtype + Normalize to 1e-6 in one pass); no decoding.
+  ShardDataset`): v2 RandomResizedCrop and flip on the uint8 tensor, then the training code's
+  ``NormaliseToFloat``, which equals v2 ToDtype + Normalize to 1e-6 in one pass; no decoding.
 - ``imagefolder``: ``torchvision.datasets.ImageFolder`` with its PIL loader (open, decode the JPEG, RGB) and
   the standard v2 recipe: RandomResizedCrop and flip on the PIL image (PIL resize), ToImage, ToDtype,
   Normalize.
-- ``shards+mask`` (information): the full pretraining sample, :class:`~gfm_core.data.shards.
-  ShardPretrainImages`, which adds the per-sample seeded RNG and the SimMIM mask.
+- ``shards+mask`` (information): the full pretraining sample, :class:`~gfm_core.data.pretrain_data.
+  PretrainStream`, which adds the per-sample seeded crop draw and the SimMIM mask.
 
 Usage (from the repository root)::
 
@@ -148,8 +147,8 @@ def main() -> None:
 
     from gfm_core.data.geopile import build_manifest
     from gfm_core.data.masking import MaskGenerator
-    from gfm_core.data.pretrain_data import IMAGENET_MEAN, IMAGENET_STD, PretrainAugment
-    from gfm_core.data.shards import ShardDataset, ShardPretrainImages, write_shards
+    from gfm_core.data.pretrain_data import IMAGENET_MEAN, IMAGENET_STD, NormaliseToFloat, PretrainStream
+    from gfm_core.data.shards import ShardDataset, write_shards
     from gfm_core.data.sources import IngestSettings, folder_source
 
     torch.set_num_threads(args.threads)
@@ -189,7 +188,8 @@ def main() -> None:
 
     # (a) shards through the training code's transform; (b) ImageFolder + PIL + the same v2 transforms
     mask = MaskGenerator(img_size, 32, 4, 0.6)
-    augment = PretrainAugment(img_size, mask, crop_scale=scale, crop_ratio=ratio)
+    shard_tf = v2.Compose([v2.RandomResizedCrop(img_size, scale=scale, ratio=ratio, antialias=True),
+                           v2.RandomHorizontalFlip(), NormaliseToFloat(IMAGENET_MEAN, IMAGENET_STD)])
 
     folder_tf = v2.Compose(
         [
@@ -201,11 +201,9 @@ def main() -> None:
         ]
     )
     datasets = {
-        "shards": ShardCrops(ShardDataset(work / "shards"), augment.transform),
+        "shards": ShardCrops(ShardDataset(work / "shards"), shard_tf),
         "imagefolder": ImageFolder(str(folder), transform=folder_tf),
-        "shards+mask": ShardPretrainImages(
-            work / "shards", img_size, mask, crop_scale=scale, crop_ratio=ratio
-        ),
+        "shards+mask": PretrainStream(work / "shards", img_size, mask, crop_scale=scale, crop_ratio=ratio),
     }
     n = len(datasets["shards"])
     assert all(len(d) == n for d in datasets.values()), {k: len(d) for k, d in datasets.items()}
@@ -250,12 +248,12 @@ def main() -> None:
     print(
         "transforms: v2.RandomResizedCrop(192, scale=(0.67, 1), ratio=(3/4, 4/3), antialias) + "
         "v2.RandomHorizontalFlip + float [0, 1] + ImageNet normalisation; shards: on the uint8 tensor, then "
-        "PretrainAugment's fused NormaliseToFloat; imagefolder: on the PIL image, then v2.ToImage + "
+        "the fused NormaliseToFloat; imagefolder: on the PIL image, then v2.ToImage + "
         "v2.ToDtype(float32, scale) + v2.Normalize"
     )
-    print(f"  shards (ShardDataset + PretrainAugment.transform)   {med['shards']:8.1f} img/s per core")
+    print(f"  shards (ShardDataset + RRC, flip, NormaliseToFloat)  {med['shards']:8.1f} img/s per core")
     print(f"  imagefolder (torchvision ImageFolder + PIL)          {med['imagefolder']:8.1f} img/s per core")
-    print(f"  shards+mask (ShardPretrainImages, full sample)       {med['shards+mask']:8.1f} img/s per core")
+    print(f"  shards+mask (PretrainStream, full sample)            {med['shards+mask']:8.1f} img/s per core")
     print(f"ratio shards / imagefolder:      {med['shards'] / med['imagefolder']:.2f}x  (target >= 3x)")
     print(f"ratio shards+mask / imagefolder: {med['shards+mask'] / med['imagefolder']:.2f}x")
     if args.work_dir is None:

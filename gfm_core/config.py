@@ -378,6 +378,10 @@ class EvaluateCfg(Section):
     ci: float = Field(0.95, gt=0, lt=1)
     seed: int = 0
     require_complete: bool = Field(True, description="fail when a (model, task, seed) result is missing")
+    trivial: bool = Field(True, description="add the trivial predictor of each task as the row `trivial`")
+    arp_exclude: dict[str, str] = Field(
+        default_factory=dict, description="task -> why it stays out of ARP (reported, not averaged)"
+    )
     out_dir: Path = Path("outputs/evaluate")
 
 
@@ -396,6 +400,9 @@ class PromoteCfg(Section):
     model_name: str = "gfm-foundation"
     alias: str = "champion"
     candidate: str = Field("gfm", description="the finetune.models entry that is the foundation model")
+    must_beat: tuple[str, ...] | None = Field(
+        None, description="models whose ARP the candidate must beat; None = every other evaluated model"
+    )
     min_gain: float = Field(0.0, ge=0, description="ARP points the candidate must gain over the champion")
     require_complete: bool = Field(True, description="refuse when the evaluation misses results")
 

@@ -38,7 +38,7 @@ from torch.utils.data import DataLoader
 from gfm_core.config import BackboneSpec, FinetuneCfg, Params, TaskCfg
 from gfm_core.errors import CheckpointError, ConfigError, DataValidationError
 from gfm_core.evaluation.metrics import HEADLINES, TaskMetrics, build_metrics
-from gfm_core.io import write_bytes, write_json
+from gfm_core.io import read_json, sha256_file, sha256_json, write_bytes, write_json
 from gfm_core.models.backbones import load_backbone, load_timm_weights
 from gfm_core.models.heads import TaskModel, build_task_model, head_class
 
@@ -46,6 +46,7 @@ log = logging.getLogger(__name__)
 
 RESULT_FILE = "result.json"
 SCORES_FILE = "scores.parquet"
+START_FILE = "backbone_start.json"  # which backbone bytes the run's checkpoints started from
 TARGET_KEYS = {
     "classification": "label",
     "multilabel": "label",
@@ -67,6 +68,7 @@ class LoadedBackbone:
     std: tuple[float, ...]
     arch: str
     source: str  # weight file, or "random"
+    sha256: str  # of the weight file's bytes as loaded; random: of the recipe (see backbone_sha256)
 
 
 def _check_no_scipy_interp() -> None:
@@ -107,20 +109,43 @@ def _export_hint(spec: BackboneSpec) -> str:
     return "produce it with `gfm pretrain` (stages.run_pretrain) or point finetune.models[].path at an export"
 
 
+def backbone_sha256(spec: BackboneSpec) -> str:
+    """What a fine-tuning run of ``spec`` starts from: the sha256 of its weight file (``export``, ``teacher``).
+
+    A ``random`` backbone has no file: its identity is the sha256 of ``{kind, arch, timm_kwargs}``; with the
+    run's seed (recorded next to it) that fixes the initial weights.
+
+    Raises:
+        CheckpointError: the weight file is missing.
+    """
+    if spec.kind == "random":
+        return sha256_json({"kind": "random", "arch": spec.arch, "timm_kwargs": spec.timm_kwargs})
+    assert spec.path is not None
+    if not Path(spec.path).is_file():
+        hint = _export_hint(spec) if spec.kind == "export" else "copy the weights there or fix the path"
+        raise CheckpointError(
+            f"finetune.models[{spec.name}].path: {spec.path} not found; {hint}"
+        )
+    return sha256_file(spec.path)
+
+
 def load_task_backbone(spec: BackboneSpec, task: TaskCfg, *, drop_path_rate: float = 0.0) -> LoadedBackbone:
     """The backbone of ``spec`` built for ``task``'s input size (and Swin window), headless.
 
+    The weight file is hashed before and after loading, so ``sha256`` names the bytes that were loaded.
+
     Raises:
-        CheckpointError: a weight file is missing or does not match its arch.
+        CheckpointError: a weight file is missing, does not match its arch, or changed while being loaded.
         ConfigError: unknown arch, a window size for a backbone without one, SciPy interpolation requested.
     """
     _check_no_scipy_interp()
+    if spec.kind == "export" and spec.path is not None and not Path(spec.path).is_file():
+        raise CheckpointError(
+            f"{spec.path}: backbone export of model {spec.name!r} not found; {_export_hint(spec)}"
+        )
+    sha = backbone_sha256(spec)
     if spec.kind == "export":
         assert spec.path is not None
-        if not Path(spec.path).is_file():
-            raise CheckpointError(
-                f"{spec.path}: backbone export of model {spec.name!r} not found; {_export_hint(spec)}"
-            )
         side = Path(spec.path).with_suffix(".json")
         meta = json.loads(side.read_text()) if side.is_file() else {}
         swin_like = "window_size" in (meta.get("timm_kwargs") or {})
@@ -153,8 +178,13 @@ def load_task_backbone(spec: BackboneSpec, task: TaskCfg, *, drop_path_rate: flo
             kw.pop("img_size")
             model = timm.create_model(spec.arch, pretrained=False, **kw)
         arch, source = spec.arch, "random"
+    if spec.kind != "random" and backbone_sha256(spec) != sha:
+        raise CheckpointError(
+            f"{spec.path}: the backbone of model {spec.name!r} changed while it was being loaded (a pretraining "
+            f"or copy still writing it?); re-run `gfm finetune --model {spec.name}` once it is complete"
+        )
     mean, std = _norm(model)
-    return LoadedBackbone(model, mean, std, arch, source)
+    return LoadedBackbone(model, mean, std, arch, source, sha)
 
 
 def layer_decay_fn(task_model: TaskModel, decay: float, prefix: str = "model.") -> Callable[[str], float]:
@@ -305,6 +335,11 @@ class FinetuneResult:
     def score(self) -> float:
         """The headline metric (ARP, bootstrap)."""
         return self.metrics[self.headline]
+
+    @property
+    def backbone_sha256(self) -> str | None:
+        """What the run started from (:func:`backbone_sha256`); None for results written before it was recorded."""
+        return self.backbone.get("sha256")
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -474,6 +509,7 @@ def finetune(
     device = auto_device(cfg.device)
     seed_everything(seed)
     loaded = load_task_backbone(spec, task, drop_path_rate=cfg.drop_path_rate)
+    _bind_start(out_dir / START_FILE, spec, loaded.sha256, resume)
 
     n_train = len(list_task(task, "train").refs)
     subset = label_subset(
@@ -582,7 +618,7 @@ def finetune(
         out_dir=out_dir,
         result_json=out_dir / RESULT_FILE,
         scores=out_dir / SCORES_FILE,
-        backbone={"kind": spec.kind, "arch": loaded.arch, "source": loaded.source},
+        backbone={"kind": spec.kind, "arch": loaded.arch, "source": loaded.source, "sha256": loaded.sha256},
         label_fraction=task.label_fraction,
         history=[{k: v for k, v in r.items() if math.isfinite(v)} for r in fit_res.history],
     )
@@ -599,6 +635,23 @@ def finetune(
         ", ".join(f"{k}={v:.4g}" for k, v in values.items() if not k.startswith("iou_")),
     )
     return result
+
+
+def _bind_start(path: Path, spec: BackboneSpec, sha: str, resume: bool) -> None:
+    """Record the backbone a run starts from; a resumed run must continue from checkpoints of the same bytes.
+
+    Raises:
+        CheckpointError: resuming a run whose checkpoints started from other (or unrecorded) backbone bytes.
+    """
+    if resume and (path.parent / "checkpoints").is_dir():
+        before = read_json(path).get("sha256") if path.is_file() else None
+        if before != sha:
+            raise CheckpointError(
+                f"{path}: the checkpoints of this run started from backbone sha256 {before or 'unrecorded'}, "
+                f"{spec.path or spec.name} is now {sha}; re-run `gfm finetune --model {spec.name}` without resume"
+            )
+        return
+    write_json(path, {"model": spec.name, "kind": spec.kind, "sha256": sha, "source": str(spec.path or "random")})
 
 
 # ------------------------------------------------------------------------------------------------ stage API
@@ -724,6 +777,7 @@ __all__ = [
     "Finetune",
     "FinetuneResult",
     "LoadedBackbone",
+    "backbone_sha256",
     "baseline_pretrain_params",
     "evaluate_objective",
     "finetune",

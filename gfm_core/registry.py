@@ -3,7 +3,8 @@
 The rule, for the candidate (``promote.candidate``, the foundation model just trained) and an evaluation
 report over the same tasks:
 
-1. its ARP beats every other evaluated model's ARP (ImageNet, random init, ablations: the baselines);
+1. its ARP beats the ARP of every model in ``promote.must_beat`` (default: every other evaluated model: ImageNet,
+   random init, ablations, the trivial row);
 2. it beats the current champion: the paired bootstrap interval of ``ARP(candidate) - ARP(champion)`` lies
    above ``promote.min_gain`` (its lower bound is greater). Both models are scored on the *same* test samples
    and seeds; each replicate resamples the samples (and seeds) of every task with replacement and recomputes
@@ -18,11 +19,16 @@ named by the version tag ``gfm.evidence_run_id``. A champion registered without 
 recorded ARP point estimate (tag ``gfm.arp``), and the decision says so (``gfm.gate_method``). Evidence that
 does not cover the candidate's tasks and test samples cannot show the candidate is better: the gate refuses.
 
-Registry writes keep a consistent state: the version is tagged ``gfm.gate=pending`` first, then with its
-numbers; the alias moves only after the current champion is read again and found unchanged; ``gfm.gate`` is
-written last (``passed``/``refused``). A failure between the alias move and the final tag moves the alias
-back. So ``@champion`` only ever points at a version whose tags say why it won, and a refused candidate
-never touches the alias.
+The gate binds to bytes: it refuses a version whose registered weights (tag ``gfm.weights_sha256``, hashed
+from the logged artifact) are not the backbone the candidate's fine-tuning results started from.
+
+Concurrent promotions are serialised (:func:`promotion_turn`, a ticket lock on the registry itself, so it
+holds for a sqlite store and a tracking server alike): each is judged against the champion the previous
+one left. Registry writes keep a consistent state: the version is tagged ``gfm.gate=pending`` first, then
+with its numbers; the alias moves only after the current champion is read again and found unchanged;
+``gfm.gate`` is written last (``passed``/``refused``). A failure between the alias move and the final tag
+moves the alias back. So ``@champion`` only ever points at a version whose tags say why it won, a refused
+candidate never touches the alias, and a champion judged again keeps its tags.
 """
 
 from __future__ import annotations
@@ -34,7 +40,7 @@ import logging
 import math
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,6 +56,9 @@ EVIDENCE_DIR = "evidence"
 EVIDENCE_FILE = "evidence.json"
 EVIDENCE_SCHEMA = "gfm.promotion.evidence/1"
 TAG_PREFIX = "gfm."
+LEDGER_SUFFIX = ".promotions"  # <model>.promotions: the registered model whose versions are promotion tickets
+TICKET_TAG = "gfm.ticket"  # open | done | expired
+LEASE_S = 900.0  # the longest a promotion may hold its turn; a crashed one blocks the others this long at most
 
 
 class RegistryConflictError(GfmError):
@@ -93,6 +102,8 @@ class Evaluation:
         baseline: the ARP reference model; ``baseline_scores`` its headline score per task.
         evidence: task -> the candidate's :class:`TaskEvidence`.
         missing: results the report lacks.
+        weights_sha256: the backbone bytes the candidate's fine-tuning results started from (None: unknown);
+            the gate refuses a version whose registered weights differ.
     """
 
     candidate: str
@@ -101,6 +112,7 @@ class Evaluation:
     baseline_scores: dict[str, float]
     evidence: dict[str, TaskEvidence]
     missing: tuple[str, ...] = ()
+    weights_sha256: str | None = None
 
     @classmethod
     def from_report(cls, report: Any, params: Params, candidate: str | None = None) -> Evaluation:
@@ -108,7 +120,7 @@ class Evaluation:
 
         Raises:
             ConfigError: the candidate is not a model of the report.
-            CheckpointError: a result file the report used is gone.
+            CheckpointError: a result file the report used is gone, or the results changed since the report.
         """
         from gfm_core.evaluation.report import load_run
         from gfm_core.finetune import RESULT_FILE, result_dir
@@ -117,9 +129,12 @@ class Evaluation:
         if name not in report.models:
             raise ConfigError(f"promote.candidate {name!r} is not a model of the evaluation report {report.models}")
         evidence = {}
+        shas: dict[str | None, list[str]] = {}
         for task in report.tasks:
             seeds = report.seeds.get(name, {}).get(task, [])
             runs = [load_run(result_dir(params.finetune, task, name, s) / RESULT_FILE) for s in seeds]
+            for r in runs:
+                shas.setdefault(r.backbone_sha256, []).append(str(r.source))
             if not runs:
                 continue
             ids = tuple(runs[0].ids)
@@ -132,9 +147,16 @@ class Evaluation:
             evidence[task] = TaskEvidence(
                 task, runs[0].head, runs[0].headline, ids, {r.seed: dict(r.stats) for r in runs}
             )
+        reported = getattr(report, "backbones", {}).get(name)
+        if len(shas) > 1 or (shas and reported is not None and reported not in shas):
+            found = "; ".join(f"{k or 'unrecorded'}: {', '.join(v)}" for k, v in shas.items())
+            raise CheckpointError(
+                f"the fine-tuning results of {name} changed since the evaluation report (which used backbone "
+                f"sha256 {reported}; now {found}); re-run `gfm evaluate`, then `gfm promote`"
+            )
         base = {t: float(report.cell(report.baseline, t)) for t in report.tasks}
         return cls(name, {m: float(v) for m, v in report.arp.items()}, report.baseline, base, evidence,
-                   tuple(report.missing))
+                   tuple(report.missing), next(iter(shas), reported))
 
 
 def save_evidence(evaluation: Evaluation, out_dir: str | Path) -> Path:
@@ -319,6 +341,24 @@ def _current(client: Any, name: str, alias: str) -> Any | None:
         raise
 
 
+def _weights_reasons(client: Any, name: str, version: str, evaluation: Evaluation) -> list[str]:
+    """Why the registered weights of ``version`` are not the ones the evaluation judged (empty when they are)."""
+    rerun = (f"re-run `gfm finetune --model {evaluation.candidate}` and `gfm evaluate` on this backbone, "
+             f"then `gfm promote`")
+    registered = client.get_model_version(name, version).tags.get("gfm.weights_sha256")
+    judged = evaluation.weights_sha256
+    if not judged:
+        return [f"the evaluation does not record which backbone bytes {evaluation.candidate} was fine-tuned from "
+                f"(results written before backbone hashes were recorded); {rerun}"]
+    if not registered:
+        return [f"models:/{name}/{version} has no gfm.weights_sha256 tag (not registered with "
+                f"tracking.register_backbone); register the backbone again with `gfm promote`"]
+    if registered != judged:
+        return [f"models:/{name}/{version} holds backbone sha256 {registered}, but the evaluation judged "
+                f"fine-tuning results of sha256 {judged}: the backbone changed after fine-tuning; {rerun}"]
+    return []
+
+
 def decide(
     client: Any,
     name: str,
@@ -330,18 +370,24 @@ def decide(
     ci: float = 0.95,
     seed: int = 0,
 ) -> PromotionDecision:
-    """The gate's verdict (reads the registry, writes nothing)."""
+    """The gate's verdict (reads the registry, writes nothing).
+
+    Besides the ARP rules (module docstring) the registered weights must be the evaluated ones: the version's
+    ``gfm.weights_sha256`` tag (the bytes :func:`gfm_core.tracking.register_backbone` logged) must equal
+    ``evaluation.weights_sha256`` (the bytes the candidate's fine-tuning started from).
+    """
     arp = evaluation.arp
     cand = arp.get(evaluation.candidate, math.nan)
-    others = {m: v for m, v in arp.items() if m != evaluation.candidate}
-    reasons = []
+    bar = cfg.must_beat if cfg.must_beat is not None else [m for m in arp if m != evaluation.candidate]
+    others = {m: arp.get(m, math.nan) for m in bar if m != evaluation.candidate}
+    reasons = _weights_reasons(client, name, version, evaluation)
     if not math.isfinite(cand):
         reasons.append(f"no ARP for candidate {evaluation.candidate!r} in the evaluation")
     for m, v in sorted(others.items()):
         if math.isfinite(v) and not cand > v:
             reasons.append(f"ARP {cand:+.2f} does not beat baseline {m} ({v:+.2f})")
-        elif not math.isfinite(v) and cfg.require_complete:
-            reasons.append(f"baseline {m} was not evaluated (no ARP)")
+        elif not math.isfinite(v) and (cfg.require_complete or m not in arp):
+            reasons.append(f"baseline {m} was not evaluated (no ARP; promote.must_beat names it)")
     if evaluation.missing and cfg.require_complete:
         reasons.append(f"evaluation is incomplete: {len(evaluation.missing)} missing result(s)")
 
@@ -383,13 +429,108 @@ def decide(
                     f"ARP {cand:+.2f} does not beat champion v{champ_version}'s {champ_arp:+.2f} by "
                     f"{cfg.min_gain} (point estimates: the champion has no stored evidence)"
                 )
-    elif current is not None:  # the candidate already is the champion
-        champ_version, method = str(current.version), "already-champion"
-        reasons.append(f"v{version} already holds @{cfg.alias}")
+    elif current is not None:  # the candidate already is the champion: nothing to decide
+        return PromotionDecision(str(version), False, [f"v{version} already holds @{cfg.alias}; nothing changed"],
+                                 cand, str(current.version), None, {}, "already-champion")
     return PromotionDecision(
         str(version), not reasons, reasons, cand, champ_version, champ_arp,
         {m: v for m, v in others.items() if math.isfinite(v)}, method, diff,
     )
+
+
+@dataclass(frozen=True)
+class PromotionTicket:
+    """This process's turn to promote into ``models:/<name>``: version ``number`` of the ledger model.
+
+    ``started``: ``time.monotonic()`` when the turn began (see :func:`promotion_turn` for the lease argument).
+    """
+
+    ledger: str
+    number: str
+    started: float
+    lease_s: float
+
+    def check(self, client: Any) -> None:
+        """Raise unless the turn is still this process's: lease not (nearly) over, not expired by a waiter.
+
+        Raises:
+            RegistryConflictError: the lease ran out (another promotion may have taken over).
+        """
+        margin = min(60.0, self.lease_s / 10)
+        held = time.monotonic() - self.started
+        state = client.get_model_version(self.ledger, self.number).tags.get(TICKET_TAG)
+        if held > self.lease_s - margin or state != "open":
+            raise RegistryConflictError(
+                f"models:/{self.ledger}/{self.number}: this promotion held its turn for {held:.0f} s (lease "
+                f"{self.lease_s:.0f} s, ticket {state}); another promotion may have taken over, so nothing was "
+                f"aliased; run the promotion again"
+            )
+
+
+@contextlib.contextmanager
+def promotion_turn(
+    client: Any, name: str, source: Any, *, lease_s: float = LEASE_S, poll_s: float = 0.05
+) -> Iterator[PromotionTicket]:
+    """Serialise the promotions of ``name``: one at a time, in the order they asked, on any MLflow store.
+
+    MLflow has no compare-and-set, but it numbers the versions of a registered model atomically (a unique
+    ``(name, version)`` key, retried on conflict, in the sqlite/SQL stores and behind a tracking server alike).
+    So each promotion takes a *ticket*, a new version of the ledger model ``<name>.promotions`` tagged
+    ``gfm.ticket=open``, and waits until every lower ticket is ``done`` (a ticket lock). A lock file would only
+    serialise processes sharing one file system, not clients of a server; a tag written then read back is
+    not a compare-and-set (two writers can each read back their own value before the other writes).
+
+    A ticket whose holder died stays ``open``: a waiter that has seen it as the earliest open ticket for
+    ``lease_s`` seconds by its own clock marks it ``expired`` and goes on. The holder's lease starts when it
+    sees no earlier open ticket, at most a poll before any waiter can see it as the earliest (no clocks are
+    compared across machines); it checks the lease, with a margin, before it moves the alias
+    (:meth:`PromotionTicket.check`). The ledger doubles as an audit log (who promoted what, with which outcome).
+
+    Args:
+        source: the candidate's model version (its ``source``/``run_id`` become the ticket's, which a tracking
+            server accepts as a model version source).
+        lease_s: how long a turn may last; a crashed holder blocks the others this long at most.
+        poll_s: base interval between looks at the earlier tickets (jittered).
+    """
+    import os
+    import random
+    import socket
+
+    from mlflow.exceptions import MlflowException
+
+    ledger = f"{name}{LEDGER_SUFFIX}"
+    try:
+        client.create_registered_model(ledger, description=f"Promotion tickets of {name} (gfm_core.registry)")
+    except MlflowException as e:
+        if "RESOURCE_ALREADY_EXISTS" not in str(e.error_code):
+            raise
+    owner = f"{socket.gethostname()}:{os.getpid()}"
+    mv = client.create_model_version(
+        ledger, source=source.source, run_id=source.run_id or None,
+        tags={TICKET_TAG: "open", "gfm.ticket_owner": owner, "gfm.ticket_for": f"{name}/{source.version}"},
+    )
+    number, outcome = str(mv.version), "error"
+    try:
+        lowest: tuple[int, float] | None = None  # the earliest open ticket, since when this process has seen it
+        while True:
+            looked = time.monotonic()
+            earlier = sorted(int(v.version) for v in client.search_model_versions(
+                f"name = '{ledger}' AND tags.`{TICKET_TAG}` = 'open'") if int(v.version) < int(number))
+            if not earlier:
+                break
+            if lowest is None or lowest[0] != earlier[0]:
+                lowest = (earlier[0], looked)
+            elif looked - lowest[1] > lease_s:
+                client.set_model_version_tag(ledger, str(lowest[0]), TICKET_TAG, "expired")
+                client.set_model_version_tag(ledger, str(lowest[0]), "gfm.ticket_expired_by", owner)
+                log.warning("models:/%s/%d held the turn for over %.0f s: its holder is gone, marked expired",
+                            ledger, lowest[0], lease_s)
+            time.sleep(poll_s * (1 + random.random()))
+        yield PromotionTicket(ledger, number, looked, lease_s)
+        outcome = "done"
+    finally:
+        client.set_model_version_tag(ledger, number, "gfm.ticket_outcome", outcome)
+        client.set_model_version_tag(ledger, number, TICKET_TAG, "done")
 
 
 def promote(
@@ -403,48 +544,61 @@ def promote(
     n_bootstrap: int = 1000,
     ci: float = 0.95,
     seed: int = 0,
+    lease_s: float = LEASE_S,
 ) -> PromotionDecision:
     """Judge ``version`` of ``name`` on ``evaluation``; record the decision as version tags; alias it on a pass.
+
+    The decision runs inside :func:`promotion_turn`, so concurrent promotions are judged one after the other,
+    each against the champion the previous one left. A version that already holds the alias is not judged
+    again (its tags stay those of the decision that made it champion).
 
     Args:
         client: an ``mlflow.MlflowClient`` on the registry.
         evidence_run_id: the run holding the candidate's evidence under ``evidence/`` (see
             :func:`save_evidence`); recorded so that a later candidate can be compared with this one.
+        lease_s: see :func:`promotion_turn`.
 
     Raises:
-        RegistryConflictError: the alias moved while deciding (nothing was aliased; run the promotion again).
+        RegistryConflictError: the alias moved while deciding, or the turn's lease ran out (nothing was aliased;
+            run the promotion again).
     """
-    decision = decide(client, name, version, evaluation, cfg, n_bootstrap=n_bootstrap, ci=ci, seed=seed)
-    tags = {**decision.tags(), "gfm.decided_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    if evidence_run_id:
-        tags["gfm.evidence_run_id"] = evidence_run_id
-    client.set_model_version_tag(name, version, "gfm.gate", "pending")
-    for k, v in tags.items():
-        client.set_model_version_tag(name, version, k, v[:5000])
-    if not decision.promoted:
-        client.set_model_version_tag(name, version, "gfm.gate", "refused")
-        log.info("models:/%s/%s refused: %s", name, version, "; ".join(decision.reasons))
-        return decision
+    with promotion_turn(client, name, client.get_model_version(name, version), lease_s=lease_s) as ticket:
+        decision = decide(client, name, version, evaluation, cfg, n_bootstrap=n_bootstrap, ci=ci, seed=seed)
+        if decision.method == "already-champion":
+            log.info("models:/%s/%s already holds @%s: not judged again", name, version, cfg.alias)
+            return decision
+        tags = {**decision.tags(), "gfm.decided_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "gfm.promotion_ticket": f"{ticket.ledger}/{ticket.number}"}
+        if evidence_run_id:
+            tags["gfm.evidence_run_id"] = evidence_run_id
+        client.set_model_version_tag(name, version, "gfm.gate", "pending")
+        for k, v in tags.items():
+            client.set_model_version_tag(name, version, k, v[:5000])
+        if not decision.promoted:
+            client.set_model_version_tag(name, version, "gfm.gate", "refused")
+            log.info("models:/%s/%s refused: %s", name, version, "; ".join(decision.reasons))
+            return decision
 
-    now = _current(client, name, cfg.alias)
-    now_version = str(now.version) if now is not None else None
-    if now_version != decision.champion_version:
-        client.set_model_version_tag(name, version, "gfm.gate", "conflict")
-        raise RegistryConflictError(
-            f"models:/{name}@{cfg.alias} moved from {decision.champion_version} to {now_version} while v{version} "
-            f"was judged; nothing was aliased, run the promotion again"
-        )
-    client.set_registered_model_alias(name, cfg.alias, version)
-    try:
-        client.set_model_version_tag(name, version, "gfm.gate", "passed")
-        if decision.champion_version:
-            client.set_model_version_tag(name, decision.champion_version, "gfm.superseded_by", str(version))
-    except BaseException:
-        if decision.champion_version:  # undo: the alias never points at a version without its verdict
-            client.set_registered_model_alias(name, cfg.alias, decision.champion_version)
-        else:
-            client.delete_registered_model_alias(name, cfg.alias)
-        raise
+        ticket.check(client)
+        now = _current(client, name, cfg.alias)
+        now_version = str(now.version) if now is not None else None
+        if now_version != decision.champion_version:  # a writer outside the turns (by hand, an old client)
+            client.set_model_version_tag(name, version, "gfm.gate", "conflict")
+            raise RegistryConflictError(
+                f"models:/{name}@{cfg.alias} moved from {decision.champion_version} to {now_version} while "
+                f"v{version} was judged; nothing was aliased, run the promotion again"
+            )
+        client.set_registered_model_alias(name, cfg.alias, version)
+        try:
+            client.set_model_version_tag(name, version, "gfm.gate", "passed")
+            if decision.champion_version:
+                client.set_model_version_tag(name, decision.champion_version, "gfm.superseded_by", str(version))
+        except BaseException:
+            if decision.champion_version:  # undo: the alias never points at a version without its verdict
+                client.set_registered_model_alias(name, cfg.alias, decision.champion_version)
+            else:
+                client.delete_registered_model_alias(name, cfg.alias)
+            raise
     log.info("models:/%s/%s is now @%s", name, version, cfg.alias)
     return decision
 
@@ -532,6 +686,7 @@ __all__ = [
     "ArpDifference",
     "Evaluation",
     "PromotionDecision",
+    "PromotionTicket",
     "RegistryConflictError",
     "TaskEvidence",
     "TeacherFile",
@@ -539,6 +694,7 @@ __all__ = [
     "decide",
     "load_evidence",
     "promote",
+    "promotion_turn",
     "save_evidence",
     "scan_teachers",
     "teacher_stats",

@@ -11,7 +11,9 @@ The only module that imports mlflow (lazily). The default store is sqlite plus l
   ``model_card.md``/``model_card.json``) and registers it; nothing is pickled. Loading:
   :func:`load_registered_backbone` (``models:/gfm-foundation@champion`` -> the timm backbone, through
   :func:`gfm_core.models.backbones.load_backbone`), or ``mlflow.pyfunc.load_model(...)`` whose ``predict``
-  maps ``[B, C, H, W]`` float32 (normalised as the card says) to pooled ``[B, D]`` features.
+  maps ``[B, C, H, W]`` float32 (normalised as the card says) to pooled ``[B, D]`` features. The logged model
+  needs no gfm_core: its code is a standalone file and its ``requirements.txt`` pins what that file imports,
+  so ``mlflow models serve`` runs it from an environment built from those requirements alone.
 - **Promotion.** :func:`promote` runs the gate of :mod:`gfm_core.registry` (baselines, paired bootstrap of the
   ARP gain over the champion) and records the decision and its numbers as version tags.
 """
@@ -32,6 +34,7 @@ from typing import Any
 
 from gfm_core.config import Params, PromoteCfg, TrackingCfg
 from gfm_core.errors import CheckpointError, ConfigError
+from gfm_core.io import sha256_file
 from gfm_core.registry import EVIDENCE_DIR, Evaluation, PromotionDecision, save_evidence
 from gfm_core.registry import promote as _gate_and_alias
 
@@ -44,16 +47,36 @@ PIPELINE_TAG = "gfm.pipeline_key"
 _STATE: dict[str, str] = {}  # the experiment selected by configure()
 
 #: The pyfunc model's code (MLflow "models from code": this file is stored with the model, nothing is pickled).
-MODEL_CODE = '''"""gfm-foundation backbone as an MLflow pyfunc: [B, C, H, W] float32 -> pooled [B, D] features."""
+#: Self-contained: it imports only what the model's requirements list (MODEL_REQUIREMENTS + mlflow), never
+#: gfm_core, so the model serves from an environment built from its own requirements.txt.
+MODEL_CODE = '''"""gfm-foundation backbone as an MLflow pyfunc: [B, C, H, W] float32 -> pooled [B, D] features.
+
+Needs torch, torchvision, timm, safetensors, numpy and mlflow only (see requirements.txt).
+"""
+import hashlib
+import json
+
 import mlflow
 import numpy as np
 
 
 class GfmBackbone(mlflow.pyfunc.PythonModel):
     def load_context(self, context):
-        from gfm_core.models.backbones import load_backbone
+        import timm
+        from safetensors.torch import load_file
 
-        self.model = load_backbone(context.artifacts["backbone"]).eval()
+        path = context.artifacts["backbone"]
+        with open(context.artifacts["sidecar"]) as f:
+            side = json.load(f)
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        if side.get("weights_sha256") not in (None, h.hexdigest()):
+            raise ValueError(f"{path}: sha256 {h.hexdigest()} is not the sidecar's {side['weights_sha256']}")
+        model = timm.create_model(side["arch"], pretrained=False, **side["timm_kwargs"])
+        model.load_state_dict(load_file(path), strict=True)
+        self.model = model.eval()
 
     def predict(self, context, model_input, params=None):
         import torch
@@ -65,6 +88,9 @@ class GfmBackbone(mlflow.pyfunc.PythonModel):
 
 mlflow.models.set_model(GfmBackbone())
 '''
+#: What :data:`MODEL_CODE` imports besides mlflow (timm imports torchvision), pinned to the installed versions,
+#: which pyproject.toml pins.
+MODEL_REQUIREMENTS = ("torch", "torchvision", "timm", "safetensors", "numpy")
 
 
 def _mlflow() -> Any:
@@ -277,7 +303,9 @@ def register_backbone(
 ) -> str:
     """Log the backbone as a pyfunc model (with its model card) to the active run, register it; returns the version.
 
-    The version's source is ``<run artifacts>/backbone``; its description is the model card.
+    The version's source is ``<run artifacts>/backbone``; its description is the model card. Its tag
+    ``gfm.weights_sha256`` is the sha256 of the weight file as logged (what the promotion gate compares with
+    the evaluated bytes). The model is self-contained (:data:`MODEL_CODE`, :data:`MODEL_REQUIREMENTS`).
     """
     mlflow = _mlflow()
     run = mlflow.active_run()
@@ -297,7 +325,7 @@ def register_backbone(
         code = Path(tmp) / "gfm_backbone_model.py"
         code.write_text(MODEL_CODE)
         model_dir = Path(tmp) / ARTIFACT_DIR
-        reqs = [f"{p}=={md.version(p)}" for p in ("torch", "timm", "safetensors", "numpy")]
+        reqs = [f"{p}=={md.version(p)}" for p in MODEL_REQUIREMENTS]
         with warnings.catch_warnings():  # "add type hints" / "no input example": the signature is explicit
             warnings.simplefilter("ignore", UserWarning)
             mlflow.pyfunc.save_model(
@@ -306,12 +334,18 @@ def register_backbone(
             )
         (model_dir / "model_card.json").write_text(json.dumps(card, indent=2, default=str) + "\n")
         (model_dir / "model_card.md").write_text(card_markdown(card, model_name))
+        logged = sha256_file(model_dir / "artifacts" / backbone.name)  # the bytes registered, not the source's
         mlflow.log_artifacts(str(model_dir), artifact_path=ARTIFACT_DIR)
+    tags = dict(tags)
+    if tags.get("gfm.weights_sha256", logged) != logged:
+        log.warning("%s changed while it was registered: the version is tagged with the logged bytes' sha256",
+                    backbone)
+    tags["gfm.weights_sha256"] = logged
     client = mlflow.MlflowClient()
     with contextlib.suppress(Exception):  # already registered
         client.create_registered_model(model_name, description="GFM foundation backbones (timm, safetensors)")
     version = client.create_model_version(
-        model_name, source=f"{run.info.artifact_uri}/{ARTIFACT_DIR}", run_id=run.info.run_id, tags=dict(tags),
+        model_name, source=f"{run.info.artifact_uri}/{ARTIFACT_DIR}", run_id=run.info.run_id, tags=tags,
         description=card_markdown(card, model_name)[:5000],
     )
     return str(version.version)
@@ -338,7 +372,7 @@ def promote(
     if evaluation is None:
         evaluation = Evaluation(
             cfg.candidate, {m: float(v) for m, v in report.arp.items()}, getattr(report, "baseline", ""), {}, {},
-            tuple(getattr(report, "missing", ())),
+            tuple(getattr(report, "missing", ())), getattr(report, "backbones", {}).get(cfg.candidate),
         )
     run = mlflow.active_run()
     evidence_run = None
@@ -372,6 +406,8 @@ def load_registered_backbone(uri: str) -> Any:
 
 __all__ = [
     "ARTIFACT_DIR",
+    "MODEL_CODE",
+    "MODEL_REQUIREMENTS",
     "MlflowCallback",
     "PromotionDecision",
     "callbacks",

@@ -5,7 +5,6 @@ import json
 import dagster as dg
 
 from gfm_core.config import load_params
-from gfm_core.science.experiment import run_science
 from orchestration.assets import _image, demo_data
 from orchestration.resources import GfmParams, stage_errors
 
@@ -19,6 +18,8 @@ class ScienceConfig(dg.Config):
 @dg.asset(deps=[demo_data], group_name="science", kinds={"pytorch"},
           description="The paper's claims tested at small scale: variants x seeds, dense probes, verdicts")
 def science_report(context: dg.AssetExecutionContext, config: ScienceConfig, gfm: GfmParams) -> dg.MaterializeResult:
+    from gfm_core.science.experiment import run_science  # torch loads in the run, not with the definitions
+
     with stage_errors():
         params = load_params(gfm.params_path, preset=config.preset)
         res = run_science(params, progress=context.log.info)

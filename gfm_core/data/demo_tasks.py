@@ -46,7 +46,9 @@ PROVENANCE = {
 CHANGE_METHOD = (
     "A is a real tile. B is A with 1-2 connected land-cover regions (or rectangles) replaced pixel by pixel "
     "by real pixels of a different land-cover class from another tile of the same split. label = the "
-    "replaced pixels. No radiometric jitter: B equals A outside the label."
+    "replaced pixels. B then gets a second acquisition's differences everywhere: a per-band gain (0.85-1.15) "
+    "and offset (-12..12 DN), Gaussian noise (sd 4 DN) and a misregistration of 0-1 px in each direction "
+    "(edge pixels repeated), so |A - B| > 0 no longer finds the change: the labels stay on A's grid."
 )
 
 
@@ -216,6 +218,16 @@ def _change_pair(
     return b, mask, moves
 
 
+def second_acquisition(b: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """``[3, H, W]`` uint8 as a second acquisition would differ: gain, offset, noise, a sub-2-px shift."""
+    gain = rng.uniform(0.85, 1.15, (3, 1, 1))
+    offset = rng.uniform(-12, 12, (3, 1, 1))
+    x = b.astype(np.float64) * gain + offset + rng.normal(0, 4, b.shape)
+    dy, dx = (int(v) for v in rng.integers(-1, 2, 2))
+    x = np.pad(x, ((0, 0), (1, 1), (1, 1)), mode="edge")[:, 1 + dy : 1 + dy + b.shape[1], 1 + dx : 1 + dx + b.shape[2]]
+    return np.clip(np.rint(x), 0, 255).astype(np.uint8)
+
+
 def write_change(scene: NCScene, plan: TilePlan, cfg: DemoDataCfg, root: Path) -> Stats:
     """SEMI-SYNTHETIC change pairs in LEVIR-CD's flat layout ``{A,B,label}/<split>_<n>.png`` (n from 1).
 
@@ -235,6 +247,7 @@ def write_change(scene: NCScene, plan: TilePlan, cfg: DemoDataCfg, root: Path) -
         for i, td in enumerate(tiles):
             a = donors[i][0]
             b, mask, m = _change_pair(a, td.strata, donors[:i] + donors[i + 1 :], rng)
+            b = second_acquisition(b, rng)
             if not mask.any():
                 skipped += 1
                 continue

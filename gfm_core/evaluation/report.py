@@ -56,6 +56,8 @@ class RunScores:
     metrics: dict[str, float]
     ids: list[str]
     stats: dict[str, np.ndarray]
+    backbone_sha256: str | None = None  # the backbone bytes fine-tuning started from (None: not recorded)
+    source: Path | None = None  # the result file
 
 
 @dataclass(frozen=True)
@@ -77,6 +79,11 @@ class BootstrapCI:
     def excludes_zero(self) -> bool:
         return self.lo > 0 or self.hi < 0
 
+    @property
+    def mdd(self) -> float:
+        """Minimal detectable difference: 2.8 standard errors (80 % power, two-sided 5 %), SE from the interval."""
+        return 2.8 * (self.hi - self.lo) / 3.92
+
 
 @dataclass(frozen=True)
 class Report:
@@ -97,6 +104,13 @@ class Report:
     ci_level: float
     missing: list[str] = field(default_factory=list)
     paths: dict[str, Path] = field(default_factory=dict)
+    backbones: dict[str, str | None] = field(default_factory=dict)  # model -> sha256 its results started from
+    arp_excluded: dict[str, str] = field(default_factory=dict)  # task -> why it is not part of ARP
+
+    def task_mdd(self, task: str) -> float:
+        """The median minimal detectable difference of the task's comparisons to the reference (NaN: none)."""
+        vals = [d[task].mdd for d in self.ci.values() if task in d]
+        return float(np.median(vals)) if vals else math.nan
 
     def cell(self, model: str, task: str, metric: str | None = None) -> float:
         return self.mean[model][f"{task}/{metric or self.headlines[task]}"]
@@ -117,6 +131,9 @@ class Report:
             "ci_level": self.ci_level,
             "bootstrap": {m: {t: _ci_json(c) for t, c in d.items()} for m, d in self.ci.items()},
             "missing": self.missing,
+            "backbones": self.backbones,
+            "arp_excluded": self.arp_excluded,
+            "mdd": {t: self.task_mdd(t) for t in self.tasks},
             "paths": {k: str(v) for k, v in self.paths.items()},
             "arp_definition": "mean over tasks of 100 * (headline - baseline) / baseline",
         }
@@ -235,12 +252,14 @@ def build_report(
     ci: float = 0.95,
     seed: int = 0,
     missing: Sequence[str] = (),
+    arp_exclude: Mapping[str, str] | None = None,
 ) -> Report:
     """Aggregate runs into the report (no files written; see :func:`write_report`).
 
     Raises:
         ConfigError: no runs, or the baseline/reference is not among the models.
-        DataValidationError: runs of one task were tested on different samples (paired stats impossible).
+        DataValidationError: runs of one task were tested on different samples (paired stats impossible), or
+            runs of one model started from different backbone bytes.
     """
     if not runs:
         raise ConfigError("no fine-tuning results to report (run gfm finetune first)")
@@ -263,6 +282,7 @@ def build_report(
             raise DataValidationError(f"task {r.task}: results disagree on its head/headline metric")
     tasks = [t for t in tasks if t in heads]
     _check_same_samples(by_key, tasks)
+    backbones = _check_same_backbone(by_key)
 
     columns = []
     for t in tasks:
@@ -282,7 +302,8 @@ def build_report(
             )
         for t in tasks:
             seeds[m][t] = sorted(by_key.get((m, t), {}))
-    head_scores = {m: {t: mean[m][f"{t}/{headlines[t]}"] for t in tasks} for m in models}
+    excluded = dict(arp_exclude or {})
+    head_scores = {m: {t: mean[m][f"{t}/{headlines[t]}"] for t in tasks if t not in excluded} for m in models}
     arp = {m: average_relative_performance(head_scores[m], head_scores[baseline]) for m in models}
 
     cis: dict[str, dict[str, BootstrapCI]] = {m: {} for m in models if m != reference}
@@ -320,7 +341,37 @@ def build_report(
         cis,
         ci,
         list(missing),
+        backbones={m: backbones.get(m) for m in models},
+        arp_excluded={t: why for t, why in (arp_exclude or {}).items() if t in tasks},
     )
+
+
+def _check_same_backbone(by_key: Mapping[tuple[str, str], Mapping[int, RunScores]]) -> dict[str, str | None]:
+    """``model -> sha256`` of the backbone all its runs started from (None when no run recorded one).
+
+    Raises:
+        DataValidationError: one model's runs started from different bytes (or some recorded none).
+    """
+    groups: dict[str, dict[str | None, list[RunScores]]] = {}
+    for (model, _), runs in by_key.items():
+        for r in runs.values():
+            groups.setdefault(model, {}).setdefault(r.backbone_sha256, []).append(r)
+    out: dict[str, str | None] = {}
+    for model, by_sha in groups.items():
+        if len(by_sha) > 1:
+            lines = []
+            for sha, runs in by_sha.items():
+                name = f"sha256 {sha}" if sha else "unrecorded backbone (written before backbone hashes)"
+                files = ", ".join(str(r.source or f"{r.task}/{r.model}/seed_{r.seed}") for r in runs)
+                lines.append(f"  {name}: {files}")
+            raise DataValidationError(
+                f"model {model}: its fine-tuning results started from different backbone bytes, so they "
+                f"cannot be reported together:\n" + "\n".join(lines) +
+                f"\nThe backbone changed between fine-tuning runs; re-run `gfm finetune --model {model}` (every "
+                f"task and seed), then `gfm evaluate`"
+            )
+        out[model] = next(iter(by_sha))
+    return out
 
 
 def _check_same_samples(
@@ -398,7 +449,17 @@ def to_markdown(report: Report) -> str:
                 else f"{c.diff:+.2f} [{c.lo:+.2f}, {c.hi:+.2f}]" + ("*" if c.excludes_zero else "")
             )
         out.append(f"| {model} | " + " | ".join(cells) + " |")
-    out += ["", "\\* the interval excludes 0."]
+    out.append("| resolvable difference (MDD, 80 % power) | " + " | ".join(
+        "—" if math.isnan(r.task_mdd(t)) else f"{r.task_mdd(t):.2f}" for t in r.tasks) + " |")
+    out += ["", "\\* the interval excludes 0. Intervals resample test samples and fine-tuning seeds (paired); each "
+            "pretrained backbone is one pretraining run, so pretraining-seed variance is not in them (the science "
+            "report resamples pretraining seeds)."]
+    for t in r.tasks:
+        if not any(d[t].excludes_zero for d in r.ci.values() if t in d):
+            out.append(f"- **{t}** does not rank the models: no difference to {r.reference} is resolved at this test "
+                       f"size (MDD about {r.task_mdd(t):.2f} {r.headlines[t]}).")
+    if r.arp_excluded:
+        out += ["", "Tasks outside ARP: " + "; ".join(f"**{t}** ({why})" for t, why in r.arp_excluded.items())]
     if r.missing:
         out += ["", "## Missing results", "", *[f"- {m}" for m in r.missing]]
     return "\n".join(out) + "\n"
@@ -502,7 +563,8 @@ def load_run(result_json: str | Path) -> RunScores:
     ids, stats = load_scores(
         res.scores if res.scores.is_absolute() else Path(result_json).parent / res.scores.name
     )
-    return RunScores(res.task, res.head, res.model, res.seed, res.headline, dict(res.metrics), ids, stats)
+    return RunScores(res.task, res.head, res.model, res.seed, res.headline, dict(res.metrics), ids, stats,
+                     res.backbone_sha256, Path(result_json))
 
 
 def evaluate_results(results: Sequence[Any], *, out_dir: str | Path | None = None, **kwargs: Any) -> Report:
@@ -547,6 +609,16 @@ def run_evaluation(params: Params) -> Report:
         if ev.require_complete:
             raise CheckpointError(msg + "\n(or set evaluate.require_complete: false to report what exists)")
         log.warning(msg)
+    unknown = sorted(set(ev.arp_exclude) - known_tasks)
+    if unknown:
+        raise ConfigError(f"evaluate.arp_exclude: {unknown} not in finetune.tasks ({sorted(known_tasks)})")
+    if ev.trivial:  # the trivial predictor of each task (fitted on its train split) as one more row
+        from gfm_core.evaluation.trivial import TRIVIAL, trivial_scores
+        from gfm_core.finetune import get_task
+
+        for t in tasks:
+            runs.extend(trivial_scores(get_task(params, t), ft.seeds))
+        models = [*models, TRIVIAL]
     report = build_report(
         runs,
         models=models,
@@ -557,6 +629,7 @@ def run_evaluation(params: Params) -> Report:
         ci=ev.ci,
         seed=ev.seed,
         missing=missing,
+        arp_exclude=ev.arp_exclude,
     )
     report = write_report(report, ev.out_dir)
     log.info("evaluation report: %s", report.paths["markdown"])

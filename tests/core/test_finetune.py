@@ -161,10 +161,10 @@ def test_finetune_objective_contract_and_predictions(demo_tasks):
     assert pred.shape == batch["mask"].shape and pred.dtype == torch.long
 
 
-def _export_tiny_swin(path: Path, img_size: int = 64, window_size: int = 4) -> Path:
+def _export_tiny_swin(path: Path, img_size: int = 64, window_size: int = 4, seed: int = 0) -> Path:
     from gfm_core.objectives import build_continual_pretrain, export_backbone
 
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     student = StudentCfg(
         arch=SWIN,
         img_size=img_size,
@@ -249,7 +249,7 @@ def test_teacher_and_random_sources(tmp_path, demo_tasks):
         load_task_backbone(missing, task)
 
 
-def _params(tmp_path: Path, demo_tasks: Path, export: Path) -> object:
+def _params(tmp_path: Path, demo_tasks: Path, export: Path, **sections: dict) -> object:
     tasks = [
         {
             "head": head,
@@ -283,6 +283,8 @@ def _params(tmp_path: Path, demo_tasks: Path, export: Path) -> object:
         },
         "evaluate": {"models": ["gfm", "imagenet"], "n_bootstrap": 20, "out_dir": str(tmp_path / "eval")},
     }
+    for key, section in sections.items():
+        raw[key] = {**raw.get(key, {}), **section}
     return parse_params(raw)
 
 
@@ -320,6 +322,55 @@ def test_stage_functions_finetune_and_evaluate(tmp_path, demo_tasks):
         update={"evaluate": incomplete.evaluate.model_copy(update={"require_complete": False})}
     )
     assert len(run_evaluation(lenient).missing) == 2
+
+
+def test_promotion_binds_to_the_backbone_bytes_that_were_fine_tuned(tmp_path, demo_tasks):
+    """`gfm finetune`, `gfm evaluate`, then `gfm pretrain` rewrites the backbone: nothing may judge the new bytes
+    on the old bytes' results (evaluation, promotion, a resumed fine-tuning)."""
+    import mlflow
+
+    from gfm_core import stages
+    from gfm_core.errors import DataValidationError
+    from gfm_core.io import sha256_file
+
+    export = _export_tiny_swin(tmp_path / "gfm" / "backbone.safetensors", img_size=64)
+    params = _params(
+        tmp_path, demo_tasks, export, finetune={"seeds": [0, 1], "max_steps": 1},
+        evaluate={"models": ["gfm"], "tasks": ["scene"], "baseline": "gfm", "reference": "gfm"},
+        tracking={"uri": f"sqlite:///{tmp_path}/mlflow.db", "artifacts": str(tmp_path / "artifacts"),
+                  "experiment": "t"},
+        ingest={"root": str(demo_tasks.parent / "pile"), "out_dir": str(tmp_path / "geopile")},  # model card
+    )
+    old = sha256_file(export)
+    assert [run_finetune_task(params, "scene", "gfm", s).backbone_sha256 for s in (0, 1)] == [old, old]
+    assert run_evaluation(params).backbones == {"gfm": old}
+
+    _export_tiny_swin(export, img_size=64, seed=1)  # `gfm pretrain`: new weights at the same path
+    new = sha256_file(export)
+    assert new != old
+    with pytest.raises(CheckpointError, match=r"started from backbone sha256 .*re-run `gfm finetune --model gfm` "
+                                              r"without resume"):
+        run_finetune_task(params, "scene", "gfm", 0, resume=True)
+    client = mlflow.MlflowClient(tracking_uri=params.tracking.uri, registry_uri=params.tracking.uri)
+    try:
+        stale = stages.run_promote(params)
+        assert not stale.promoted
+        assert any(f"holds backbone sha256 {new}, but the evaluation judged fine-tuning results of sha256 {old}" in r
+                   and "re-run `gfm finetune --model gfm` and `gfm evaluate`" in r for r in stale.reasons)
+        assert client.get_model_version("gfm-foundation", stale.version).tags["gfm.gate"] == "refused"
+        assert client.get_registered_model("gfm-foundation").aliases == {}
+
+        run_finetune_task(params, "scene", "gfm", 1)  # one seed on the new bytes: the results now mix two
+        with pytest.raises(DataValidationError, match=r"(?s)model gfm: its fine-tuning results started from "
+                           r"different backbone bytes.*seed_0/result\.json.*seed_1/result\.json.*re-run "
+                           r"`gfm finetune --model gfm`"):
+            run_evaluation(params)
+        run_finetune_task(params, "scene", "gfm", 0)
+        fresh = stages.run_promote(params)
+        assert fresh.promoted, fresh.reasons
+        assert client.get_model_version("gfm-foundation", fresh.version).tags["gfm.weights_sha256"] == new
+    finally:
+        mlflow.set_tracking_uri(None)
 
 
 def test_baseline_pretrain_params(tmp_path, demo_tasks):

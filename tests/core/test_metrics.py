@@ -206,3 +206,21 @@ def test_report_refuses_unpaired_samples_and_unknown_roles():
         build_report([a, b], baseline="imagenet", reference="gfm")
     with pytest.raises(ConfigError, match=r"evaluate\.baseline 'imagenet'"):
         build_report([b], baseline="imagenet", reference="gfm")
+
+
+def test_report_excludes_tasks_from_arp_with_a_reason_and_states_power():
+    rng = np.random.default_rng(1)
+    runs = []
+    for seed in (0, 1):
+        base = rng.random(40) < 0.5
+        for task in ("t1", "t2"):
+            runs += [_run(task, "imagenet", seed, base), _run(task, "gfm", seed, base ^ (rng.random(40) < 0.1))]
+    report = build_report(runs, baseline="imagenet", reference="gfm", n_bootstrap=200,
+                          arp_exclude={"t2": "no model beats bicubic"})
+    rel = 100 * (report.cell("gfm", "t1") - report.cell("imagenet", "t1")) / report.cell("imagenet", "t1")
+    assert report.arp["gfm"] == pytest.approx(rel)  # t2 is reported but not averaged
+    ci = report.ci["imagenet"]["t1"]
+    assert ci.mdd == pytest.approx(2.8 * (ci.hi - ci.lo) / 3.92) and report.task_mdd("t1") == ci.mdd
+    md = to_markdown(report)
+    assert "Tasks outside ARP: **t2** (no model beats bicubic)" in md and "resolvable difference" in md
+    assert ("**t1** does not rank the models" in md) == (not ci.excludes_zero)

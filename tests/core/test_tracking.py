@@ -10,6 +10,7 @@ from helpers.registry import tiny_backbone
 
 from gfm_core import tracking
 from gfm_core.config import PromoteCfg
+from gfm_core.io import sha256_file
 
 
 def _register(path, name="gfm-foundation"):
@@ -17,22 +18,23 @@ def _register(path, name="gfm-foundation"):
         return tracking.register_backbone(path, name, {"gfm.data_manifest": "abc"})
 
 
-def _report(**arp):
-    return SimpleNamespace(arp=arp, missing=[])
+def _report(path, **arp):
+    """A report whose candidate ``gfm`` was fine-tuned from ``path``."""
+    return SimpleNamespace(arp=arp, missing=[], backbones={"gfm": sha256_file(path)})
 
 
 def test_gate_refuses_a_worse_candidate_and_keeps_the_champion(store):
     cfg = PromoteCfg()
     first, obj = tiny_backbone(store, 0)
     v1 = _register(first)
-    d1 = tracking.promote(v1, _report(gfm=5.0, imagenet=0.0, random=-3.0), cfg)
+    d1 = tracking.promote(v1, _report(first, gfm=5.0, imagenet=0.0, random=-3.0), cfg)
     assert d1.promoted and d1.champion_version is None
     client = mlflow.MlflowClient()
     assert str(client.get_model_version_by_alias("gfm-foundation", "champion").version) == v1
 
     worse, _ = tiny_backbone(store, 1)
     v2 = _register(worse)
-    d2 = tracking.promote(v2, _report(gfm=3.0, imagenet=0.0, random=-3.0), cfg)
+    d2 = tracking.promote(v2, _report(worse, gfm=3.0, imagenet=0.0, random=-3.0), cfg)
     assert not d2.promoted and d2.champion_arp == 5.0
     assert any("champion" in r for r in d2.reasons)
     assert str(client.get_model_version_by_alias("gfm-foundation", "champion").version) == v1  # unchanged
@@ -40,7 +42,7 @@ def test_gate_refuses_a_worse_candidate_and_keeps_the_champion(store):
     assert tags["gfm.gate"] == "refused" and tags["gfm.arp"] == "3" and tags["gfm.champion_before"] == v1
 
     v3 = _register(worse)
-    d3 = tracking.promote(v3, _report(gfm=9.0, imagenet=10.0), cfg)  # beats the champion, not a baseline
+    d3 = tracking.promote(v3, _report(worse, gfm=9.0, imagenet=10.0), cfg)  # beats the champion, not a baseline
     assert not d3.promoted and any("baseline imagenet" in r for r in d3.reasons)
 
     model = tracking.load_registered_backbone("models:/gfm-foundation@champion")
@@ -52,7 +54,8 @@ def test_gate_refuses_a_worse_candidate_and_keeps_the_champion(store):
 def test_incomplete_evaluation_is_refused(store):
     path, _ = tiny_backbone(store, 2)
     v = _register(path)
-    report = SimpleNamespace(arp={"gfm": 5.0, "imagenet": 0.0}, missing=["superres/mim_only/seed_0"])
+    report = SimpleNamespace(arp={"gfm": 5.0, "imagenet": 0.0}, missing=["superres/mim_only/seed_0"],
+                             backbones={"gfm": sha256_file(path)})
     d = tracking.promote(v, report, PromoteCfg())
     assert not d.promoted and "incomplete" in d.reasons[0]
 

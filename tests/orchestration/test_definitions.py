@@ -19,7 +19,12 @@ def test_definitions_hold_the_stage_assets_jobs_schedule_sensor_and_partitions(r
     path = write_params(repo_root, tmp_path)
     defs = build_defs(str(path))
     repo = defs.get_repository_def()
-    assert {"gfm_foundation", "gfm_finetune", "gfm_evaluate_and_promote", "retrain"} <= set(repo.job_names)
+    assert {"gfm_foundation", "gfm_finetune", "gfm_evaluate_and_promote", "retrain", "gfm_science"} <= set(
+        repo.job_names)
+    assert [k.to_user_string() for k in repo.get_job("gfm_science").asset_layer.executable_asset_keys] == [
+        "science_report"]  # the experiment runs on its own, never inside the demo's jobs
+    assert "science_report" not in {k.to_user_string() for k in
+                                    repo.get_job("gfm_foundation").asset_layer.executable_asset_keys}
     assert repo.get_schedule_def("retrain_schedule").cron_schedule == "0 3 * * 0"
     assert repo.has_sensor_def("new_teacher_sensor")
     running = {s.name for s in repo.sensor_defs if s.default_status == dg.DefaultSensorStatus.RUNNING}
@@ -27,7 +32,7 @@ def test_definitions_hold_the_stage_assets_jobs_schedule_sensor_and_partitions(r
     graph = repo.asset_graph
     keys = {k.to_user_string() for k in graph.get_all_asset_keys()}
     assert keys == {"demo_data", "geopile_manifest", "geopile_shards", "imagenet_teacher", "foundation_model",
-                    "ablation_models", "finetuned_models", "evaluation_report", "champion_model"}
+                    "ablation_models", "finetuned_models", "evaluation_report", "champion_model", "science_report"}
     assert graph.get(dg.AssetKey("finetuned_models")).partitions_def.get_partition_keys() == ["scene", "change"]
     assert graph.get(dg.AssetKey("imagenet_teacher")).is_observable
     checks = {c.name: c for c in defs.resolve_asset_graph().asset_check_keys}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import mlflow
@@ -13,6 +14,7 @@ from helpers.registry import TINY, tiny_backbone
 from gfm_core import registry, tracking
 from gfm_core.config import PromoteCfg
 from gfm_core.errors import CheckpointError
+from gfm_core.io import sha256_file
 
 N = 300
 IDS = tuple(f"tile_{i:03d}" for i in range(N))
@@ -36,7 +38,9 @@ def _evaluation(right: int, arp: float, *, baseline_arp: float = 0.0, **kw) -> r
 
 
 def _register_and_promote(path, evaluation, cfg=None):
+    """Register ``path`` and judge it on ``evaluation`` (of fine-tuning results that started from ``path``)."""
     cfg = cfg or PromoteCfg()
+    evaluation = dataclasses.replace(evaluation, weights_sha256=evaluation.weights_sha256 or sha256_file(path))
     with tracking.stage_run("promote", {"seed": 1}):
         version = tracking.register_backbone(path, cfg.model_name, {"gfm.data_manifest": "abc"})
         return tracking.promote(version, None, cfg, evaluation=evaluation)
@@ -136,8 +140,9 @@ def test_a_concurrent_promotion_aborts_without_touching_the_alias(store):
         rival = tracking.register_backbone(first, "gfm-foundation", {})
         cand = tracking.register_backbone(first, "gfm-foundation", {})
     with pytest.raises(registry.RegistryConflictError, match="moved from 1 to"):
-        registry.promote(RacingClient(rival), "gfm-foundation", cand, _evaluation(285, arp=15.0), PromoteCfg(),
-                         n_bootstrap=50)
+        registry.promote(RacingClient(rival), "gfm-foundation", cand,
+                         dataclasses.replace(_evaluation(285, arp=15.0), weights_sha256=sha256_file(first)),
+                         PromoteCfg(), n_bootstrap=50)
     client = mlflow.MlflowClient()
     assert str(client.get_model_version_by_alias("gfm-foundation", "champion").version) == rival
     assert client.get_model_version("gfm-foundation", cand).tags["gfm.gate"] == "conflict"
@@ -154,3 +159,15 @@ def test_evidence_round_trips_without_pickles(tmp_path):
     (tmp_path / "ev" / "evidence.json").write_text("{}")
     with pytest.raises(CheckpointError, match="schema"):
         registry.load_evidence(tmp_path / "ev")
+
+
+def test_must_beat_names_the_models_the_candidate_has_to_beat(store):
+    path, _ = tiny_backbone(store, 0, {"steps": 0})
+    ev = dataclasses.replace(_evaluation(240, arp=-5.0), arp={"gfm": -5.0, "imagenet": 0.0, "random": -12.0})
+    refused = _register_and_promote(path, ev)  # default: every other evaluated model, the teacher included
+    assert not refused.promoted and any("baseline imagenet" in r for r in refused.reasons)
+    demo = PromoteCfg(must_beat=("random",))  # the demo's bar: its own random init, not a foreign teacher
+    passed = _register_and_promote(path, ev, demo)
+    assert passed.promoted and passed.baseline_arps == {"random": -12.0}
+    missing = _register_and_promote(path, ev, PromoteCfg(must_beat=("mim_only",)))
+    assert not missing.promoted and any("mim_only was not evaluated" in r for r in missing.reasons)

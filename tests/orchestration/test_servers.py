@@ -17,14 +17,17 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import dagster_webserver
 import mlflow
 import pytest
 from dagster_params import write_params
+from helpers.registry import tiny_backbone
 
-from gfm_core import tracking
-from gfm_core.config import TrackingCfg
+from gfm_core import registry, tracking
+from gfm_core.config import PromoteCfg, TrackingCfg
+from gfm_core.io import sha256_file
 
 BIN = Path(sys.executable).parent
 pytestmark = pytest.mark.distributed  # several processes
@@ -119,6 +122,17 @@ def test_mlflow_server_is_one_setting_away(tmp_path):
             with tracking.stage_run("pretrain", {"pretrain": {"alpha": 1.0}}) as run_id:
                 tracking.callbacks()[0].on_log(1, {"loss": 0.5})
             assert tracking.run_url(run_id) == f"{uri}/#/experiments/1/runs/{run_id}"
+            # promotion through the server: the server accepts the promotion ticket (a ledger model version)
+            backbone, _ = tiny_backbone(tmp_path, 0)
+            with tracking.stage_run("promote", {}):
+                version = tracking.register_backbone(backbone, "gfm-foundation", {})
+                report = SimpleNamespace(arp={"gfm": 1.0, "imagenet": 0.0}, missing=[],
+                                         backbones={"gfm": sha256_file(backbone)})
+                assert tracking.promote(version, report, PromoteCfg()).promoted
+            client = mlflow.MlflowClient()
+            assert str(client.get_model_version_by_alias("gfm-foundation", "champion").version) == version
+            (ticket,) = client.search_model_versions(f"name = 'gfm-foundation{registry.LEDGER_SUFFIX}'")
+            assert ticket.tags[registry.TICKET_TAG] == "done" and ticket.tags["gfm.ticket_outcome"] == "done"
         finally:
             mlflow.set_tracking_uri(None)
         found = json.loads(_get(f"{uri}/api/2.0/mlflow/experiments/get-by-name?experiment_name=through-server",

@@ -1,0 +1,120 @@
+"""Trivial predictors per task head: the row every learnt model must beat for its score to mean anything.
+
+Each is fitted on the task's train split only (nothing from test) and scored on the test split with the same
+metrics and per-sample statistics as a fine-tuned model, so it joins the report as the model ``trivial``:
+
+- classification: the majority class of the train split;
+- multi-label: each label's train prevalence as its constant score;
+- segmentation: the majority class of the train pixels, everywhere;
+- change: the rule ``mean_bands |A - B| > t``, with ``t`` the train split's F1-optimal threshold;
+- super-resolution: bicubic upsampling of the low-resolution input.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.data import DataLoader
+
+from gfm_core.config import TaskCfg
+from gfm_core.evaluation.metrics import HEADLINES, build_metrics
+
+TRIVIAL = "trivial"
+Predict = Callable[[dict[str, Any]], Tensor]
+
+
+def _batches(task: TaskCfg, split: str) -> tuple[Any, DataLoader]:
+    from gfm_core.data.task_datasets import TaskDataset
+
+    probe = TaskDataset(task, split, mean=(0.0,), std=(1.0,), cache=False)
+    c = probe.channels
+    ds = TaskDataset(task, split, mean=(0.0,) * c, std=(1.0,) * c, cache=False)  # [0, 1] pixels, unnormalised
+    return ds, DataLoader(ds, batch_size=32, shuffle=False)
+
+
+def _classification(loader: DataLoader, k: int) -> Predict:
+    counts = torch.zeros(k)
+    for b in loader:
+        counts += torch.bincount(b["label"], minlength=k)
+    onehot = F.one_hot(counts.argmax(), k).float()
+    return lambda b: onehot.expand(len(b["label"]), -1)
+
+
+def _multilabel(loader: DataLoader, k: int) -> Predict:
+    total, n = torch.zeros(k), 0
+    for b in loader:
+        total += b["label"].float().sum(0)
+        n += len(b["label"])
+    prior = total / max(n, 1)
+    return lambda b: prior.expand(len(b["label"]), -1)
+
+
+def _segmentation(loader: DataLoader, k: int, ignore: int) -> Predict:
+    counts = torch.zeros(k)
+    for b in loader:
+        m = b["mask"][b["mask"] != ignore]
+        counts += torch.bincount(m[(m >= 0) & (m < k)], minlength=k)
+    major = int(counts.argmax())
+    return lambda b: torch.full_like(b["mask"], major)
+
+
+def _change_score(b: dict[str, Any]) -> Tensor:
+    """``mean_bands |A - B|`` at the label's size."""
+    d = (b["image"][:, 0] - b["image"][:, 1]).abs().mean(1, keepdim=True)
+    return F.interpolate(d, size=b["mask"].shape[-2:], mode="bilinear", align_corners=False)[:, 0]
+
+
+def _change(loader: DataLoader) -> Predict:
+    scores, truth = [], []
+    for b in loader:
+        scores.append(_change_score(b).flatten())
+        truth.append(b["mask"].flatten().bool())
+    s, t = torch.cat(scores), torch.cat(truth)
+    best, best_f1 = 0.0, -1.0
+    for thr in torch.quantile(s, torch.linspace(0.5, 0.995, 60)).tolist():
+        p = s > thr
+        tp = float((p & t).sum())
+        f1 = 2 * tp / max(float(p.sum()) + float(t.sum()), 1.0)
+        if f1 > best_f1:
+            best, best_f1 = thr, f1
+    return lambda b: (_change_score(b) > best).long()
+
+
+def _superres(b: dict[str, Any]) -> Tensor:
+    return F.interpolate(b["image"], size=b["target"].shape[-2:], mode="bicubic", align_corners=False).clamp(0, 1)
+
+
+def trivial_scores(task: TaskCfg, seeds: Sequence[int]) -> list[Any]:
+    """The trivial predictor's :class:`~gfm_core.evaluation.report.RunScores` on ``task``'s test split.
+
+    The predictor is deterministic, so the same scores stand for every seed (the report pairs seeds).
+    """
+    from gfm_core.evaluation.report import RunScores
+    from gfm_core.finetune import TARGET_KEYS
+
+    train, train_loader = _batches(task, "train")
+    k = train.num_outputs
+    fit: dict[str, Callable[[], Predict]] = {
+        "classification": lambda: _classification(train_loader, k),
+        "multilabel": lambda: _multilabel(train_loader, k),
+        "segmentation": lambda: _segmentation(train_loader, k, task.ignore_index),
+        "change": lambda: _change(train_loader),
+        "superres": lambda: _superres,
+    }
+    predict = fit[task.head]()
+    _, test_loader = _batches(task, "test")
+    metrics = build_metrics(task.head, k, task.ignore_index)
+    ids: list[str] = []
+    with torch.no_grad():
+        for b in test_loader:
+            metrics.update(predict(b), b[TARGET_KEYS[task.head]])
+            ids.extend(b["id"])
+    values, stats = metrics.compute(), metrics.per_sample()
+    headline = task.headline or HEADLINES[task.head]
+    return [RunScores(task.name, task.head, TRIVIAL, s, headline, dict(values), list(ids),
+                      {key: np.asarray(v) for key, v in stats.items()}) for s in seeds]
