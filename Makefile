@@ -16,7 +16,8 @@ PYTEST_ARGS ?=
 env:
 	@bash scripts/bootstrap.sh
 	@mkdir -p "$(DAGSTER_HOME)" "$(TORCH_EXTENSIONS_DIR)"
-	@[ -f "$(DAGSTER_HOME)/dagster.yaml" ] || printf 'telemetry:\n  enabled: false\n' > "$(DAGSTER_HOME)/dagster.yaml"
+	@[ -f "$(DAGSTER_HOME)/dagster.yaml" ] || cp orchestration/dagster.yaml "$(DAGSTER_HOME)/dagster.yaml"
+	@grep -q '^concurrency:' "$(DAGSTER_HOME)/dagster.yaml" || sed -n '/^concurrency:/,$$p' orchestration/dagster.yaml >> "$(DAGSTER_HOME)/dagster.yaml"
 
 ## Run the whole pipeline end to end on the embedded demo data: every Dagster asset, into $(DAGSTER_HOME).
 demo: env

@@ -67,6 +67,9 @@ def _cmd_pretrain(args: argparse.Namespace) -> None:
         res = stages.run_pretrain(params, resume=args.resume, max_steps=args.max_steps)
     if os.environ.get("RANK", "0") != "0":  # launched on several ranks: rank 0 reports
         return
+    print(f"start: {res.start_reason}")
+    if res.set_aside:
+        print(f"the earlier run's checkpoints were moved to {res.set_aside}")
     print(f"pretraining: {res.steps} steps, final {res.summary()}")
     print(f"exported backbone: {res.backbone}")
     print(f"checkpoints: {res.checkpoint_dir}")
@@ -145,7 +148,10 @@ def build_parser() -> argparse.ArgumentParser:
             help="named preset from params.yaml's `presets` ('' = none: the paper's values); default: its `preset` key",
         )
         if name == "pretrain":
-            p.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint")
+            p.add_argument("--resume", action="store_true",
+                           help="continue the latest complete checkpoint if it is the same run (same data, params "
+                                "and teacher); otherwise, and without this flag, an earlier run's checkpoints are "
+                                "moved to checkpoints.stale-<time>/ and training starts fresh")
             p.add_argument("--max-steps", type=int, default=None, help="override pretrain.max_steps")
             p.add_argument("--baseline", default=None,
                            help="pretrain the ablation of this name in finetune.models (mim_only, distill_only)")

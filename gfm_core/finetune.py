@@ -569,6 +569,7 @@ def finetune(
         keep_checkpoints=1,
         seed=seed,
         resume=resume,
+        discard_old=True,  # one end-of-run checkpoint per run; the product is the result JSON
         progress=progress,
         fused_optimizer=True,  # TorchBackend
     )

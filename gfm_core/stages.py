@@ -9,15 +9,17 @@ from __future__ import annotations
 import csv
 import logging
 import math
+import os
 import time
 from collections.abc import Iterator, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from gfm_core.config import Params, PretrainCfg
 from gfm_core.errors import ConfigError, DataValidationError
-from gfm_core.io import sha256_file, sha256_json, write_json
+from gfm_core.io import atomic_write, sha256_file, sha256_json, write_json
 
 log = logging.getLogger(__name__)
 
@@ -231,6 +233,9 @@ class PretrainResult:
     images: int  # images in the pile
     history: list[dict[str, float]] = field(default_factory=list)
     reconstructions: Path | None = None  # PNG: input | masked | prediction | visible + prediction
+    start_step: int = 0  # 0 = a fresh run; k = continued an interrupted run of the same fingerprint after step k
+    start_reason: str = ""  # why it resumed or started fresh
+    set_aside: Path | None = None  # where a fresh start moved the earlier run's checkpoints
 
     def summary(self) -> str:
         """One line of the final loss parts."""
@@ -239,12 +244,24 @@ class PretrainResult:
 
 
 class _CsvLog:
-    """Callback: mirror logged metrics into a CSV (DVC plots) as they arrive."""
+    """Callback: mirror logged metrics into a CSV (DVC plots) as they arrive (``metrics.jsonl`` is the record:
+    a fresh start moves it aside with the checkpoints and starts the CSV anew)."""
 
-    def __init__(self, path: Path, start_fresh: bool) -> None:
+    def __init__(self, path: Path) -> None:
         self.path = path
-        if start_fresh and path.exists():
-            path.unlink()
+
+    def on_start(self, step: int) -> None:
+        """Keep only the rows up to the step this run starts from (rows past a resumed checkpoint were lost)."""
+        if not self.path.exists():
+            return
+        with open(self.path, newline="") as f:
+            rows = list(csv.reader(f))
+        kept = [rows[0], *(r for r in rows[1:] if r and int(r[0]) <= step)] if rows else []
+        if len(kept) <= 1:
+            self.path.unlink()
+        else:
+            with atomic_write(self.path, "w") as f:
+                csv.writer(f, lineterminator="\n").writerows(kept)
 
     def on_log(self, step: int, metrics: dict[str, float]) -> None:
         row = {"step": step, **metrics}
@@ -266,6 +283,31 @@ def pretrain_sources(params: Params) -> list[Any]:
     if params.ingest.sources:
         return list(params.ingest.sources)
     return discover_sources(params.ingest.root)
+
+
+#: Pretraining settings that do not change what a run computes (left out of its fingerprint).
+_RUN_NEUTRAL = ("out_dir", "log_every", "checkpoint_every", "num_workers")
+
+
+def pretrain_fingerprint(cfg: PretrainCfg, data_hash: str, total_steps: int) -> dict[str, str]:
+    """What a pretraining run is: its data's content hash, its settings' sha256 (with the optimizer steps its
+    schedule spans) and its teacher file's sha256.
+
+    A checkpoint is continued only by a run with the same fingerprint. Settings that do not change the result
+    (``out_dir``, ``log_every``, ``checkpoint_every``, ``num_workers``) and the teacher's path (its bytes count,
+    through the sha256) are left out.
+    """
+    section = cfg.model_dump(mode="json")
+    for key in _RUN_NEUTRAL:
+        section.pop(key, None)
+    section["teacher"].pop("checkpoint", None)
+    section["total_steps"] = total_steps  # max_steps may come from the caller, not from params
+    teacher = cfg.teacher.checkpoint
+    return {
+        "data": data_hash,
+        "params_sha256": sha256_json(section),
+        "teacher_sha256": sha256_file(teacher) if cfg.alpha > 0 and teacher is not None else "none",
+    }
 
 
 def make_backend(cfg: PretrainCfg, device: str, micro_batch: int) -> Any:
@@ -307,7 +349,7 @@ def _tracking_callbacks(params: Params, is_main: bool) -> list[Any]:
 def run_pretrain(
     params: Params,
     *,
-    resume: bool = False,
+    resume: bool | Literal["unfinished"] = False,
     max_steps: int | None = None,
     callbacks: Sequence[Any] = (),
     export_steps: Sequence[int] = (),
@@ -320,7 +362,28 @@ def run_pretrain(
     The schedule spans ``epochs`` over the pile (warm-up ``warmup_epochs``); ``max_steps`` (argument, else
     ``pretrain.max_steps``) compresses the same schedule into that many optimizer steps. Learning is measured on
     held-out views at every logged step (:mod:`gfm_core.evaluation.holdout`) and summarised in ``summary.json``.
+
+    ``resume``: ``True`` continues the newest checkpoint in ``pretrain.out_dir`` when it has this run's
+    :func:`pretrain_fingerprint` (same data, settings and teacher); ``"unfinished"`` continues only an
+    interrupted one (a finished run starts over: what a Dagster re-materialisation wants); ``False`` starts
+    fresh. A fresh start moves the earlier run's checkpoints to ``checkpoints.stale-<time>/`` (never deletes
+    them); the result's ``start_step``/``start_reason``/``set_aside`` say what happened.
+
+    Raises:
+        CheckpointError: another pretraining is writing ``pretrain.out_dir`` (rank 0 holds its lock file).
     """
+    from gfm_core.training.checkpoint import exclusive_out_dir
+
+    lock = exclusive_out_dir(params.pretrain.out_dir) if os.environ.get("RANK", "0") == "0" else nullcontext()
+    with lock:
+        return _run_pretrain(params, resume=resume, max_steps=max_steps, callbacks=callbacks,
+                             export_steps=export_steps)
+
+
+def _run_pretrain(
+    params: Params, *, resume: bool | Literal["unfinished"], max_steps: int | None, callbacks: Sequence[Any],
+    export_steps: Sequence[int],
+) -> PretrainResult:
     from gfm_core.evaluation.holdout import plot_learning
     from gfm_core.objectives import build_continual_pretrain, export_backbone
     from gfm_core.training.backends import auto_device
@@ -336,7 +399,8 @@ def run_pretrain(
     objective = build_continual_pretrain(cfg)
     stream = pretrain_stream(params, objective, device)
     probe = _holdout_probe(cfg, backend, objective, stream)
-    loop_cfg, steps_per_epoch = _pretrain_loop_cfg(params, len(stream), backend.world_size, resume, max_steps)
+    loop_cfg, steps_per_epoch = _pretrain_loop_cfg(params, len(stream), backend.world_size, resume, max_steps,
+                                                   stream.content_hash)
     loader = _loader_factory(stream, cfg.batch_size, cfg.num_workers, cfg.seed, backend.rank, backend.world_size)
     log.info(
         "pretraining %s <- %s on %d views/epoch (%d steps/epoch, %d steps, %s/%s on %s, lr %.3g)",
@@ -344,7 +408,7 @@ def run_pretrain(
         loop_cfg.total_steps, cfg.backend, cfg.precision, device, loop_cfg.base_lr,
     )
     t0 = time.perf_counter()
-    csv_log = _CsvLog(out_dir / "metrics.csv", start_fresh=not resume) if backend.is_main else None
+    csv_log = _CsvLog(out_dir / "metrics.csv") if backend.is_main else None
     exports = _ExportAt(objective, export_steps, out_dir, lambda: _backbone_meta(cfg, stream, None))
     if export_steps and getattr(backend, "zero_stage", 0) == 3:
         raise ConfigError("export_steps needs whole weights on rank 0: use zero_stage <= 2")
@@ -367,6 +431,9 @@ def run_pretrain(
             "precision": cfg.precision, "peak_lr": loop_cfg.base_lr, "teacher_pool": cfg.teacher_pool if
             stream.pool is not None else None, "seconds": round(elapsed, 2), **fit_res.metrics, **start,
             **learning_margins(fit_res.metrics),
+            "start_step": fit_res.start_step, "start_reason": fit_res.start_reason,
+            "set_aside": str(fit_res.set_aside) if fit_res.set_aside else None,
+            "fingerprint": loop_cfg.fingerprint,
         })
         if probe is not None:
             recon = probe.save_reconstructions(out_dir / "reconstructions.png")
@@ -376,6 +443,7 @@ def run_pretrain(
         steps=fit_res.steps, metrics=dict(fit_res.metrics), backbone=backbone,
         checkpoint_dir=out_dir / "checkpoints", metrics_csv=out_dir / "metrics.csv", summary_json=summary,
         device=device, images=len(stream.train_images), history=list(fit_res.history), reconstructions=recon,
+        start_step=fit_res.start_step, start_reason=fit_res.start_reason, set_aside=fit_res.set_aside,
     )
 
 
@@ -461,9 +529,11 @@ def _holdout_probe(cfg: PretrainCfg, backend: Any, objective: Any, stream: Any) 
 
 
 def _pretrain_loop_cfg(
-    params: Params, views: int, world: int, resume: bool, max_steps: int | None
+    params: Params, views: int, world: int, resume: bool | Literal["unfinished"], max_steps: int | None,
+    data_hash: str,
 ) -> tuple[Any, int]:
-    """The fit() settings of a pretraining: schedule in steps, learning rates after ``lr_scaling``."""
+    """The fit() settings of a pretraining: schedule in steps, learning rates after ``lr_scaling``, and the run's
+    fingerprint (``data_hash``: the pile's content hash)."""
     from gfm_core.training.loop import LoopCfg
 
     cfg = params.pretrain
@@ -482,7 +552,8 @@ def _pretrain_loop_cfg(
         total_steps=total, out_dir=cfg.out_dir, grad_accum=cfg.grad_accum, base_lr=cfg.base_lr * k,
         warmup_lr=cfg.warmup_lr * k, min_lr=cfg.min_lr * k, warmup_steps=round(total * cfg.warmup_epochs / cfg.epochs),
         betas=cfg.betas, clip_grad=cfg.clip_grad, log_every=min(cfg.log_every, total),
-        checkpoint_every=cfg.checkpoint_every, seed=cfg.seed, resume=resume, fused_optimizer=cfg.backend == "torch",
+        checkpoint_every=cfg.checkpoint_every, seed=cfg.seed, resume=resume,
+        fingerprint=pretrain_fingerprint(cfg, data_hash, total), fused_optimizer=cfg.backend == "torch",
     )
     return loop_cfg, steps_per_epoch
 

@@ -177,6 +177,7 @@ def _pretrain(context: dg.AssetExecutionContext, gfm: GfmParams, mlflow: MlflowT
         name = f"pretrain_{baseline}" if baseline else "pretrain"
         with mlflow.stage(context, params, name, section) as run_id:
             res = launcher.pretrain(context, gfm, baseline, mlflow_run_id=run_id, params=params)
+            _log_start(context, res.summary)
             _track(files={"summary": section.out_dir / "summary.json", "metrics": section.out_dir / "metrics.csv",
                           "sidecar": res.backbone.with_suffix(".json"),
                           "reconstructions": section.out_dir / "reconstructions.png",
@@ -184,7 +185,29 @@ def _pretrain(context: dg.AssetExecutionContext, gfm: GfmParams, mlflow: MlflowT
     return res, run_id, params
 
 
+def _log_start(context: dg.AssetExecutionContext, summary: dict[str, Any]) -> None:
+    """Say in the run's log whether pretraining continued an interrupted run or started fresh, and why."""
+    why = summary.get("start_reason", "")
+    if summary.get("set_aside"):
+        context.log.warning(f"{why}; the earlier run's checkpoints were moved to {summary['set_aside']}")
+    else:
+        context.log.info(why)
+
+
+def _start_metadata(summary: dict[str, Any]) -> dict[str, Any]:
+    """Where pretraining started (0 = fresh), why, and where an earlier run's checkpoints went."""
+    aside = summary.get("set_aside")
+    return {"start_step": int(summary.get("start_step", 0)), "start_reason": str(summary.get("start_reason", "")),
+            **({"set_aside": dg.MetadataValue.path(str(aside))} if aside else {})}
+
+
+#: Concurrency pool of the pretraining assets: with the instance's pool limit of 1 (``concurrency: pools:
+#: default_limit: 1`` in dagster.yaml, as ``make env`` writes it) two pretrainings never run at once.
+PRETRAIN_POOL = "gfm_pretrain"
+
+
 @dg.asset(deps=[geopile_shards, imagenet_teacher], group_name="models", kinds={"pytorch", "mlflow"},
+          pool=PRETRAIN_POOL,
           description="Foundation model: GFM teacher-student continual pretraining (the student backbone)")
 def foundation_model(context: dg.AssetExecutionContext, gfm: GfmParams, mlflow: MlflowTracking,
                      launcher: PretrainLauncher) -> dg.MaterializeResult:
@@ -196,6 +219,7 @@ def foundation_model(context: dg.AssetExecutionContext, gfm: GfmParams, mlflow: 
         "steps": int(res.summary.get("steps", 0)),
         "device": str(res.summary.get("device")),
         "teacher": f"{teacher.arch} ({teacher.checkpoint})",
+        **_start_metadata(res.summary),
         "loss_curve": _table(_curve(res.history)),
         "metrics_csv": dg.MetadataValue.path(str(params.pretrain.out_dir / "metrics.csv")),
         **_image("reconstructions", params.pretrain.out_dir / "reconstructions.png"),
@@ -206,6 +230,7 @@ def foundation_model(context: dg.AssetExecutionContext, gfm: GfmParams, mlflow: 
 
 
 @dg.asset(deps=[geopile_shards, imagenet_teacher], group_name="models", kinds={"pytorch", "mlflow"},
+          pool=PRETRAIN_POOL,
           description="The paper's pretraining ablations (MIM-only, distill-only) at the same budget")
 def ablation_models(context: dg.AssetExecutionContext, gfm: GfmParams, mlflow: MlflowTracking,
                     launcher: PretrainLauncher) -> dg.MaterializeResult:
@@ -215,6 +240,7 @@ def ablation_models(context: dg.AssetExecutionContext, gfm: GfmParams, mlflow: M
     for name in names:
         res, run_id, _ = _pretrain(context, gfm, mlflow, launcher, baseline=name)
         rows.append({"model": name, "backbone": str(res.backbone), "steps": int(res.summary.get("steps", 0)),
+                     "start_step": int(res.summary.get("start_step", 0)),
                      "loss": float(res.summary.get("loss", float("nan"))), "mlflow_run_id": run_id or ""})
     return dg.MaterializeResult(metadata={"models": _table(rows), "count": len(rows)})
 

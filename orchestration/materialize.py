@@ -10,6 +10,11 @@ Each is a Dagster run of the instance under ``$DAGSTER_HOME`` (an ephemeral one 
 ``dagster dev`` shows them afterwards; all of them share one MLflow parent run (run tag ``gfm/pipeline``).
 Do not run it while a ``dagster dev`` daemon is automating the same assets: both would write the same output
 folders. Exit status 1 when a run fails (its error names the file or key at fault).
+
+A run of an earlier call that was killed (``kill -9``) stays STARTED in the instance and keeps its concurrency pool
+slot, which would block every later pretraining (pool ``gfm_pretrain``, limit 1): :func:`reap_dead_runs` marks such
+runs failed and frees their slots first, as Dagster's run monitoring does for launched runs. Pretraining itself
+then continues the killed run's last checkpoint (``gfm_core.stages.run_pretrain(resume="unfinished")``).
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import uuid
 from collections.abc import Sequence
 
 import dagster as dg
+from dagster._core.events import DagsterEventType
 
 from orchestration.definitions import build_defs
 from orchestration.resources import PIPELINE_TAG
@@ -65,6 +71,39 @@ def _run(defs: dg.Definitions, job: str, instance: dg.DagsterInstance, tags: dic
     return True
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def reap_dead_runs(instance: dg.DagsterInstance) -> list[str]:
+    """Mark STARTED runs whose process is gone (killed) as failed and free their concurrency pool slots.
+
+    For a single-host instance (``.dagster_home``): the process id comes from the run's start event, and a
+    process that still exists (or a run without that event) is left alone. Returns the reaped run ids.
+    """
+    reaped: list[str] = []
+    if not instance.event_log_storage.supports_global_concurrency_limits:
+        return reaped
+    for run in instance.get_runs(filters=dg.RunsFilter(statuses=[dg.DagsterRunStatus.STARTED])):
+        starts = instance.all_logs(run.run_id, of_type=DagsterEventType.RUN_START)
+        pid = starts[0].dagster_event.pid if starts and starts[0].dagster_event else None
+        if pid is None or _alive(pid):
+            continue
+        instance.report_run_failed(run, message=f"its process (pid {pid}) is gone (killed?): marked failed by "
+                                                f"orchestration.materialize, its concurrency slots freed")
+        instance.event_log_storage.free_concurrency_slots_for_run(run.run_id)
+        print(f"[dagster] run {run.run_id} ({run.job_name}) was killed: marked failed, pool slots freed",
+              file=sys.stderr)
+        reaped.append(run.run_id)
+    return reaped
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m orchestration.materialize", description=__doc__.splitlines()[0])
     p.add_argument("--params", default=os.environ.get("GFM_PARAMS", "params.yaml"))
@@ -74,6 +113,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     t0 = time.perf_counter()
     defs = build_defs(args.params, args.preset)
     instance = dg.DagsterInstance.get() if os.environ.get("DAGSTER_HOME") else dg.DagsterInstance.ephemeral()
+    reap_dead_runs(instance)
     tags = {PIPELINE_TAG: uuid.uuid4().hex}
     runs = [("gfm_foundation", None, DATA), ("observe_teacher", None, None), ("gfm_foundation", None, MODELS)]
     runs += [("gfm_finetune", k, None)

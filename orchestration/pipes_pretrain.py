@@ -63,7 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--baseline", default=None, help="a pretraining ablation of finetune.models (e.g. mim_only)")
     p.add_argument("--teacher-checkpoint", default=None, help="override pretrain.teacher.checkpoint")
     p.add_argument("--teacher-arch", default=None, help="override pretrain.teacher.arch")
-    p.add_argument("--resume", action="store_true")
+    p.add_argument("--resume", choices=("unfinished", "always", "never"), default="unfinished",
+                   help="unfinished (default): continue an interrupted run of the same data, params and teacher, "
+                        "else start fresh; always: also keep a finished run; never: start fresh")
     p.add_argument("--max-steps", type=int, default=None)
     return p
 
@@ -84,7 +86,8 @@ def _mlflow_run(extras: dict[str, Any]) -> Iterator[None]:
 def _pretrain(params: Params, args: argparse.Namespace, callbacks: Sequence[Any]) -> Any:
     from gfm_core import stages
 
-    kw = dict(resume=args.resume, max_steps=args.max_steps, callbacks=list(callbacks))
+    resume = {"unfinished": "unfinished", "always": True, "never": False}[args.resume]
+    kw = dict(resume=resume, max_steps=args.max_steps, callbacks=list(callbacks))
     if args.baseline:
         return stages.run_pretrain_baseline(params, args.baseline, **kw)
     return stages.run_pretrain(params, **kw)

@@ -156,6 +156,10 @@ class PretrainLauncher(dg.ConfigurableResource):
     extra_args: list[str] = Field(default_factory=list, description="launcher flags (multi-node, hostfile)")
     env: dict[str, str] = Field(default_factory=dict, description="extra environment of the launched job")
 
+    def callbacks(self, context: dg.AssetExecutionContext) -> list[Any]:
+        """``fit`` callbacks of an in-process run: each logged step as a Dagster log line."""
+        return [_DagsterLog(context)]
+
     def command(self, gfm: GfmParams, baseline: str | None = None) -> list[str]:
         """The launcher command line for ``mode`` (not used in process)."""
         cli = ["-m", "orchestration.pipes_pretrain", "--params", gfm.params_path]
@@ -189,9 +193,10 @@ class PretrainLauncher(dg.ConfigurableResource):
         params = params or gfm.load()
         cfg = stages.baseline_params(params, baseline).pretrain if baseline else params.pretrain
         if self.mode == "in_process":
-            run = stages.run_pretrain_baseline if baseline else None
-            cbs = [_DagsterLog(context)]
-            res = run(params, baseline, callbacks=cbs) if run else stages.run_pretrain(params, callbacks=cbs)
+            # a re-materialisation continues an interrupted run of the same fingerprint, else starts fresh
+            kw: dict[str, Any] = {"resume": "unfinished", "callbacks": self.callbacks(context)}
+            res = (stages.run_pretrain_baseline(params, baseline, **kw) if baseline
+                   else stages.run_pretrain(params, **kw))
             return LaunchResult(res.backbone, json.loads(res.summary_json.read_text()), list(res.history))
         cmd = self.command(gfm, baseline)
         context.log.info("launching through Dagster Pipes: %s", " ".join(cmd))

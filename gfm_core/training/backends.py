@@ -395,6 +395,54 @@ def deepspeed_env(device_type: str) -> None:
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(root / ".cache" / "torch_extensions"))
 
 
+def _deepspeed_safe_globals() -> list[Any]:
+    """DeepSpeed's own state classes in its checkpoint files (ZeRO 0-3, fp32/bf16/fp16): plain data holders."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+def load_deepspeed_file(path: str | Path, map_location: Any = None) -> Any:
+    """One file of a DeepSpeed checkpoint through ``torch.load(weights_only=True)``: tensors, containers and
+    DeepSpeed's state classes only, so a planted pickle cannot run code.
+
+    Raises:
+        CheckpointError: the file is missing, corrupt, or holds anything else (a foreign or malicious pickle).
+    """
+    try:
+        with torch.serialization.safe_globals(_deepspeed_safe_globals()):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, ValueError, OSError, EOFError, AttributeError) as e:
+        # torch's own reason, without its boilerplate (which suggests weights_only=False)
+        parts = [p.strip() for p in str(e).split("\n\n") if p.strip()]
+        told = [p for p in parts if not p.startswith(("Weights only load failed", "Check the documentation"))]
+        reason = f"{type(e).__name__}: {(told or parts or [''])[0][:300]}"
+        raise CheckpointError(
+            f"{path}: refused to load this DeepSpeed checkpoint file ({reason}); only tensors and DeepSpeed's "
+            f"own state are accepted (weights_only=True), so code in a pickle never runs. If the file is not "
+            f"from this pipeline, move its checkpoint directory away or start fresh (resume: false)"
+        ) from e
+
+
+class _WeightsOnlyLoads:
+    """DeepSpeed's checkpoint engine with every load replaced by :func:`load_deepspeed_file` (saving unchanged).
+
+    DeepSpeed's ``TorchCheckpointEngine.load`` calls ``torch.load(weights_only=False)``, which runs any code a
+    planted pickle carries; the engine reads every model and ZeRO file through ``checkpoint_engine.load``.
+    """
+
+    def __init__(self, inner: Any) -> None:
+        self._inner = inner
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    def load(self, path: str, map_location: Any = None) -> Any:
+        return load_deepspeed_file(path, map_location)
+
+
 def _deep_update(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
     out = dict(base)
     for k, v in over.items():
@@ -507,6 +555,15 @@ class DeepSpeedBackend(_Distributed):
         if self.precision == "bf16" and self.bf16_mode == "autocast":
             lower_frozen_precision(model, torch.bfloat16)  # before ZeRO-3 partitions the parameters
         self._engine, _, _, _ = self._deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+        from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+        ckpt_engine = self._engine.checkpoint_engine
+        if type(ckpt_engine) is not TorchCheckpointEngine:
+            raise ConfigError(
+                f"DeepSpeed checkpoint engine {type(ckpt_engine).__name__}: only DeepSpeed's torch engine is "
+                f"supported (its loads go through weights_only=True); drop the 'checkpoint' config override"
+            )
+        self._engine.checkpoint_engine = _WeightsOnlyLoads(ckpt_engine)
         self._optimizer = optimizer
         native = config["bf16"]["enabled"] or config["fp16"]["enabled"]
         self._input_dtype = next(self._engine.module.parameters()).dtype if native else None
@@ -554,7 +611,12 @@ class DeepSpeedBackend(_Distributed):
         self.engine.save_checkpoint(str(directory), tag=tag, client_state=client_state, save_latest=False)
 
     def load_checkpoint(self, directory: Path, tag: str) -> dict[str, Any]:
-        """``engine.load_checkpoint`` (model + optimizer states); returns our ``client_state``."""
+        """``engine.load_checkpoint`` (model + optimizer states, every file read with ``weights_only=True``);
+        returns our ``client_state``.
+
+        Raises:
+            CheckpointError: no DeepSpeed checkpoint here, or a file holds more than tensors and DeepSpeed state.
+        """
         if not (Path(directory) / tag).is_dir():
             raise CheckpointError(
                 f"{Path(directory) / tag}: no DeepSpeed checkpoint (written by the torch backend?)"

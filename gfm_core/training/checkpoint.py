@@ -6,25 +6,34 @@ Layout under ``<out_dir>/checkpoints/``::
       meta.json         # step, backend, world size, loop state (a readable copy of client_state)
       rng_rank0.pt ...  # python/numpy/torch/cuda RNG states, one file per rank
       state.pt          # torch backend: model, optimizer, scaler, client_state (weights_only-loadable)
-      state/            # deepspeed backend: engine.save_checkpoint's own files (+ client_state)
+      state/            # deepspeed backend: engine.save_checkpoint's own files, read back with weights_only=True
     step_000160.tmp/              # being written, or left by a crash: ignored
     latest                        # "step_000120": pointer for people and tools (resume scans the directories)
+<out_dir>/checkpoints.stale-20250101T120000Z/   # an earlier run set aside by a fresh start (set_aside.json: why)
 
 A directory rename is atomic on POSIX file systems, so a checkpoint directory without ``.tmp`` is always
 complete. Multi-process runs assume every rank sees the same file system.
+
+``meta.json`` carries the run's *fingerprint* (what the run is: data hash, params hash, teacher sha256, ...).
+:func:`plan_start` compares it with the new run's before resuming: a checkpoint of another run is never
+continued, and an earlier run's files are moved aside (:func:`set_aside`), never deleted.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import logging
 import os
 import random
 import re
 import shutil
+import socket
 import time
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -39,6 +48,9 @@ CHECKPOINT_DIR = "checkpoints"
 STATE_TAG = "state"
 META_FILE = "meta.json"
 LATEST_FILE = "latest"
+STALE_PREFIX = "checkpoints.stale-"
+SET_ASIDE_FILE = "set_aside.json"
+LOCK_FILE = ".lock"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
@@ -174,12 +186,14 @@ def save_checkpoint(
     client_state: dict[str, Any],
     *,
     keep: int | None = None,
+    fingerprint: Mapping[str, str] | None = None,
 ) -> Path:
     """Write ``<out_dir>/checkpoints/step_<step>/`` atomically; every rank must call this.
 
     ``client_state`` (loop position, config) must hold only str/int/float/bool/None/list/dict values: it goes
-    into ``meta.json`` and into a ``weights_only`` torch file. Afterwards leftover ``*.tmp`` directories are
-    removed and, with ``keep``, all but the newest ``keep`` checkpoints.
+    into ``meta.json`` and into a ``weights_only`` torch file. ``fingerprint`` (what the run is) goes into
+    ``meta.json`` for :func:`plan_start`. Afterwards leftover ``*.tmp`` directories are removed and, with
+    ``keep``, all but the newest ``keep`` checkpoints.
     """
     root = checkpoint_root(out_dir)
     final = root / checkpoint_name(step)
@@ -201,6 +215,7 @@ def save_checkpoint(
             "world_size": backend.world_size,
             "created_unix": time.time(),
             "client_state": client_state,
+            "fingerprint": dict(fingerprint) if fingerprint is not None else None,
         }
         write_json(tmp / META_FILE, meta)
         if final.exists():  # a fresh run re-reaching a step of an older one
@@ -250,3 +265,136 @@ def load_checkpoint(path: str | Path, backend: Backend) -> Restored:
     else:
         log.warning("%s: no RNG state for rank %d; random streams are not restored", path, backend.rank)
     return Restored(path=path, client_state=client_state, rng_state=rng_state)
+
+
+# ----------------------------------------------------------------------------------------------- start plan
+
+ResumeMode = bool | Literal["unfinished"]
+
+
+@dataclass(frozen=True)
+class StartPlan:
+    """Where a run starts: the checkpoint to continue (``None`` = step 0), why, and whether an earlier run's
+    files must be moved aside first."""
+
+    checkpoint: Path | None
+    reason: str
+    set_aside: bool
+
+
+def checkpoint_fingerprint(path: str | Path) -> dict[str, str] | None:
+    """The fingerprint recorded in a checkpoint's ``meta.json`` (``None`` for checkpoints written without one)."""
+    fp = read_json(Path(path) / META_FILE).get("fingerprint")
+    return dict(fp) if isinstance(fp, dict) else None
+
+
+def plan_start(
+    out_dir: str | Path,
+    *,
+    resume: ResumeMode,
+    fingerprint: Mapping[str, str] | None,
+    total_steps: int,
+) -> StartPlan:
+    """Decide how a run in ``out_dir`` starts; reads only (every rank may call it before anything moves).
+
+    - ``resume=False``: start fresh.
+    - ``resume=True``: continue the newest complete checkpoint if its fingerprint equals ``fingerprint``
+      (``None`` skips the comparison); a finished run stays finished (nothing left to do).
+    - ``resume="unfinished"``: as ``True``, but a finished run (step >= ``total_steps``) is not continued: a new
+      run starts (what a re-materialisation means; only an interrupted run is continued).
+
+    Whenever it starts fresh and an earlier run left files (checkpoints, ``metrics.jsonl``), ``set_aside`` is
+    True and ``reason`` says why.
+    """
+    out_dir = Path(out_dir)
+    root = checkpoint_root(out_dir)
+    leftovers = (root.is_dir() and any(root.iterdir())) or (out_dir / "metrics.jsonl").is_file()
+    latest = latest_checkpoint(out_dir)
+    if not resume:
+        why = f"resume is off: starting fresh in {out_dir}"
+        return StartPlan(None, why + (" (the earlier run's files are set aside)" if leftovers else ""), leftovers)
+    if latest is None:
+        return StartPlan(None, f"no complete checkpoint in {root}: starting fresh", leftovers)
+    step = checkpoint_step(latest)
+    if fingerprint is not None:
+        saved = checkpoint_fingerprint(latest)
+        if saved != dict(fingerprint):
+            return StartPlan(
+                None,
+                f"{latest} belongs to another run ({_fingerprint_diff(saved, fingerprint)}): starting fresh",
+                True,
+            )
+    if resume == "unfinished" and step >= total_steps:
+        return StartPlan(
+            None, f"{latest}: that run finished (step {step} of {total_steps}): starting a new run", True
+        )
+    same = f"; same {', '.join(sorted(fingerprint))}" if fingerprint else ""
+    return StartPlan(latest, f"resuming from {latest} (step {step}{same})", False)
+
+
+def _fingerprint_diff(saved: Mapping[str, str] | None, new: Mapping[str, str]) -> str:
+    if saved is None:
+        return "it records no fingerprint"
+    changed = sorted(k for k in saved.keys() | new.keys() if saved.get(k) != new.get(k))
+    return "; ".join(f"{k}: {_short(saved.get(k))} -> {_short(new.get(k))}" for k in changed)
+
+
+def _short(value: str | None) -> str:
+    return "none" if value is None else (value[:12] + "..." if len(value) > 15 else value)
+
+
+def set_aside(out_dir: str | Path, reason: str, files: Sequence[str] = ()) -> Path:
+    """Move ``<out_dir>/checkpoints`` and the named ``files`` of ``out_dir`` into a new
+    ``<out_dir>/checkpoints.stale-<UTC time>/`` with ``set_aside.json`` (why, when); deletes nothing.
+
+    Call it from rank 0 only, after every rank has planned (:func:`plan_start`).
+    """
+    out_dir = Path(out_dir)
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    dest = out_dir / f"{STALE_PREFIX}{stamp}"
+    n = 1
+    while dest.exists():
+        dest, n = out_dir / f"{STALE_PREFIX}{stamp}-{n}", n + 1
+    root = checkpoint_root(out_dir)
+    if root.is_dir():
+        os.replace(root, dest)
+    else:
+        dest.mkdir(parents=True)
+    moved = [name for name in files if (out_dir / name).is_file()]
+    for name in moved:
+        os.replace(out_dir / name, dest / name)
+    write_json(dest / SET_ASIDE_FILE, {"reason": reason, "set_aside_unix": time.time(), "files": moved})
+    log.warning("%s; the earlier run's files are in %s", reason, dest)
+    return dest
+
+
+@contextlib.contextmanager
+def exclusive_out_dir(out_dir: str | Path) -> Iterator[None]:
+    """Hold ``<out_dir>/.lock`` (``flock``) for the block: two runs never write one ``out_dir`` at once.
+
+    The kernel drops the lock when its process ends, even on ``kill -9``, so a crashed run never blocks the
+    next. Take it on rank 0 only.
+
+    Raises:
+        CheckpointError: another process holds the lock (its pid and host are named).
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    f = open(out_dir / LOCK_FILE, "a+")  # held open for the whole block
+    try:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            raise CheckpointError(
+                f"{out_dir}: {holder} is training into this folder right now; wait for it to finish or stop "
+                f"it (two runs must not share an out_dir)"
+            ) from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        f.flush()
+        yield
+    finally:
+        f.close()  # closing releases the lock

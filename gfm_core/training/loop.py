@@ -17,7 +17,9 @@ from ``(seed, epoch, rank)`` before calling it, so loaders that use the global R
 
 Resuming restores weights, optimizer (and loss scaler), the position inside the epoch (by re-iterating the
 epoch's loader and dropping the batches already used) and then the RNG states, so the next step's loss is
-identical to an uninterrupted run's.
+identical to an uninterrupted run's. Only a checkpoint of the same run is continued: ``LoopCfg.fingerprint``
+is written with every checkpoint and compared on start (:func:`~gfm_core.training.checkpoint.plan_start`); a
+fresh start moves an earlier run's checkpoints and metrics aside, it does not delete them.
 """
 
 from __future__ import annotations
@@ -43,12 +45,14 @@ from gfm_core.errors import CheckpointError, ConfigError, TrainingDivergedError
 from gfm_core.io import write_text
 from gfm_core.training.backends import Backend
 from gfm_core.training.checkpoint import (
+    ResumeMode,
     checkpoint_root,
-    latest_checkpoint,
     load_checkpoint,
+    plan_start,
     restore_rng_state,
     save_checkpoint,
     seed_everything,
+    set_aside,
 )
 from gfm_core.training.optim import build_optimizer, set_lr
 from gfm_core.training.schedule import lr_at
@@ -63,9 +67,12 @@ LoaderFactory = Callable[[int], Iterable[Any]]
 class LoopCfg:
     """Settings of :func:`fit`. Learning rates are final values: apply ``scale_lr`` before building this.
 
-    ``resume=True`` continues from the newest complete checkpoint under ``out_dir`` when there is one;
-    ``resume=False`` starts fresh and deletes ``out_dir/checkpoints`` and ``out_dir/metrics.jsonl`` of an
-    earlier run (with a warning), so a later resume cannot pick up a stale checkpoint.
+    ``resume=True`` continues from the newest complete checkpoint under ``out_dir`` when there is one and its
+    fingerprint equals ``fingerprint``; ``resume="unfinished"`` continues only an interrupted run (a finished
+    one starts over); ``resume=False`` starts fresh. A fresh start moves an earlier run's ``checkpoints/`` and
+    ``metrics.jsonl`` to ``out_dir/checkpoints.stale-<time>/`` (with a warning and the reason), so a later resume
+    cannot pick up a stale checkpoint; with ``discard_old`` it deletes them instead (fine-tuning's throwaway
+    end-of-run checkpoint).
     """
 
     total_steps: int  # optimizer steps
@@ -82,7 +89,9 @@ class LoopCfg:
     checkpoint_every: int = 1000
     keep_checkpoints: int | None = 3  # None keeps all
     seed: int = 0
-    resume: bool = True
+    resume: ResumeMode = True
+    fingerprint: dict[str, str] | None = None  # what the run is (data, params, teacher hashes); None = unchecked
+    discard_old: bool = False  # a fresh start deletes an earlier run's checkpoints instead of setting them aside
     progress: bool = True  # tqdm bar (only on rank 0 and only when stderr is a terminal)
     collapse_std: float = 1e-4  # warn once when the objective's "embed_std" falls below this
     fused_optimizer: bool = False  # torch's fused AdamW kernel (TorchBackend; ~3.5x faster step on CPU too)
@@ -133,6 +142,9 @@ class Callback:
     def on_log(self, step: int, metrics: dict[str, float]) -> None:
         """After each logged step (``metrics`` are averages over the steps since the previous log)."""
 
+    def on_start(self, step: int) -> None:
+        """Once, before the first step of this call: ``step`` is where it starts (0 fresh, k after step k)."""
+
     def on_checkpoint(self, step: int, path: Path) -> None:
         """After a complete checkpoint directory has been written."""
 
@@ -146,6 +158,9 @@ class FitResult:
     checkpoint: Path | None  # the last complete checkpoint
     history: list[dict[str, float]] = field(default_factory=list)  # records logged by this call, with "step"
     resumed_from: Path | None = None
+    start_step: int = 0  # the step this call started from (the resumed checkpoint's step, or 0)
+    start_reason: str = ""  # why it resumed or started fresh
+    set_aside: Path | None = None  # where an earlier run's files went (rank 0 only)
 
 
 def fit(
@@ -167,7 +182,8 @@ def fit(
         backend: :class:`~gfm_core.training.backends.TorchBackend` or ``DeepSpeedBackend`` (not yet prepared).
         cfg: loop settings.
         optimizer_groups: from :func:`~gfm_core.training.optim.param_groups` (weight decay, lr scales).
-        callbacks: objects with ``on_log(step, metrics)`` and/or ``on_checkpoint(step, path)``; rank 0 only.
+        callbacks: objects with ``on_start(step)``, ``on_log(step, metrics)`` and/or ``on_checkpoint(step,
+            path)``; rank 0 only.
 
     Raises:
         TrainingDivergedError: the loss of step ``k`` (1-based) is NaN or infinite; raised before its update.
@@ -179,10 +195,21 @@ def fit(
     optimizer = build_optimizer(optimizer_groups, lr=cfg.warmup_lr, betas=cfg.betas, eps=cfg.eps, **fused)
     backend.prepare(objective, optimizer, grad_accum=cfg.grad_accum, clip_grad=cfg.clip_grad)
 
-    # -- resume from the newest complete checkpoint, or start fresh
+    # -- resume the same run from its newest complete checkpoint, or start fresh (setting an earlier run aside)
     step, epoch, position = 0, 0, 0
-    ckpt = latest_checkpoint(out_dir) if cfg.resume else None
-    restored = load_checkpoint(ckpt, backend) if ckpt is not None else None
+    plan = plan_start(out_dir, resume=cfg.resume, fingerprint=cfg.fingerprint, total_steps=cfg.total_steps)
+    backend.barrier()  # every rank has planned before rank 0 moves anything
+    moved = None
+    if plan.set_aside and backend.is_main:
+        if cfg.discard_old:
+            log.warning("%s; deleting the earlier run's checkpoints (discard_old)", plan.reason)
+            shutil.rmtree(checkpoint_root(out_dir), ignore_errors=True)
+            (out_dir / METRICS_FILE).unlink(missing_ok=True)
+        else:
+            moved = set_aside(out_dir, plan.reason, files=[METRICS_FILE])  # logs a warning with the reason
+    elif backend.is_main:
+        log.info("%s", plan.reason)
+    restored = load_checkpoint(plan.checkpoint, backend) if plan.checkpoint is not None else None
     if restored is not None:
         state = restored.client_state.get("loop")
         if not isinstance(state, dict):
@@ -191,12 +218,16 @@ def fit(
         _warn_config_changes(state.get("cfg", {}), cfg, restored.path)
         log.info("resuming from %s (step %d, epoch %d, batch %d)", restored.path, step, epoch, position)
     if backend.is_main:
-        _prepare_out_dir(out_dir, cfg.resume, keep_until_step=step)
+        _prepare_out_dir(out_dir, keep_until_step=step)
+        for cb in callbacks:
+            if hasattr(cb, "on_start"):
+                cb.on_start(step)
     backend.barrier()
     batches = _MicroBatches(loader_factory, seed=cfg.seed, rank=backend.rank, epoch=epoch, position=position)
     if restored is not None and restored.rng_state is not None:
         restore_rng_state(restored.rng_state)  # after the data skip, so the next batch and dropout match
 
+    start_step = step
     window = _Window()
     history: list[dict[str, float]] = []  # one record per log: {"step": int, **metrics}
     last_metrics = _last_record(metrics_path) if restored is not None else {}
@@ -273,7 +304,7 @@ def fit(
                     }
                 }
                 last_checkpoint = save_checkpoint(
-                    out_dir, step, backend, client_state, keep=cfg.keep_checkpoints
+                    out_dir, step, backend, client_state, keep=cfg.keep_checkpoints, fingerprint=cfg.fingerprint
                 )
                 if backend.is_main:
                     for cb in callbacks:
@@ -288,6 +319,9 @@ def fit(
         checkpoint=last_checkpoint,
         history=history,
         resumed_from=restored.path if restored is not None else None,
+        start_step=start_step,
+        start_reason=plan.reason,
+        set_aside=moved,
     )
 
 
@@ -418,14 +452,10 @@ def _batch_size(batch: Any) -> int:
     return 0
 
 
-def _prepare_out_dir(out_dir: Path, resume: bool, keep_until_step: int) -> None:
-    """Fresh start: drop an old run's checkpoints and metrics. Resume: drop metrics past the checkpoint."""
+def _prepare_out_dir(out_dir: Path, keep_until_step: int) -> None:
+    """Drop ``metrics.jsonl`` records past the step this run starts from (they belong to a lost future)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     metrics_path = out_dir / METRICS_FILE
-    root = checkpoint_root(out_dir)
-    if not resume and root.exists():
-        log.warning("resume is off: deleting the earlier run's checkpoints in %s", root)
-        shutil.rmtree(root)
     if metrics_path.exists():
         kept = []
         for line in metrics_path.read_text().splitlines():
@@ -450,7 +480,7 @@ def _last_record(metrics_path: Path) -> dict[str, float]:
     return {k: float(v) for k, v in record.items()}
 
 
-_IGNORED_ON_RESUME = {"resume", "progress", "out_dir"}
+_IGNORED_ON_RESUME = {"resume", "progress", "out_dir", "fingerprint", "discard_old"}
 
 
 def _warn_config_changes(saved: dict[str, Any], cfg: LoopCfg, path: Path) -> None:

@@ -138,6 +138,36 @@ def test_deepspeed_trains_saves_and_resumes_exactly(tmp_path):
         fit(model, make_loader_factory(8), TorchBackend("cpu"), cfg, param_groups(model, 0.05))
 
 
+class _Planted:
+    """A pickle that runs code when unpickled (``os.system``: creates a marker file)."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.distributed
+def test_deepspeed_resume_refuses_a_planted_pickle(tmp_path):
+    """Every file DeepSpeed reads back goes through torch.load(weights_only=True): code in a pickle never runs."""
+    train("deepspeed", tmp_path / "run", steps=2, global_batch=8, zero_stage=1, checkpoint_every=2)
+    state = tmp_path / "run" / "checkpoints" / "step_000002" / "state"
+    files = ["mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt"]
+    assert sorted(p.name for p in state.glob("*.pt")) == files
+    for name in files:  # the model file, then the ZeRO optimizer partition
+        out = tmp_path / name.split("_")[0]
+        shutil.copytree(tmp_path / "run", out)
+        marker = tmp_path / f"pwned-{name}"
+        torch.save({"module": _Planted(marker)}, out / "checkpoints" / "step_000002" / "state" / name)
+        backend = DeepSpeedBackend("cpu", zero_stage=1)
+        model = TinyRegression()
+        cfg = LoopCfg(total_steps=4, out_dir=out, resume=True, progress=False)
+        with pytest.raises(CheckpointError, match=rf"{name}: refused to load this DeepSpeed checkpoint file"):
+            fit(model, make_loader_factory(8), backend, cfg, param_groups(model, 0.05))
+        assert not marker.exists(), f"unpickling {name} ran code"
+
+
 @pytest.mark.distributed
 @pytest.mark.parametrize("bf16_mode", ["autocast", "native"])
 def test_deepspeed_bf16_on_cpu(tmp_path, bf16_mode):

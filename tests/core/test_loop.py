@@ -58,7 +58,11 @@ class Recorder(Callback):
     def __init__(self, stop_at: int | None = None) -> None:
         self.logged: list[tuple[int, dict]] = []
         self.checkpoints: list[tuple[int, Path]] = []
+        self.started: list[int] = []
         self.stop_at = stop_at
+
+    def on_start(self, step):
+        self.started.append(step)
 
     def on_log(self, step, metrics):
         self.logged.append((step, metrics))
@@ -188,14 +192,67 @@ def test_half_written_checkpoints_are_ignored(tmp_path):
     assert not (root / "step_000099.tmp").exists()  # cleaned up when the next checkpoint was pruned
 
 
-def test_fresh_start_discards_an_earlier_run(tmp_path, caplog):
+def test_fresh_start_sets_an_earlier_run_aside_and_deletes_nothing(tmp_path, caplog):
     _run(tmp_path, total_steps=6, checkpoint_every=3)
+    old_state = (tmp_path / "checkpoints" / "step_000006" / "state.pt").read_bytes()
     with caplog.at_level(logging.WARNING):
         result, _ = _run(tmp_path, total_steps=2, checkpoint_every=5, resume=False)
-    assert "deleting the earlier run's checkpoints" in caplog.text
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step_000002"]
-    assert result.resumed_from is None
+    assert result.resumed_from is None and result.start_step == 0
     assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 2
+    aside = result.set_aside  # the earlier run, moved intact with its metrics and the reason
+    assert aside.parent == tmp_path and aside.name.startswith("checkpoints.stale-")
+    assert sorted(p.name for p in aside.glob("step_*")) == ["step_000003", "step_000006"]
+    assert (aside / "step_000006" / "state.pt").read_bytes() == old_state
+    assert len((aside / "metrics.jsonl").read_text().splitlines()) == 6
+    assert "resume is off" in json.loads((aside / "set_aside.json").read_text())["reason"]
+    assert str(aside) in caplog.text
+    again, _ = _run(tmp_path, total_steps=4, checkpoint_every=2, resume=True)  # never resumes a set-aside run
+    assert again.resumed_from == tmp_path / "checkpoints" / "step_000002"
+
+
+def test_only_a_checkpoint_of_the_same_run_is_continued(tmp_path):
+    """The fingerprint (data, params, teacher hashes) is written with each checkpoint and compared on start."""
+    import shutil
+
+    run_a = {"data": "d1" * 32, "params_sha256": "p1", "teacher_sha256": "t1"}
+    with pytest.raises(KeyboardInterrupt):  # killed after step 7; the last checkpoint is step 5
+        _run(tmp_path / "a", fingerprint=run_a, callbacks=[Recorder(stop_at=7)])
+    meta = json.loads((tmp_path / "a" / "checkpoints" / "step_000005" / "meta.json").read_text())
+    assert meta["fingerprint"] == run_a
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+
+    rec = Recorder()
+    same, _ = _run(tmp_path / "a", fingerprint=run_a, resume=True, callbacks=[rec])
+    assert same.start_step == 5 and rec.started == [5] and same.set_aside is None
+    assert [h["step"] for h in same.history] == list(range(6, 13))
+    assert "same data, params_sha256, teacher_sha256" in same.start_reason
+
+    new_teacher = {**run_a, "teacher_sha256": "t2"}
+    rec = Recorder()
+    other, _ = _run(tmp_path / "b", fingerprint=new_teacher, resume=True, callbacks=[rec])
+    assert other.start_step == 0 and rec.started == [0] and other.resumed_from is None
+    assert [h["step"] for h in other.history] == list(range(1, 13))
+    assert "teacher_sha256: t1 -> t2" in other.start_reason and "data" not in other.start_reason.split("(")[1]
+    assert (other.set_aside / "step_000005" / "meta.json").is_file()  # kept, not deleted
+    assert json.loads((other.set_aside / "set_aside.json").read_text())["reason"] == other.start_reason
+
+
+def test_unfinished_mode_continues_an_interrupted_run_and_restarts_a_finished_one(tmp_path):
+    fp = {"data": "d", "params_sha256": "p", "teacher_sha256": "t"}
+    with pytest.raises(KeyboardInterrupt):
+        _run(tmp_path, total_steps=6, checkpoint_every=2, fingerprint=fp, callbacks=[Recorder(stop_at=3)])
+    cont, _ = _run(tmp_path, total_steps=6, checkpoint_every=2, fingerprint=fp, resume="unfinished")
+    assert cont.start_step == 2 and [h["step"] for h in cont.history] == [3, 4, 5, 6] and cont.set_aside is None
+    records = [json.loads(x)["step"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert records == [1, 2, 3, 4, 5, 6]  # step 3 of the interrupted run was dropped, not duplicated
+
+    again, _ = _run(tmp_path, total_steps=6, checkpoint_every=2, fingerprint=fp, resume="unfinished")
+    assert again.start_step == 0 and [h["step"] for h in again.history] == [1, 2, 3, 4, 5, 6]
+    assert "finished (step 6 of 6)" in again.start_reason
+    assert (again.set_aside / "step_000006").is_dir()
+    kept, _ = _run(tmp_path, total_steps=6, checkpoint_every=2, fingerprint=fp, resume=True)
+    assert kept.start_step == 6 and kept.history == []  # resume=True leaves a finished run finished
 
 
 def test_non_finite_loss_raises_before_the_update(tmp_path):

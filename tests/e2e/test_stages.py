@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 
 import pytest
@@ -12,8 +13,10 @@ from PIL import Image
 
 from gfm_core import cli, stages
 from gfm_core.config import parse_params
-from gfm_core.errors import DataValidationError
+from gfm_core.errors import CheckpointError, DataValidationError
+from gfm_core.io import load_weights
 from gfm_core.models.backbones import load_backbone
+from gfm_core.training.checkpoint import exclusive_out_dir
 
 
 def _params(repo_root, tmp, **pretrain):
@@ -77,14 +80,85 @@ def test_ingest_then_pretrain_exports_a_loadable_backbone(demo_params):
         assert torch.equal(model.forward_features(x), plain.forward_features(x))
 
 
-def test_resume_continues_from_the_last_checkpoint(demo_params, tmp_path):
+class _Crash:
+    """fit callback: a crash after step ``at`` was logged, between two checkpoints."""
+
+    def __init__(self, at: int) -> None:
+        self.at = at
+
+    def on_log(self, step, metrics):
+        if step == self.at:
+            raise KeyboardInterrupt(f"simulated crash after step {step}")
+
+
+def _tiny_params(demo_params, out, **pretrain):
     raw = demo_params.model_dump(mode="json")
-    raw["pretrain"].update(out_dir=str(tmp_path / "again"))
-    params = parse_params({**raw, "preset": None}, source="test-params")
-    first = stages.run_pretrain(params, max_steps=2)
-    assert first.steps == 2
-    resumed = stages.run_pretrain(params, resume=True, max_steps=2)
-    assert resumed.steps == 2  # already complete: nothing left to do, nothing re-done
+    raw["pretrain"].update(out_dir=str(out), max_steps=3, log_every=1, checkpoint_every=2, **pretrain)
+    return parse_params({**raw, "preset": None}, source="test-params")
+
+
+def _csv(path):
+    return [(int(r["step"]), float(r["loss"])) for r in csv.DictReader(path.open())]
+
+
+def test_resume_continues_from_the_last_checkpoint(demo_params, tmp_path, capsys):
+    """Crashed after step 3 was logged (last checkpoint: step 2) and resumed: only step 3 runs again, and
+    weights, optimizer state, losses and metrics.csv equal an uninterrupted run's; `gfm pretrain` (no --resume)
+    then moves that run aside."""
+    full = stages.run_pretrain(_tiny_params(demo_params, tmp_path / "full"))
+    params = _tiny_params(demo_params, tmp_path / "cut")
+    with pytest.raises(KeyboardInterrupt):
+        stages.run_pretrain(params, callbacks=[_Crash(at=3)])
+    assert [s for s, _ in _csv(params.pretrain.out_dir / "metrics.csv")] == [1, 2, 3]
+
+    resumed = stages.run_pretrain(params, resume=True)
+    assert resumed.start_step == 2 and resumed.steps == 3 and resumed.set_aside is None
+    assert "resuming from" in resumed.start_reason and resumed.start_reason.endswith("teacher_sha256)")
+    assert [h["step"] for h in resumed.history] == [3]  # the step counter continued from the checkpoint
+    assert [h["loss"] for h in resumed.history] == [h["loss"] for h in full.history[2:]]
+    a, b = load_weights(full.backbone), load_weights(resumed.backbone)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    opt = [torch.load(r.checkpoint_dir / "step_000003" / "state.pt", weights_only=True)["optimizer"]
+           for r in (full, resumed)]
+    assert opt[0]["state"].keys() == opt[1]["state"].keys()
+    for k, st in opt[0]["state"].items():  # AdamW moments and step counts restored, then advanced identically
+        assert all(torch.equal(st[n], opt[1]["state"][k][n]) for n in ("exp_avg", "exp_avg_sq", "step"))
+    assert _csv(resumed.metrics_csv) == _csv(full.metrics_csv)  # step 3 replaced, not duplicated
+
+    # `gfm pretrain` without --resume starts fresh and moves the run's checkpoints aside; it deletes nothing
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump({**params.model_dump(mode="json"), "preset": None}))
+    assert cli.main(["pretrain", "--params", str(path), "--max-steps", "1"]) == 0
+    (aside,) = params.pretrain.out_dir.glob("checkpoints.stale-*")
+    assert sorted(p.name for p in aside.glob("step_*")) == ["step_000002", "step_000003"]
+    assert f"moved to {aside}" in capsys.readouterr().out
+    assert [json.loads(x)["step"] for x in (aside / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+
+
+def test_pretrain_fingerprint_binds_data_params_steps_and_teacher_bytes(demo_params, tmp_path):
+    cfg = demo_params.pretrain
+    fp = stages.pretrain_fingerprint(cfg, "data-hash", 4)
+    assert set(fp) == {"data", "params_sha256", "teacher_sha256"} and len(fp["teacher_sha256"]) == 64
+    neutral = cfg.model_copy(update={"out_dir": tmp_path, "log_every": 3, "checkpoint_every": 7, "num_workers": 5})
+    assert stages.pretrain_fingerprint(neutral, "data-hash", 4) == fp
+    moved = tmp_path / "teacher.safetensors"  # the same bytes elsewhere: the same run
+    moved.write_bytes(cfg.teacher.checkpoint.read_bytes())
+    same_teacher = cfg.model_copy(update={"teacher": cfg.teacher.model_copy(update={"checkpoint": moved})})
+    assert stages.pretrain_fingerprint(same_teacher, "data-hash", 4) == fp
+    moved.write_bytes(moved.read_bytes() + b"\0")  # other bytes: another run
+    assert stages.pretrain_fingerprint(same_teacher, "data-hash", 4)["teacher_sha256"] != fp["teacher_sha256"]
+    assert stages.pretrain_fingerprint(cfg, "other-data", 4)["data"] == "other-data"
+    assert stages.pretrain_fingerprint(cfg, "data-hash", 5)["params_sha256"] != fp["params_sha256"]
+    lr = cfg.model_copy(update={"base_lr": cfg.base_lr * 2})
+    assert stages.pretrain_fingerprint(lr, "data-hash", 4)["params_sha256"] != fp["params_sha256"]
+
+
+def test_two_pretrainings_never_share_an_out_dir(demo_params, tmp_path):
+    params = _tiny_params(demo_params, tmp_path / "busy")
+    with exclusive_out_dir(params.pretrain.out_dir):  # another run holds the folder
+        with pytest.raises(CheckpointError, match=r"pid \d+ on .* is training into this folder right now"):
+            stages.run_pretrain(params)
+    assert not (params.pretrain.out_dir / "checkpoints").exists()
 
 
 def test_cli_reports_config_errors_in_one_line(tmp_path, capsys):

@@ -6,22 +6,25 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import dagster as dg
 import mlflow
 import numpy as np
 import pytest
 import torch
+import yaml
 from dagster._core.definitions.data_version import StaleStatus
 from dagster._utils.test.data_versions import get_stale_status_resolver  # Dagster's own test helper
 from dagster_params import resources, write_params
 from helpers.rasters import make_photo
 
 from gfm_core import tracking
-from gfm_core.io import sha256_file
+from gfm_core.io import load_weights, sha256_file
 from gfm_core.models.backbones import load_backbone
 from orchestration import assets as A
 from orchestration.definitions import build_defs
+from orchestration.resources import PretrainLauncher
 
 UPSTREAM = [A.geopile_manifest, A.great_expectations_suite, A.geopile_shards, A.imagenet_teacher,
             A.foundation_model, A.ablation_models]
@@ -169,6 +172,67 @@ def test_whole_graph_materialises_registers_and_gates(repo_root, workdir):
     assert {r.data.tags["gfm.stage"] for r in children} >= {"pipeline", "ingest", "validate", "shards", "pretrain"}
     summary = json.loads((tmp / "pretrain" / "summary.json").read_text())
     assert summary["steps"] == 2
+
+
+class _Crash:
+    def __init__(self, at: int) -> None:
+        self.at = at
+
+    def on_log(self, step, metrics):
+        if step == self.at:
+            raise RuntimeError(f"simulated crash after step {step}")
+
+
+class _CrashingLauncher(PretrainLauncher):
+    """The in-process launcher, crashing after step ``crash_at`` was logged (between two checkpoints)."""
+
+    crash_at: int
+
+    def callbacks(self, context):
+        return [*super().callbacks(context), _Crash(self.crash_at)]
+
+
+def test_a_failed_pretraining_rematerialised_continues_its_last_checkpoint(repo_root, workdir):
+    """Dagster re-materialisation after a crash at step 3 (last checkpoint: step 2) continues from step 2 and ends
+    with the weights of an uninterrupted run; a finished run re-materialised starts over, setting the old aside."""
+    def tiny(raw):  # 3 steps; a small teacher pool and held-out probe keep it quick
+        raw["presets"]["demo"]["pretrain"].update(max_steps=3, teacher_pool=32, holdout_crops=8)
+
+    path = write_params(repo_root, workdir, edit=tiny)
+    raw = yaml.safe_load(path.read_text())
+    raw["presets"]["demo"]["pretrain"]["out_dir"] = str(workdir / "reference")
+    ref_path = workdir / "reference.yaml"
+    ref_path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    assert dg.materialize(UPSTREAM[:3], resources=resources(path)).success
+    reference = dg.materialize([A.foundation_model], resources=resources(ref_path))
+    assert reference.asset_materializations_for_node("foundation_model")[0].metadata["start_step"].value == 0
+
+    crashing = {**resources(path), "launcher": _CrashingLauncher(crash_at=3)}
+    failed = dg.materialize([A.foundation_model], resources=crashing, raise_on_error=False)
+    (event,) = failed.get_step_failure_events()
+    assert not failed.success and "simulated crash after step 3" in event.step_failure_data.error.to_string()
+    ckpts = workdir / "pretrain" / "checkpoints"
+    assert sorted(p.name for p in ckpts.glob("step_*")) == ["step_000002"]
+
+    instance = dg.DagsterInstance.ephemeral()
+    again = dg.materialize([A.foundation_model], resources=resources(path), instance=instance)
+    meta = again.asset_materializations_for_node("foundation_model")[0].metadata
+    assert meta["start_step"].value == 2 and meta["steps"].value == 3 and "set_aside" not in meta
+    assert meta["start_reason"].value.startswith(f"resuming from {ckpts / 'step_000002'}")
+    assert [m.step for m in _client(workdir).get_metric_history(meta["mlflow_run_id"].value, "loss")] == [3]
+    assert any(e.user_message.startswith("resuming from") for e in instance.all_logs(again.run_id))  # run log
+    a = load_weights(workdir / "reference" / "backbone.safetensors")
+    b = load_weights(workdir / "pretrain" / "backbone.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # as if it had never crashed
+    steps = [int(line.split(",")[0]) for line in (workdir / "pretrain" / "metrics.csv").read_text().splitlines()[1:]]
+    assert steps == [1, 2, 3]
+
+    # the run finished: materialising it again trains anew and keeps the finished run's checkpoints aside
+    fresh = dg.materialize([A.foundation_model], resources=resources(path))
+    fmeta = fresh.asset_materializations_for_node("foundation_model")[0].metadata
+    assert fmeta["start_step"].value == 0 and "finished (step 3 of 3)" in fmeta["start_reason"].value
+    aside = Path(fmeta["set_aside"].value)
+    assert sorted(p.name for p in aside.glob("step_*")) == ["step_000002", "step_000003"]
 
 
 @pytest.mark.slow

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -9,6 +10,7 @@ from pathlib import Path
 import dagster as dg
 from dagster_params import write_params
 
+from orchestration.assets import PRETRAIN_POOL
 from orchestration.definitions import build_defs
 from orchestration.resources import GfmParams, MlflowTracking, PretrainLauncher
 
@@ -80,3 +82,18 @@ def test_launcher_commands_run_the_pipes_entry_point(repo_root, tmp_path):
     assert ds[4:] == ["orchestration.pipes_pretrain", "--params", "p.yaml", "--baseline", "mim_only"]
     one = PretrainLauncher(mode="subprocess").command(GfmParams(params_path="p.yaml", preset="demo"))
     assert one == [sys.executable, "-m", "orchestration.pipes_pretrain", "--params", "p.yaml", "--preset", "demo"]
+
+
+def test_pretrainings_share_one_pool_limited_to_one_at_a_time(repo_root, tmp_path):
+    """Runs of a pretraining asset never overlap: both pretraining assets are in the pool gfm_pretrain, and the
+    instance settings `make env` installs limit every pool to 1 (gfm_core's out_dir lock backs this up)."""
+    graph = build_defs(str(write_params(repo_root, tmp_path))).resolve_asset_graph()
+    pools = {k.to_user_string(): graph.get(k).pools for k in graph.get_all_asset_keys() if graph.get(k).pools}
+    assert pools == {"foundation_model": {PRETRAIN_POOL}, "ablation_models": {PRETRAIN_POOL}}
+    home = tmp_path / "dagster_home"
+    home.mkdir()
+    shutil.copy(repo_root / "orchestration" / "dagster.yaml", home / "dagster.yaml")
+    instance = dg.DagsterInstance.from_config(str(home))
+    assert instance.get_concurrency_config().pool_config.default_pool_limit == 1
+    makefile = (repo_root / "Makefile").read_text()
+    assert 'cp orchestration/dagster.yaml "$(DAGSTER_HOME)/dagster.yaml"' in makefile
