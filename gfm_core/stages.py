@@ -467,6 +467,8 @@ def pretrain_stream(params: Params, objective: Any, device: str) -> Any:
     Raises:
         ConfigError: no shards yet (run ``gfm shards``).
     """
+    import torch
+
     from gfm_core.data.masking import MaskGenerator
     from gfm_core.data.pretrain_data import PretrainStream
     from gfm_core.data.teacher_pool import load_or_build_pool, pool_key
@@ -494,11 +496,15 @@ def pretrain_stream(params: Params, objective: Any, device: str) -> Any:
         teacher = (objective.teacher if objective.teacher is not None else create_teacher(cfg.teacher)).to(device)
         ident = _teacher_identity(cfg)
         key = pool_key(stream, cfg.teacher_pool, cfg.teacher_pool_seed, ident)
+        half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision)
+
+        def targets(views: Any) -> Any:  # as the live teacher computes them: under the run's autocast
+            with torch.autocast(torch.device(device).type, dtype=half or torch.float32, enabled=half is not None):
+                return teacher(teacher.preprocess(views.to(device), objective.mean, objective.std))
+
         stream.pool = load_or_build_pool(
-            stream, lambda views: teacher(teacher.preprocess(views.to(device), objective.mean, objective.std)),
-            params.ingest.out_dir / "teacher_pools" / f"pool-{key[:16]}.safetensors", size=cfg.teacher_pool,
-            seed=cfg.teacher_pool_seed,
-            teacher_id=ident,
+            stream, targets, params.ingest.out_dir / "teacher_pools" / f"pool-{key[:16]}.safetensors",
+            size=cfg.teacher_pool, seed=cfg.teacher_pool_seed, teacher_id=ident,
         )
     return stream
 
@@ -506,7 +512,8 @@ def pretrain_stream(params: Params, objective: Any, device: str) -> Any:
 def _teacher_identity(cfg: PretrainCfg) -> dict[str, Any]:
     """What a teacher target depends on besides the view: the weights' sha256 and the teacher geometry."""
     return {"arch": cfg.teacher.arch, "sha256": sha256_file(cfg.teacher.checkpoint) if cfg.teacher.checkpoint
-            else None, "img_size": cfg.teacher.img_size, "stage": cfg.teacher.feature_stage}
+            else None, "img_size": cfg.teacher.img_size, "stage": cfg.teacher.feature_stage,
+            "timm_kwargs": cfg.teacher.timm_kwargs, "precision": cfg.precision}
 
 
 def _holdout_probe(cfg: PretrainCfg, backend: Any, objective: Any, stream: Any) -> Any:

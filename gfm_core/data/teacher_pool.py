@@ -113,4 +113,15 @@ def load_or_build_pool(
     write_bytes(path, save({"crops": rows, "views": views.contiguous(), "targets": targets.contiguous()},
                            metadata={"key": key}))
     log.info("teacher pool: %d views, targets %s -> %s", size, tuple(targets.shape), path)
+    _prune(path.parent, keep=KEEP_POOLS)
     return TeacherPool(rows.numpy(), views, targets, key)
+
+
+KEEP_POOLS = 2  # pools of other teachers or settings kept beside the newest (a switch back costs nothing)
+
+
+def _prune(folder: Path, keep: int) -> None:
+    """Delete all but the ``keep`` most recently written pools in ``folder``."""
+    pools = sorted(folder.glob("pool-*.safetensors"), key=lambda p: p.stat().st_mtime_ns, reverse=True)
+    for old in pools[keep:]:
+        old.unlink(missing_ok=True)

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from gfm_core.config import Params
-from gfm_core.errors import DataValidationError
+from gfm_core.errors import ConfigError, DataValidationError
 from gfm_core.io import sha256_json, write_json
 from gfm_core.science.probes import (
     DenseSet,
@@ -97,6 +97,11 @@ def pretrain_runs(params: Params) -> list[Run]:
                 stages.run_pretrain(p, max_steps=cfg.steps, export_steps=export)
                 stamp.write_text(json.dumps({"key": key, "seconds": time.perf_counter() - t0}))
             summary = json.loads((out / "summary.json").read_text())
+            if summary["steps"] != cfg.steps:
+                raise ConfigError(
+                    f"science.steps {cfg.steps}: the pretraining schedule of {variant} ran {summary['steps']} steps "
+                    f"(pretrain.epochs x steps per epoch is shorter); raise pretrain.epochs"
+                )
             runs.append(Run(variant, seed, paths, cfg.steps, seconds=json.loads(stamp.read_text())["seconds"],
                             summary=summary))
     return runs

@@ -305,13 +305,15 @@ def test_stage_functions_finetune_and_evaluate(tmp_path, demo_tasks):
                 and res.result_json == tmp_path / "ft" / task / model / "seed_0" / "result.json"
             )
     report = run_evaluation(params)
-    assert report.models == ["gfm", "imagenet"] and report.tasks == ["scene", "change"]
+    assert report.models == ["gfm", "imagenet", "trivial"] and report.tasks == ["scene", "change"]
+    assert set(report.ci["trivial"]) == {"scene", "change"}  # the trivial predictor of each task, paired too
     assert report.arp["imagenet"] == 0.0 and set(report.ci["imagenet"]) == {"scene", "change"}
     for p in report.paths.values():
         assert p.is_file()
     assert json.loads(report.paths["json"].read_text())["columns"][:2] == ["scene/acc", "change/F1"]
     direct = evaluate_results(results, baseline="imagenet", reference="gfm", n_bootstrap=20)
-    assert direct.mean == report.mean and direct.arp == report.arp
+    assert direct.mean == {m: report.mean[m] for m in direct.models}
+    assert direct.arp == {m: report.arp[m] for m in direct.models}
     # a missing result is an error naming it, unless require_complete is off
     incomplete = params.model_copy(
         update={"evaluate": params.evaluate.model_copy(update={"models": ("gfm", "imagenet", "mim_only")})}
@@ -336,7 +338,7 @@ def test_promotion_binds_to_the_backbone_bytes_that_were_fine_tuned(tmp_path, de
     export = _export_tiny_swin(tmp_path / "gfm" / "backbone.safetensors", img_size=64)
     params = _params(
         tmp_path, demo_tasks, export, finetune={"seeds": [0, 1], "max_steps": 1},
-        evaluate={"models": ["gfm"], "tasks": ["scene"], "baseline": "gfm", "reference": "gfm"},
+        evaluate={"models": ["gfm"], "tasks": ["scene"], "baseline": "gfm", "reference": "gfm", "trivial": False},
         tracking={"uri": f"sqlite:///{tmp_path}/mlflow.db", "artifacts": str(tmp_path / "artifacts"),
                   "experiment": "t"},
         ingest={"root": str(demo_tasks.parent / "pile"), "out_dir": str(tmp_path / "geopile")},  # model card
