@@ -181,8 +181,9 @@ def test_dvc_repro_cache_rerun_push_pull(repo_root, tmp_path, moto_s3):
             (repo / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(repo_root / rel, repo / rel)
     params = yaml.safe_load((repo / "params.yaml").read_text())
-    params["presets"]["demo"]["pretrain"].update(batch_size=4, max_steps=4, log_every=2, checkpoint_every=2)
-    params["presets"]["demo"]["finetune"].update(seeds=[0], epochs=1, log_every=2)  # 5 tasks x 5 models x 1
+    params["presets"]["demo"]["pretrain"].update(batch_size=4, max_steps=4, log_every=2, checkpoint_every=2,
+                                                 teacher_pool=32, holdout_crops=8)
+    params["presets"]["demo"]["finetune"].update(seeds=[0], epochs=1, log_every=2)  # 5 tasks x 3 models x 1
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
     env = {
@@ -202,8 +203,8 @@ def test_dvc_repro_cache_rerun_push_pull(repo_root, tmp_path, moto_s3):
 
     # the whole demo pipeline: every stage of dvc.yaml runs once
     first = _run([dvc, "repro"], repo, env)
-    everything = ["demo_data", "ingest", "validate", "shards", "pretrain", "pretrain_baseline@mim_only",
-                  "pretrain_baseline@distill_only", *(f"finetune@{t}" for t in TASKS), "evaluate"]
+    everything = ["demo_data", "ingest", "validate", "shards", "pretrain", *(f"finetune@{t}" for t in TASKS),
+                  "evaluate"]
     for stage in everything:
         assert f"Running stage '{stage}'" in first, stage
     weights = repo / "outputs" / "pretrain" / "backbone.safetensors"
