@@ -121,10 +121,10 @@ class CropSampler:
         candidates: global indexes the sampler may draw (training images, or held-out ones).
         crop_scale, crop_ratio: RandomResizedCrop's area and aspect ranges.
         source_weights: source -> share of draws; None = each source's share of the candidates' pixels. A
-            source missing from the mapping is never drawn.
+            source missing from the mapping is never drawn; a weight of 0 may name a source the pile lacks.
 
     Raises:
-        ConfigError: a weight names no source of the pile, or no candidate has a positive weight.
+        ConfigError: a positive weight names no source of the pile, or no candidate has a positive weight.
     """
 
     def __init__(
@@ -144,7 +144,7 @@ class CropSampler:
         if source_weights is None:
             p = area
         else:
-            unknown = sorted(set(source_weights) - set(sources))
+            unknown = sorted(k for k, w in source_weights.items() if k not in set(sources) and w > 0)
             if unknown:
                 raise ConfigError(
                     f"pretrain.source_weights: unknown source(s) {unknown}; the pile has {sorted(set(sources))}"

@@ -95,3 +95,17 @@ def test_configs_are_frozen():
     cfg = PretrainCfg()
     with pytest.raises(Exception, match="frozen"):
         cfg.alpha = 0.0  # type: ignore[misc]
+
+
+def test_the_science_preset_extends_the_demo_and_keeps_its_evaluation_scenes_out_of_the_pile(repo_root):
+    from gfm_core.config import load_params
+
+    demo, science = load_params(repo_root / "params.yaml", "demo"), load_params(repo_root / "params.yaml", "science")
+    assert science.pretrain.student == demo.pretrain.student and science.pretrain.teacher == demo.pretrain.teacher
+    sources = {s.name for s in science.ingest.sources}
+    assert "nc_landsat" not in sources and science.ingest.out_dir != demo.ingest.out_dir
+    drawn = {k for k, w in science.pretrain.source_weights.items() if w > 0}
+    assert drawn == sources  # every source of the pile is drawn, none outside it
+    assert {e.name for e in science.science.eval_sets} == {"nc_landcover", "flair2"}
+    assert science.pretrain.epochs * science.pretrain.samples_per_epoch // science.pretrain.batch_size >= (
+        science.science.steps)  # the schedule holds the step budget

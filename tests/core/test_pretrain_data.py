@@ -108,6 +108,7 @@ def test_weighted_draws_follow_source_weights_and_pixel_areas(shards):
 def test_bad_weights_are_config_errors(shards):
     with pytest.raises(ConfigError, match=r"unknown source\(s\) \['nope'\]"):
         stream(shards, samples_per_epoch=10, source_weights={"nope": 1.0})
+    stream(shards, samples_per_epoch=10, source_weights={"nope": 0.0, "big": 1.0})  # 0: a source left out
     with pytest.raises(ConfigError, match=r"needs pretrain\.samples_per_epoch"):
         stream(shards, source_weights={"big": 1.0})
     with pytest.raises(ConfigError, match="all weights are 0"):
