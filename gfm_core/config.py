@@ -35,8 +35,6 @@ class DemoDataCfg(Section):
     multilabel_min_fraction: float = Field(0.05, gt=0, lt=1, description="a class is present above this area share")
     scene_classes: tuple[int, ...] = Field((1, 3, 5), description="land-cover codes kept for scene classification")
     sr_scale: int = Field(4, ge=2)
-    pile_crops_per_source: int = Field(48, ge=1, description="random crops of the NC train blocks in the pile")
-    pile_crop_range: tuple[int, int] = (64, 160)
     pile_chip_size: int = Field(256, ge=32, description="other pile rasters are cut whole into chips of about this")
     pile_min_chip: int = Field(64, ge=8, description="chips with a shorter side are dropped")
 
@@ -46,9 +44,6 @@ class DemoDataCfg(Section):
             raise ValueError(f"split_fractions must sum to 1, got {self.split_fractions}")
         if self.tile_size % self.sr_scale:
             raise ValueError(f"tile_size {self.tile_size} must be divisible by sr_scale {self.sr_scale}")
-        lo, hi = self.pile_crop_range
-        if not 8 <= lo <= hi:
-            raise ValueError(f"pile_crop_range must satisfy 8 <= min <= max, got {self.pile_crop_range}")
         return self
 
 
@@ -439,7 +434,11 @@ class EvalSetCfg(Section):
     class_names: tuple[str, ...] | None = None
     downsample: int = Field(1, ge=1, description="area-average factor (FLAIR-2's 0.2 m -> 0.4 m: 2)")
     stretch: tuple[float, float] | None = (2.0, 98.0)
-    block_size: int = Field(32, ge=4, description="spatial CV block edge in pixels (after downsampling)")
+    block_size: int = Field(
+        64, ge=4, description="spatial CV block edge in pixels (after downsampling); a multiple of the student's "
+        "input size, so no feature of one block sees pixels of another",
+    )
+    margin: int = Field(8, ge=0, description="scored pixels keep this far from their block's edge")
     pixels_per_block: int = Field(64, ge=1, description="labelled pixels scored per block (fixed sample)")
     min_labelled: float = Field(0.25, gt=0, le=1, description="blocks with fewer labelled pixels are dropped")
     gsd_m: float | None = Field(None, gt=0, description="ground sample distance after downsampling (report)")
@@ -469,6 +468,9 @@ class ScienceCfg(Section):
     ci: float = Field(0.95, gt=0, lt=1)
     alpha: float = Field(0.05, gt=0, lt=1)
     relevance_margin: float = Field(2.0, ge=0, description="points the teacher must beat raw and MIM-only by")
+    h4_margin: float = Field(
+        1.0, ge=0, description="H4 'reaches': GFM at half the FLOPs is within this many points of MIM-only's final"
+    )
     seed: int = 0
     out_dir: Path = Path("outputs/science")
 
@@ -479,6 +481,14 @@ class ScienceCfg(Section):
             raise ValueError(f"science.variants must define {sorted(missing)} (the hypotheses compare them)")
         if any(not 0 < f <= 1 for f in self.curve_fractions) or 1.0 not in self.curve_fractions:
             raise ValueError(f"science.curve_fractions must lie in (0, 1] and include 1, got {self.curve_fractions}")
+        for name, over in self.variants.items():  # anything else would break the variants' common random numbers
+            extra = sorted(set(over) - {"w_mim", "alpha"})
+            if extra:
+                raise ValueError(f"science.variants.{name}: only w_mim and alpha may differ between variants, "
+                                 f"not {extra}")
+        names = [e.name for e in self.eval_sets]
+        if len(set(names)) != len(names):
+            raise ValueError(f"science.eval_sets: duplicate names in {names}")
         return self
 
 

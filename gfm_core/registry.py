@@ -130,7 +130,8 @@ class Evaluation:
             raise ConfigError(f"promote.candidate {name!r} is not a model of the evaluation report {report.models}")
         evidence = {}
         shas: dict[str | None, list[str]] = {}
-        for task in report.tasks:
+        scored = [t for t in report.tasks if t not in getattr(report, "arp_excluded", {})]  # ARP's own tasks
+        for task in scored:
             seeds = report.seeds.get(name, {}).get(task, [])
             runs = [load_run(result_dir(params.finetune, task, name, s) / RESULT_FILE) for s in seeds]
             for r in runs:
@@ -154,7 +155,7 @@ class Evaluation:
                 f"the fine-tuning results of {name} changed since the evaluation report (which used backbone "
                 f"sha256 {reported}; now {found}); re-run `gfm evaluate`, then `gfm promote`"
             )
-        base = {t: float(report.cell(report.baseline, t)) for t in report.tasks}
+        base = {t: float(report.cell(report.baseline, t)) for t in scored}
         return cls(name, {m: float(v) for m, v in report.arp.items()}, report.baseline, base, evidence,
                    tuple(report.missing), next(iter(shas), reported))
 

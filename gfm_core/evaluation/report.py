@@ -79,10 +79,14 @@ class BootstrapCI:
     def excludes_zero(self) -> bool:
         return self.lo > 0 or self.hi < 0
 
+    ci: float = 0.95
+
     @property
     def mdd(self) -> float:
         """Minimal detectable difference: 2.8 standard errors (80 % power, two-sided 5 %), SE from the interval."""
-        return 2.8 * (self.hi - self.lo) / 3.92
+        from scipy.stats import norm
+
+        return 2.8 * (self.hi - self.lo) / (2 * float(norm.ppf(0.5 + self.ci / 2)))
 
 
 @dataclass(frozen=True)
@@ -324,7 +328,7 @@ def build_report(
                 seed=seed,
             )
             cis[m][t] = BootstrapCI(
-                t, headlines[t], m, reference, diff, lo, hi, len(got[common[0]].ids), len(common), n_bootstrap
+                t, headlines[t], m, reference, diff, lo, hi, len(got[common[0]].ids), len(common), n_bootstrap, ci
             )
     return Report(
         models,

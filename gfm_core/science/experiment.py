@@ -31,7 +31,7 @@ import torch
 
 from gfm_core.config import Params
 from gfm_core.errors import ConfigError, DataValidationError
-from gfm_core.io import sha256_json, write_json
+from gfm_core.io import read_json, sha256_json, write_json
 from gfm_core.science.probes import (
     DenseSet,
     Encoder,
@@ -64,6 +64,17 @@ class Run:
         return self.fixed_flops + fraction * self.steps * self.step_flops
 
 
+def _data_identity(params: Params) -> dict[str, Any]:
+    """What a finished run's reuse depends on besides its settings: the shards (pile and stretch) and teacher bytes."""
+    from gfm_core.data.shards import load_shard_index
+    from gfm_core.io import sha256_file
+
+    index = load_shard_index(params.ingest.out_dir / "shards")
+    teacher = params.pretrain.teacher.checkpoint
+    return {"shards": [s["file"] for s in index["shards"]], "manifest": index["manifest_content_hash"],
+            "teacher_sha256": sha256_file(teacher) if teacher is not None and Path(teacher).is_file() else None}
+
+
 def variant_params(params: Params, variant: str, seed: int) -> Params:
     """The params of one pretraining of the experiment (variant overrides, seed, its own folder)."""
     from gfm_core.config import parse_params
@@ -82,6 +93,7 @@ def pretrain_runs(params: Params) -> list[Run]:
 
     cfg = params.science
     export = sorted({max(1, round(f * cfg.steps)) for f in cfg.curve_fractions})
+    data_identity = _data_identity(params)
     runs = []
     for seed in cfg.seeds:
         for variant in cfg.variants:
@@ -89,20 +101,21 @@ def pretrain_runs(params: Params) -> list[Run]:
             out = p.pretrain.out_dir
             paths = {f: out / f"backbone_step{max(1, round(f * cfg.steps)):06d}.safetensors"
                      for f in cfg.curve_fractions}
-            key = sha256_json({"pretrain": p.pretrain.model_dump(mode="json"), "steps": cfg.steps, "export": export})
+            key = sha256_json({"pretrain": p.pretrain.model_dump(mode="json"), "steps": cfg.steps, "export": export,
+                               "data": data_identity})
             stamp = out / "science_run.json"
-            if not (stamp.is_file() and json.loads(stamp.read_text()).get("key") == key
+            if not (stamp.is_file() and read_json(stamp).get("key") == key
                     and all(x.is_file() for x in paths.values())):
                 t0 = time.perf_counter()
                 stages.run_pretrain(p, max_steps=cfg.steps, export_steps=export)
-                stamp.write_text(json.dumps({"key": key, "seconds": time.perf_counter() - t0}))
+                write_json(stamp, {"key": key, "seconds": time.perf_counter() - t0})
             summary = json.loads((out / "summary.json").read_text())
             if summary["steps"] != cfg.steps:
                 raise ConfigError(
                     f"science.steps {cfg.steps}: the pretraining schedule of {variant} ran {summary['steps']} steps "
                     f"(pretrain.epochs x steps per epoch is shorter); raise pretrain.epochs"
                 )
-            runs.append(Run(variant, seed, paths, cfg.steps, seconds=json.loads(stamp.read_text())["seconds"],
+            runs.append(Run(variant, seed, paths, cfg.steps, seconds=read_json(stamp)["seconds"],
                             summary=summary))
     return runs
 
@@ -180,6 +193,7 @@ def probe_everything(params: Params, runs: list[Run], sets: list[DenseSet]) -> S
     for ds in sets:
         log.info("science: probing %s (%d images, %d blocks, %d pixels)", ds.name, len(ds.images),
                  len(ds.block_image), len(ds.px_label))
+        _score(scores, ds, "majority", FIXED, 1.0, np.zeros((len(ds.px_label), 1), np.float32), **kw)  # priors only
         _score(scores, ds, "raw", FIXED, 1.0, raw_features(ds), relevance=True, identity=True, **kw)
         _score(scores, ds, "teacher", FIXED, 1.0, encoder_features(teacher, ds, tile, mean, std), relevance=True,
                identity=True, **kw)
@@ -249,7 +263,7 @@ def _count_flops(params: Params, b: int, s: int) -> tuple[dict[str, float], floa
         masks = MaskGenerator(s, p.mask_patch_size, p.student.patch_size, p.mask_ratio)
         mask = torch.stack([masks(gen) for _ in range(b)])
         batch: dict[str, torch.Tensor] = {"image": torch.randn(b, 3, s, s, generator=gen), "mask": mask}
-        if obj.teacher is not None and p.teacher_pool:
+        if obj.teacher is not None:  # the student's step alone; the teacher's forward is counted per view below
             batch["teacher_target"] = torch.randn(b, obj.teacher.feature_dim, generator=gen)
         with FlopCounterMode(display=False) as counter:
             obj(batch)["loss"].backward()
@@ -298,6 +312,14 @@ def run_science(params: Params, *, progress: Callable[[str], None] | None = None
     measure_flops(params, runs)
     say(f"[science] {len(runs)} pretrainings ready ({time.perf_counter() - t_pre:.0f} s)")
     t_probe = time.perf_counter()
+    tile = params.pretrain.student.img_size
+    for e in cfg.eval_sets:
+        if e.block_size % tile:
+            raise ConfigError(
+                f"science.eval_sets[{e.name}].block_size {e.block_size}: must be a multiple of the student's input "
+                f"size {tile} (features are computed per {tile} px tile; a block edge inside a tile would let "
+                f"training pixels share inputs with test pixels)"
+            )
     sets = [load_dense_set(e, cfg.folds, cfg.seed) for e in cfg.eval_sets]
     scores = probe_everything(params, runs, sets)
     say(f"[science] probes done ({time.perf_counter() - t_probe:.0f} s)")

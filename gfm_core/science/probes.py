@@ -30,6 +30,7 @@ from gfm_core.data.raster import read_image
 from gfm_core.errors import DataValidationError
 from gfm_core.science.stats import BlockCounts
 
+_RASTERS = (".tif", ".tiff", ".png")
 Encoder = Callable[[Tensor], list[Tensor]]
 """Normalised ``[B, C, T, T]`` tiles -> feature maps ``[B, C_l, h_l, w_l]`` of each level."""
 
@@ -70,21 +71,30 @@ def _pairs(cfg: EvalSetCfg) -> list[tuple[Path, Path]]:
         img_dir, mask_dir = folder / cfg.images, folder / cfg.masks
         if not img_dir.is_dir():
             raise DataValidationError(f"{img_dir}: evaluation set {cfg.name!r} has no images folder here")
-        for img in sorted(p for p in img_dir.iterdir() if p.suffix.lower() in (".tif", ".tiff", ".png")):
-            masks = [m for m in mask_dir.glob(img.stem + ".*")] if mask_dir.is_dir() else []
-            if not masks:
-                raise DataValidationError(f"{img}: no mask {mask_dir / img.stem}.* (evaluation set {cfg.name!r})")
+        for img in sorted(p for p in img_dir.iterdir() if p.suffix.lower() in _RASTERS):
+            masks = sorted(m for m in mask_dir.glob(img.stem + ".*") if m.suffix.lower() in _RASTERS) \
+                if mask_dir.is_dir() else []
+            if len(masks) != 1:
+                found = ", ".join(m.name for m in masks) or "none"
+                raise DataValidationError(
+                    f"{img}: expected one mask {mask_dir / img.stem}.tif|.png, found {found} "
+                    f"(evaluation set {cfg.name!r})"
+                )
             out.append((img, masks[0]))
     if not out:
         raise DataValidationError(f"{cfg.root}: evaluation set {cfg.name!r} holds no image")
     return out
 
 
-def _read_labels(path: Path, cfg: EvalSetCfg) -> np.ndarray:
+def _raw_codes(path: Path) -> np.ndarray:
     import rasterio
 
     with rasterio.open(path) as src:
-        raw = src.read(1).astype(np.int64)
+        return src.read(1).astype(np.int64)
+
+
+def _read_labels(path: Path, cfg: EvalSetCfg) -> np.ndarray:
+    raw = _raw_codes(path)
     lut = {int(v): k for k, v in enumerate(cfg.mask_values)}
     out = np.full(raw.shape, -1, np.int64)
     for code, k in lut.items():
@@ -127,6 +137,11 @@ def load_dense_set(cfg: EvalSetCfg, folds: int, seed: int = 0) -> DenseSet:
         images.append(arr)
         labels.append(lab)
         files.append(str(img_path))
+    if not any((lab >= 0).any() for lab in labels):
+        raise DataValidationError(
+            f"evaluation set {cfg.name!r}: no pixel of its masks holds one of mask_values {list(cfg.mask_values)} "
+            f"(codes found: {sorted(set(np.unique(np.concatenate([_raw_codes(p) for _, p in _pairs(cfg)]))))[:20]})"
+        )
     if cfg.stretch is not None:  # the set's own percentiles of its valid pixels: the rule pile sources get
         pooled = np.concatenate([a[:, lab >= 0] for a, lab in zip(images, labels, strict=True)], axis=1)
         lo, hi = np.percentile(pooled, cfg.stretch, axis=1)
@@ -135,13 +150,18 @@ def load_dense_set(cfg: EvalSetCfg, folds: int, seed: int = 0) -> DenseSet:
     rng = np.random.default_rng(seed)
     cols: dict[str, list[np.ndarray]] = {k: [] for k in ("image", "row", "col", "label", "block")}
     block_image = []
-    b = cfg.block_size
+    b, m = cfg.block_size, cfg.margin
+    if 2 * m >= b:
+        raise DataValidationError(f"evaluation set {cfg.name!r}: margin {m} leaves nothing of {b} px blocks")
     for i, lab in enumerate(labels):
         h, w = lab.shape
         for r0 in range(0, h - b + 1, b):
             for c0 in range(0, w - b + 1, b):
-                rows, cs = np.nonzero(lab[r0 : r0 + b, c0 : c0 + b] >= 0)
-                if len(rows) < cfg.min_labelled * b * b:
+                if (lab[r0 : r0 + b, c0 : c0 + b] >= 0).mean() < cfg.min_labelled:
+                    continue
+                rows, cs = np.nonzero(lab[r0 + m : r0 + b - m, c0 + m : c0 + b - m] >= 0)  # the block's interior
+                rows, cs = rows + m, cs + m
+                if not len(rows):
                     continue
                 pick = rng.choice(len(rows), size=min(cfg.pixels_per_block, len(rows)), replace=False)
                 n = len(pick)
@@ -200,17 +220,16 @@ def encoder_features(
             maps.append([f.float() for f in encoder((tiles[k : k + batch_size] - m) / s)])
         levels = [torch.cat([mb[lv] for mb in maps]) for lv in range(len(maps[0]))]
         rows, cols = ds.px_row[sel], ds.px_col[sel]
-        tile_idx = torch.from_numpy((rows // tile) * n_c + cols // tile)
-        # pixel centre in [-1, 1] tile coordinates (align_corners=False)
-        gy = torch.from_numpy(((rows % tile) + 0.5) / tile * 2 - 1).float()
-        gx = torch.from_numpy(((cols % tile) + 0.5) / tile * 2 - 1).float()
-        grid = torch.stack([gx, gy], -1).view(-1, 1, 1, 2)
-        feats = [F.grid_sample(lv[tile_idx], grid, mode="bilinear", align_corners=False).flatten(1)
-                 for lv in levels]
-        f = torch.cat(feats, 1).numpy()
+        tile_of = (rows // tile) * n_c + cols // tile
         if out is None:
-            out = np.zeros((len(ds.px_image), f.shape[1]), np.float32)
-        out[sel] = f
+            out = np.zeros((len(ds.px_image), sum(lv.shape[1] for lv in levels)), np.float32)
+        for t in np.unique(tile_of):  # one grid_sample per tile: every level at its pixels' centres
+            k = np.flatnonzero(tile_of == t)
+            gy = torch.from_numpy(((rows[k] % tile) + 0.5) / tile * 2 - 1).float()  # [-1, 1], align_corners=False
+            gx = torch.from_numpy(((cols[k] % tile) + 0.5) / tile * 2 - 1).float()
+            grid = torch.stack([gx, gy], -1).view(1, -1, 1, 2)
+            out[sel[k]] = torch.cat([F.grid_sample(lv[t : t + 1], grid, mode="bilinear", align_corners=False)
+                                     [0, :, :, 0].T for lv in levels], 1).numpy()
     assert out is not None
     return out
 

@@ -8,7 +8,9 @@ Fixed before running (and not changed after seeing results):
   image out) where a set has several images; elsewhere H1 is ``untestable``;
 - H2 MIM-only > random init; H3 GFM > distill-only;
 - H4 "learns more in less time": GFM at the largest curve point within half of MIM-only's final training FLOPs
-  against MIM-only's final model (FLOPs include the teacher's forward passes that produced GFM's targets);
+  reaches MIM-only's final model, a non-inferiority question: supported when the difference is significantly
+  above ``-science.h4_margin`` points, contradicted when significantly below it (FLOPs include the teacher's
+  forward passes that produced GFM's targets);
 - Holm over every testable (hypothesis, set) of the primary metric; a sensitivity family for sets with several
   images, where each pixel also gets its image's identity as a feature (classes specific to one image can
   otherwise be learnt from image identity rather than from the features).
@@ -29,7 +31,8 @@ HYPOTHESES: dict[str, tuple[str, str, str]] = {
     "H1": ("GFM > MIM-only (distilling the ImageNet teacher helps)", "gfm", "mim_only"),
     "H2": ("MIM-only > random init (masked image modelling on the pile learns)", "mim_only", "random"),
     "H3": ("GFM > distill-only (the MIM part helps; with H1: GFM beats both of its parts)", "gfm", "distill_only"),
-    "H4": ("GFM reaches MIM-only's final accuracy with at most half of its training FLOPs", "gfm", "mim_only"),
+    "H4": ("GFM reaches MIM-only's final accuracy (within science.h4_margin points) with at most half of its "
+           "training FLOPs", "gfm", "mim_only"),
 }
 PRIMARY, SECONDARY = "pixel_accuracy", "miou"
 FIXED = -1
@@ -55,10 +58,11 @@ def _summary(counts: list[BlockCounts]) -> dict[str, Any]:
     return out
 
 
-def _comparison(a: list[BlockCounts], b: list[BlockCounts], reps: Replicates, ci: float) -> dict[str, Any]:
-    out: dict[str, Any] = {}
+def _comparison(a: list[BlockCounts], b: list[BlockCounts], reps: Replicates, ci: float, null: float = 0.0,
+                ) -> dict[str, Any]:
+    out: dict[str, Any] = {"null": null}
     for m in (PRIMARY, SECONDARY):
-        c = paired_bootstrap(a, b, m, reps, ci=ci)
+        c = paired_bootstrap(a, b, m, reps, ci=ci, null=null)
         out[m] = {"diff": round(c.diff, 3), "ci": [round(c.ci[0], 3), round(c.ci[1], 3)], "p": c.p_two_sided,
                   "seeds_agree": c.seeds_agree(), "per_seed": [round(d, 3) for d in c.per_seed],
                   "mdd": round(c.mdd, 3)}
@@ -90,7 +94,7 @@ def analyse(params: Params, runs: list[Any], sets: list[Any], scores: Any) -> di
         n = ds.name
         reps = Replicates.draw(ds.block_image, len(seeds), cfg.n_bootstrap, seed=cfg.seed)
         main = scores.main
-        models = ["raw", "teacher", "random", *cfg.variants]
+        models = ["majority", "raw", "teacher", "random", *cfg.variants]
         tables[n] = {m: _summary(_counts(main, n, m, seeds)) for m in models}
         rel = {m: float(np.mean([c.metric(PRIMARY) for c in _counts(scores.relevance, n, m, seeds, None)]))
                for m in ("teacher", "raw", "mim_only")}
@@ -110,7 +114,8 @@ def analyse(params: Params, runs: list[Any], sets: list[Any], scores: Any) -> di
                     hyps[h]["sets"][n] = {"metric": PRIMARY, "verdict": "untestable", "reason": (
                         "no GFM curve point lies within half of MIM-only's FLOPs (the teacher pool alone costs more)")}
                     continue
-                comp = _comparison(_counts(main, n, a, seeds, h4_frac), _counts(main, n, b, seeds), reps, cfg.ci)
+                comp = _comparison(_counts(main, n, a, seeds, h4_frac), _counts(main, n, b, seeds), reps, cfg.ci,
+                                   null=-cfg.h4_margin)
                 comp["gfm_fraction"] = h4_frac
             else:
                 comp = _comparison(_counts(main, n, a, seeds), _counts(main, n, b, seeds), reps, cfg.ci)
@@ -130,12 +135,12 @@ def analyse(params: Params, runs: list[Any], sets: list[Any], scores: Any) -> di
     for (h, n), p in holm(family).items():
         body = hyps[h]["sets"][n]
         body["p_holm"] = p
-        body["verdict"] = verdict(body[PRIMARY]["diff"], p, cfg.alpha)
+        body["verdict"] = verdict(body[PRIMARY]["diff"], p, cfg.alpha, body["null"])
         body.update(diff=body[PRIMARY]["diff"], ci=body[PRIMARY]["ci"], seeds_agree=body[PRIMARY]["seeds_agree"])
     for (h, n), p in holm(sens_family).items():
         body = sensitivity[h][n]
         body["p_holm"] = p
-        body["verdict"] = verdict(body[PRIMARY]["diff"], p, cfg.alpha)
+        body["verdict"] = verdict(body[PRIMARY]["diff"], p, cfg.alpha, body["null"])
     return {
         "question": "Does GFM's teacher-student continual pretraining beat its parts and random init, at small "
                     "scale on real data?",
@@ -197,8 +202,9 @@ def markdown(report: dict[str, Any]) -> str:
               "| GFLOP/step | seconds |", "|---|---:|---:|---:|---:|---:|"]
     for r in report["runs"]:
         ratio, cos = r.get("mim_ratio_holdout"), r.get("cos_margin_holdout")
-        lines.append(f"| {r['variant']} | {r['seed']} | {ratio:.3f} | " + (f"{cos:+.3f}" if cos is not None else "")
-                     + f" | {r['step_flops'] / 1e9:.1f} | {r['seconds']:.0f} |")
+        cells = ["—" if ratio is None else f"{ratio:.3f}", "—" if cos is None else f"{cos:+.3f}"]
+        lines.append(f"| {r['variant']} | {r['seed']} | {cells[0]} | {cells[1]} | {r['step_flops'] / 1e9:.1f} | "
+                     f"{r['seconds']:.0f} |")
     lines += ["", "![accuracy against training FLOPs](curve.png)", "",
               f"Wall time: {report.get('wall_seconds', {})}"]
     return "\n".join(lines) + "\n"

@@ -11,11 +11,12 @@ draw for every model:
 
 The replicate's difference is the mean over the drawn seeds of ``metric(A_s) - metric(B_s)`` on the drawn blocks,
 where the metric (pixel accuracy, mIoU) is recomputed from the blocks' pooled counts. The 95 % interval is the
-percentile interval; the two-sided p-value is ``2 min(P(diff <= 0), P(diff >= 0))`` over replicates (with the
-usual +1 correction); Holm's step-down adjustment runs over every test of the family. A verdict is
-``supported`` (adjusted p < alpha, diff > 0), ``contradicted`` (adjusted p < alpha, diff < 0) or
-``inconclusive``; a hypothesis that the relevance rule excludes is ``untestable`` and is not part of the family.
-The minimal detectable difference is ``(z_{1-alpha/2} + z_{0.8}) x`` the bootstrap standard error (80 % power).
+percentile interval; the two-sided p-value is ``2 min(P(diff <= d0), P(diff >= d0))`` over replicates (with the
+usual +1 correction) for the null difference ``d0`` (0, or ``-margin`` for a non-inferiority question); Holm's
+step-down adjustment runs over every test of the family. A verdict is ``supported`` (adjusted p < alpha, diff >
+d0), ``contradicted`` (adjusted p < alpha, diff < d0) or ``inconclusive``; a hypothesis that the relevance rule
+excludes is ``untestable`` and is not part of the family. The minimal detectable difference is
+``(z_{1-alpha/2} + z_{0.8}) x`` the bootstrap standard error (80 % power).
 """
 
 from __future__ import annotations
@@ -135,11 +136,13 @@ def paired_bootstrap(
     reps: Replicates,
     *,
     ci: float = 0.95,
+    null: float = 0.0,
 ) -> Comparison:
     """Compare ``a[s]`` with ``b[s]`` (seed ``s`` of each) over the replicates ``reps`` (module docstring).
 
     Both lists hold one :class:`BlockCounts` per seed, all over the same blocks; a model with no seeds of its
-    own (raw pixels, the teacher) is passed as the same counts repeated.
+    own (raw pixels, the teacher) is passed as the same counts repeated. ``null`` is the difference the p-value
+    tests against (0; ``-margin`` for a non-inferiority question).
 
     Raises:
         ValueError: different seed counts or blocks.
@@ -158,7 +161,7 @@ def paired_bootstrap(
     ])
     boot = diffs[reps.seeds, np.arange(len(reps.seeds))[:, None]].mean(1)
     lo, hi = np.percentile(boot, [50 * (1 - ci), 100 - 50 * (1 - ci)])
-    le, ge = int(np.sum(boot <= 0)), int(np.sum(boot >= 0))
+    le, ge = int(np.sum(boot <= null)), int(np.sum(boot >= null))
     p = min(1.0, 2 * (min(le, ge) + 1) / (len(boot) + 1))
     se = float(np.std(boot, ddof=1))
     return Comparison(float(np.mean(per_seed)), (float(lo), float(hi)), se, p, per_seed, Z_POWER * se)
@@ -174,8 +177,8 @@ def holm(p_values: Mapping[str, float]) -> dict[str, float]:
     return out
 
 
-def verdict(diff: float, p_adjusted: float, alpha: float = 0.05) -> str:
-    """``supported`` / ``contradicted`` (significant after adjustment, by sign) or ``inconclusive``."""
+def verdict(diff: float, p_adjusted: float, alpha: float = 0.05, null: float = 0.0) -> str:
+    """``supported`` / ``contradicted`` (significantly above / below ``null`` after adjustment) or ``inconclusive``."""
     if p_adjusted < alpha:
-        return "supported" if diff > 0 else "contradicted"
+        return "supported" if diff > null else "contradicted"
     return "inconclusive"

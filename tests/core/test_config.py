@@ -109,3 +109,10 @@ def test_the_science_preset_extends_the_demo_and_keeps_its_evaluation_scenes_out
     assert {e.name for e in science.science.eval_sets} == {"nc_landcover", "flair2"}
     assert science.pretrain.epochs * science.pretrain.samples_per_epoch // science.pretrain.batch_size >= (
         science.science.steps)  # the schedule holds the step budget
+
+
+def test_pretraining_has_no_mode_that_bypasses_the_data_gates():
+    from gfm_core.config import parse_params
+
+    with pytest.raises(ConfigError, match=r"pretrain\.data: unknown key"):  # `files` read images around every gate
+        parse_params({"pretrain": {"data": "files"}})

@@ -83,15 +83,14 @@ def _seg_tiles(root: Path) -> dict[str, list[Path]]:
 
 
 def test_layout_counts_and_size(demo: tuple[DemoDataCfg, DemoDataResult]) -> None:
-    cfg, res = demo
+    _, res = demo
     assert res.manifest.is_file() and res.pile_dir.is_dir() and res.tasks_dir.is_dir()
     assert set(res.pile_counts) == set(PILE_SOURCES)
     for src in PILE_SOURCES:
         subdirs = [d for d in (res.pile_dir / src).iterdir() if d.is_dir()]
         assert subdirs, f"{src} needs at least one class subfolder (GeoPile ImageFolder layout)"
         assert len(list((res.pile_dir / src).glob("*/*.tif"))) == res.pile_counts[src] > 0
-    assert res.pile_counts["nc_landsat"] == cfg.pile_crops_per_source
-    assert res.pile_counts["landsat8"] > 60 and res.pile_counts["neon_aerial"] > 100  # whole rasters, chipped
+    assert res.pile_counts["landsat8"] > 40 and res.pile_counts["neon_aerial"] > 50  # whole rasters, chipped
     for task in TASKS:
         info = json.loads((res.tasks_dir / task / "info.json").read_text())
         assert info["splits"] == res.task_counts[task]
@@ -149,14 +148,14 @@ def test_rebuild_is_deterministic_and_clean(demo: tuple[DemoDataCfg, DemoDataRes
     assert sorted(p.name for p in tmp_path.iterdir()) == ["demo"]  # no .tmp-build / .old-build left behind
 
     before = _files(root)
-    with pytest.raises(DataValidationError, match="pile_crop_range"):  # NC train blocks hold no 150 px square
-        build_demo_data(cfg.model_copy(update={"root": root, "pile_crop_range": (150, 160)}))
+    with pytest.raises(DataValidationError, match="pile_min_chip"):  # no chip of the pile is this large
+        build_demo_data(cfg.model_copy(update={"root": root, "pile_min_chip": 500}))
     assert _files(root) == before and sorted(p.name for p in tmp_path.iterdir()) == ["demo"]
 
     other = build_demo_data(cfg.model_copy(update={"root": tmp_path / "seed1", "seed": 1}))
-    nc0 = set(_files(res.pile_dir / "nc_landsat").values())  # the seed draws the NC crops; chips are fixed
-    nc1 = set(_files(other.pile_dir / "nc_landsat").values())
-    assert len(nc0 & nc1) < len(nc0) // 10
+    nc0 = set(_files(res.pile_dir / "nc_landsat").values())  # the seed draws the split blocks, so NC's train
+    nc1 = set(_files(other.pile_dir / "nc_landsat").values())  # blocks (its pile chips) change with it
+    assert nc0 != nc1
 
 
 def test_manifest_lists_every_file_with_its_hash(demo: tuple[DemoDataCfg, DemoDataResult]) -> None:
@@ -337,3 +336,21 @@ def test_chips_tile_a_raster_whole_without_overlap(h: int, w: int) -> None:
         cover[r : r + ch, c : c + cw] += 1
         assert 128 <= max(ch, cw) <= 384 or max(h, w) < 128
     assert (cover == 1).all()
+
+
+def test_every_ground_pixel_is_in_the_pile_once(demo: tuple[DemoDataCfg, DemoDataResult]) -> None:
+    """Held-out chips share no ground with training chips: no two chips of one parent raster overlap, at any GSD."""
+    _, res = demo
+    parents: dict[str, list[tuple[str, tuple[float, ...]]]] = defaultdict(list)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
+        for path in res.pile_dir.rglob("*.tif"):
+            stem = re.sub(r"(_b\d\d_\d\d)?_r\d{4}_c\d{4}$", "", path.stem)  # the parent raster (NC: one scene)
+            parent = "landsat8" if path.parts[-3] == "landsat8" else stem  # rows 77 and 78: one ground frame
+            parents[parent].append((path.relative_to(res.pile_dir).as_posix(), _footprint(path)))
+    assert {"landsat8", "rgbn_rgb", "OSBS_029", "2019_YELL_2_528000_4978000_image_crop2"} <= set(parents)
+    for parent, chips in parents.items():
+        assert len({name.split("/")[0] for name, _ in chips}) >= 1
+        for i, (a, box_a) in enumerate(chips):
+            for b, box_b in chips[i + 1 :]:
+                assert not _overlap(box_a, box_b), (parent, a, b)

@@ -58,7 +58,7 @@ DEMO_TASK = {  # head -> demo task (the preset's settings, minus the root)
 @pytest.fixture(scope="session")
 def demo_tasks(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("demo")
-    build_demo_data(DemoDataCfg(root=root, pile_crops_per_source=1))
+    build_demo_data(DemoDataCfg(root=root))
     return root / "tasks"
 
 

@@ -21,7 +21,7 @@ def demo_src(repo_root, tmp_path_factory) -> Path:
     res = dg.materialize([A.demo_data], resources=resources(path))
     assert res.success
     meta = res.asset_materializations_for_node("demo_data")[0].metadata
-    assert meta["pile_images"].value == 282 and "mlflow_run_id" in meta
+    assert meta["pile_images"].value == 130 and "mlflow_run_id" in meta
     mlflow.set_tracking_uri(None)
     return base
 

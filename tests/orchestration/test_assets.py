@@ -58,7 +58,7 @@ def test_blocking_check_stops_downstream_on_a_bad_pile(repo_root, workdir):
     parent = stages["pipeline"].info.run_id
     assert stages["ingest"].data.tags["mlflow.parentRunId"] == parent
     assert stages["validate"].data.metrics["passed"] == 0.0
-    assert stages["ingest"].data.metrics["accepted"] == 282
+    assert stages["ingest"].data.metrics["accepted"] == 130
 
 
 def test_shards_asset_refuses_a_verdict_of_the_previous_manifest(repo_root, workdir):

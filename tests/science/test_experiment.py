@@ -19,11 +19,11 @@ TINY = dict(embed_dim=16, depths=[1, 1, 1, 1], num_heads=[1, 1, 2, 2])
 
 
 def _labelled_scene(path_img, path_mask, seed, size=64):
-    """Four quadrant classes, each with its own colour plus texture, so a probe can learn them."""
+    """Four classes in a checkerboard of 16 px cells (every 32 px block holds all four), each with its own colour
+    plus texture, so a probe can learn them."""
     rng = np.random.default_rng(seed)
-    labels = np.zeros((size, size), np.uint8)
-    h = size // 2
-    labels[:h, h:], labels[h:, :h], labels[h:, h:] = 1, 2, 3
+    r, c = np.mgrid[0:size, 0:size] // 16
+    labels = ((r % 2) * 2 + c % 2).astype(np.uint8)
     colours = np.array([[40, 120, 40], [200, 200, 200], [30, 60, 160], [150, 110, 60]])
     img = colours[labels].transpose(2, 0, 1) + rng.normal(0, 12, (3, size, size))
     make_geotiff(path_img, data=np.clip(img, 0, 255).astype(np.uint8))
@@ -63,7 +63,7 @@ def tiny(tmp_path_factory):
             "n_bootstrap": 100, "student_levels": [0, 1, 2], "teacher_levels": [0, 1, 2],
             "out_dir": str(root / "out"),
             "eval_sets": [{"name": "quadrants", "root": str(root / "eval"), "mask_values": [1, 2, 3, 4],
-                           "block_size": 16, "pixels_per_block": 16}],
+                           "block_size": 32, "margin": 4, "pixels_per_block": 24}],
         },
     }
     return parse_params(raw, source="tiny science")
@@ -79,7 +79,9 @@ def test_the_whole_science_path_runs_and_reports_every_hypothesis(tiny):
         if v["verdict"] != "untestable":
             assert {"diff", "ci", "seeds_agree", "p_holm"} <= set(v) and v["seeds_agree"].endswith("/2")
             assert v["ci"][0] <= v["diff"] <= v["ci"][1] or v["ci"][0] == v["ci"][1]
-    assert set(report["table"]["quadrants"]) == {"raw", "teacher", "random", "gfm", "mim_only", "distill_only"}
+    assert set(report["table"]["quadrants"]) == {"majority", "raw", "teacher", "random", "gfm", "mim_only",
+                                                 "distill_only"}
+    assert report["table"]["quadrants"]["majority"]["pixel_accuracy"] < 40  # four equal classes: priors only
     assert report["table"]["quadrants"]["raw"]["pixel_accuracy"] > 90  # colour separates the quadrants
     assert report["relevance"]["quadrants"]["protocol"] == "leave one image out"
     assert len(report["runs"]) == 6 and all(r["step_flops"] > 0 for r in report["runs"])

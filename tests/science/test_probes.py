@@ -28,8 +28,8 @@ def scenes(tmp_path_factory):
 
 
 def _cfg(root, **kw):
-    base = dict(name="q", root=root, splits=["train"], mask_values=[1, 2, 3, 4], block_size=12, pixels_per_block=20,
-                stretch=None)
+    base = dict(name="q", root=root, splits=["train"], mask_values=[1, 2, 3, 4], block_size=12, margin=2,
+                pixels_per_block=20, stretch=None)
     return EvalSetCfg(**{**base, **kw})
 
 
@@ -38,9 +38,10 @@ def test_blocks_pixels_and_folds(scenes):
     assert len(ds.images) == 3 and ds.images[0].shape == (3, 72, 72) and ds.classes == 4
     assert len(ds.block_image) == 3 * 36 and len(ds.px_label) == 3 * 36 * 20
     assert np.bincount(ds.block_fold).tolist() == [22, 22, 22, 21, 21]  # balanced folds of whole blocks
-    for b in range(len(ds.block_image)):  # a block's pixels lie inside it
+    for b in range(len(ds.block_image)):  # a block's pixels lie inside it, away from its edges
         rows, cols = ds.px_row[ds.px_block == b], ds.px_col[ds.px_block == b]
-        assert rows.max() - rows.min() < 12 and cols.max() - cols.min() < 12
+        assert rows.max() - rows.min() < 12 - 4 and cols.max() - cols.min() < 12 - 4
+        assert set(rows % 12) <= set(range(2, 10)) and set(cols % 12) <= set(range(2, 10))
     lab = ds.labels[1]
     assert np.array_equal(ds.px_label[ds.px_image == 1], lab[ds.px_row[ds.px_image == 1], ds.px_col[ds.px_image == 1]])
     again = load_dense_set(_cfg(scenes), folds=5, seed=0)
@@ -49,7 +50,7 @@ def test_blocks_pixels_and_folds(scenes):
 
 def test_downsampling_averages_pixels_and_takes_majority_labels(scenes):
     full = load_dense_set(_cfg(scenes), folds=2)
-    half = load_dense_set(_cfg(scenes, downsample=2, block_size=6), folds=2)
+    half = load_dense_set(_cfg(scenes, downsample=2, block_size=6, margin=1), folds=2)
     assert half.images[0].shape == (3, 36, 36)
     np.testing.assert_allclose(half.images[0], full.images[0].reshape(3, 36, 2, 36, 2).mean((2, 4)), atol=1e-6)
     assert np.array_equal(half.labels[0], full.labels[0][::2, ::2])  # quadrants: every 2x2 block is pure
@@ -85,7 +86,9 @@ def test_probes_learn_colour_classes_and_image_disjoint_cv(scenes):
 
 def test_missing_masks_and_too_few_blocks_are_named(tmp_path, scenes):
     make_geotiff(tmp_path / "images" / "a.tif", size=20)
-    with pytest.raises(DataValidationError, match=r"a\.tif: no mask"):
+    with pytest.raises(DataValidationError, match=r"a\.tif: expected one mask .* found none"):
         load_dense_set(_cfg(tmp_path, splits=[]), folds=2)
     with pytest.raises(DataValidationError, match="fewer than 5 folds"):
         load_dense_set(_cfg(scenes, block_size=72), folds=5)
+    with pytest.raises(DataValidationError, match=r"no pixel of its masks holds one of mask_values \[7, 8\]"):
+        load_dense_set(_cfg(scenes, mask_values=[7, 8]), folds=2)
