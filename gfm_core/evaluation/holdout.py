@@ -25,7 +25,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from gfm_core.io import write_bytes
 from gfm_core.losses import masked_l1
 
 PREVIEWS = 4
@@ -126,11 +125,9 @@ def plot_learning(metrics_jsonl: str | Path, start: dict[str, float], path: str 
     to the teacher (training, held-out, mean-vector baseline). ``start`` (the held-out values before training)
     is drawn at step 0.
     """
-    import io
     import json
 
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+    from gfm_core.evaluation.figures import new_figure, write_png
 
     rows = [json.loads(line) for line in Path(metrics_jsonl).read_text().splitlines() if line.strip()]
     steps = [r["step"] for r in rows]
@@ -138,8 +135,7 @@ def plot_learning(metrics_jsonl: str | Path, start: dict[str, float], path: str 
     if any("cos_holdout" in r for r in rows):
         panels.append(("cosine to the teacher (higher is better)", "cosine", "cos_holdout",
                        "cos_mean_vector_holdout", "mean teacher vector"))
-    fig = Figure(figsize=(5.5 * len(panels), 3.6), dpi=110)
-    FigureCanvasAgg(fig)
+    fig = new_figure(5.5 * len(panels), 3.6)
     for k, (title, train, held, ref, ref_label) in enumerate(panels):
         ax = fig.add_subplot(1, len(panels), k + 1)
         ax.plot(steps, [r.get(train) for r in rows], label="training batches", color="#9aa", lw=1)
@@ -152,7 +148,4 @@ def plot_learning(metrics_jsonl: str | Path, start: dict[str, float], path: str 
         ax.set_xlabel("optimizer step")
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    return write_bytes(path, buf.getvalue())
+    return write_png(fig, path)

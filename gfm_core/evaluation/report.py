@@ -512,13 +512,11 @@ def _csv_num(v: float) -> str:
 
 def radar_png(report: Report) -> bytes:
     """Radar chart: each task's headline metric relative to the baseline (100 = baseline)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+    from gfm_core.evaluation.figures import new_figure, png_bytes
 
     tasks = report.tasks
     angles = np.linspace(0, 2 * np.pi, max(len(tasks), 1), endpoint=False).tolist()
-    fig = Figure(figsize=(6, 6))
-    FigureCanvasAgg(fig)
+    fig = new_figure(6, 6, dpi=100)
     ax = fig.add_subplot(projection="polar")
     for model in report.models:
         vals = []
@@ -532,9 +530,7 @@ def radar_png(report: Report) -> bytes:
     ax.set_xticklabels([f"{t}\n{report.headlines[t]}" for t in tasks])
     ax.set_title(f"headline metric, % of {report.baseline}")
     ax.legend(loc="upper right", bbox_to_anchor=(1.3, 1.1), fontsize="small")
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
-    return buf.getvalue()
+    return png_bytes(fig, bbox_inches="tight")
 
 
 def write_report(report: Report, out_dir: str | Path) -> Report:

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from gfm_core.config import Params
-from gfm_core.io import write_bytes, write_json, write_text
+from gfm_core.io import write_json, write_text
 from gfm_core.science.stats import BlockCounts, Replicates, holm, paired_bootstrap, verdict
 
 HYPOTHESES: dict[str, tuple[str, str, str]] = {
@@ -211,14 +211,11 @@ def markdown(report: dict[str, Any]) -> str:
 
 
 def _plot(report: dict[str, Any], path: Path) -> Path:
-    import io
 
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+    from gfm_core.evaluation.figures import new_figure, write_png
 
     sets = list(report["curve"])
-    fig = Figure(figsize=(5 * len(sets), 3.8), dpi=110)
-    FigureCanvasAgg(fig)
+    fig = new_figure(5 * len(sets), 3.8)
     for k, s in enumerate(sets):
         ax = fig.add_subplot(1, len(sets), k + 1)
         for v, color in (("gfm", "#c33"), ("mim_only", "#36c")):
@@ -232,7 +229,4 @@ def _plot(report: dict[str, Any], path: Path) -> Path:
         ax.set_ylabel("pixel accuracy (%)")
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    return write_bytes(path, buf.getvalue())
+    return write_png(fig, path)
