@@ -395,6 +395,6 @@ def test_get_task_from_the_repo_params(repo_root):
         "change",
         "superres",
     ]
-    assert {m.name for m in demo.finetune.models} == {"gfm", "imagenet", "random", "mim_only", "distill_only"}
+    assert {m.name for m in demo.finetune.models} == {"gfm", "imagenet", "random"}
     paper = load_params(repo_root / "params.yaml", preset="")
     assert get_task(paper, "ben1").label_fraction == 0.01 and paper.finetune.layer_decay == 0.9
