@@ -377,6 +377,10 @@ class EvaluateCfg(Section):
     arp_exclude: dict[str, str] = Field(
         default_factory=dict, description="task -> why it stays out of ARP (reported, not averaged)"
     )
+    pretraining_seeds: dict[str, tuple[str, ...]] = Field(
+        default_factory=dict,
+        description="row -> finetune models pooled into it, one per pretraining run; the bootstrap resamples them",
+    )
     out_dir: Path = Path("outputs/evaluate")
 
 
@@ -520,7 +524,25 @@ class Params(Section):
                 f"validate.contamination_exclude: unknown task name(s) {unknown}; finetune.tasks are: "
                 f"{', '.join(tasks) or '(none)'}"
             )
+        self._check_pooled_rows()
         return self
+
+    def _check_pooled_rows(self) -> None:
+        """``evaluate.pretraining_seeds``: members are finetune models, each in one row of at least two."""
+        models = {m.name for m in self.finetune.models}
+        seen: dict[str, str] = {}
+        for row, members in self.evaluate.pretraining_seeds.items():
+            where = f"evaluate.pretraining_seeds.{row}"
+            if len(members) < 2:
+                raise ValueError(f"{where}: pools {len(members)} model(s); a pooled row needs two or more runs")
+            if row in models and row not in members:
+                raise ValueError(f"{where}: {row!r} is also a finetune model; name the pooled row otherwise")
+            for m in members:
+                if m not in models:
+                    raise ValueError(f"{where}: {m!r} is not in finetune.models ({sorted(models)})")
+                if m in seen:
+                    raise ValueError(f"{where}: {m!r} is already pooled into {seen[m]!r}")
+                seen[m] = row
 
 
 def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:

@@ -119,13 +119,20 @@ class Evaluation:
         """Collect the candidate's per-sample results (``finetune.out_dir``) for the report's tasks and seeds.
 
         Raises:
-            ConfigError: the candidate is not a model of the report.
+            ConfigError: the candidate is not a model of the report, or the report pools it (pretraining seeds).
             CheckpointError: a result file the report used is gone, or the results changed since the report.
         """
         from gfm_core.evaluation.report import load_run
         from gfm_core.finetune import RESULT_FILE, result_dir
 
         name = candidate or params.promote.candidate
+        pooled = getattr(report, "pretrainings", {})
+        if name in pooled or any(name in members for members in pooled.values()):
+            raise ConfigError(
+                f"promote.candidate {name!r}: the report pools it with other pretraining runs "
+                f"(evaluate.pretraining_seeds {pooled}); the gate registers one backbone on the evidence of its "
+                f"own results, so evaluate without pooling it (empty evaluate.pretraining_seeds), then promote"
+            )
         if name not in report.models:
             raise ConfigError(f"promote.candidate {name!r} is not a model of the evaluation report {report.models}")
         evidence = {}

@@ -5,10 +5,13 @@
 - **ARP** (average relative performance, paper Table 1 / Eq. 1, whose exact form was not retrieved): the mean
   over tasks of ``100 * (s_model - s_baseline) / s_baseline`` on each task's headline metric (all of them are
   higher-is-better), with the ImageNet model as the baseline (ARP 0 by definition).
-- **Paired bootstrap**: for each task and model, the difference of the headline metric to the reference (GFM).
-  Each replicate draws test samples with replacement *and* seeds with replacement; both models are scored on
-  the same draw (paired), the metric is recomputed from per-sample statistics
-  (:func:`gfm_core.evaluation.metrics.metrics_from_stats`), and the CI is the percentile interval.
+- **Paired bootstrap** (:mod:`gfm_core.evaluation.bootstrap`): for each task and model, the difference of the
+  headline metric to the reference (GFM). Each replicate draws test samples with replacement *and* seeds with
+  replacement; both models are scored on the same draw (paired), the metric is recomputed from per-sample
+  statistics, and the CI is the percentile interval.
+- **Pretraining seeds**: ``evaluate.pretraining_seeds`` pools several fine-tuned models, one per pretraining run
+  (seed), into one row; its cells average the runs, and its bootstrap resamples the pretraining runs too
+  (hierarchically: runs, then fine-tuning seeds, then samples). Other rows are one pretraining each.
 - **Outputs** (atomic): ``report.csv`` (the table + ARP), ``bootstrap.csv``, ``report.md``, ``report.json``
   and ``radar.png`` (headline metric relative to the baseline, in %, per task).
 """
@@ -19,9 +22,8 @@ import csv
 import io
 import logging
 import math
-import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +31,7 @@ import numpy as np
 
 from gfm_core.config import Params
 from gfm_core.errors import CheckpointError, ConfigError, DataValidationError
-from gfm_core.evaluation.metrics import metrics_from_stats
+from gfm_core.evaluation.bootstrap import bootstrap_draws, bootstrap_values, paired_bootstrap
 from gfm_core.io import write_bytes, write_json, write_text
 
 log = logging.getLogger(__name__)
@@ -58,6 +60,7 @@ class RunScores:
     stats: dict[str, np.ndarray]
     backbone_sha256: str | None = None  # the backbone bytes fine-tuning started from (None: not recorded)
     source: Path | None = None  # the result file
+    pretrain: int = 0  # which pretraining run of its (pooled) row the backbone came from
 
 
 @dataclass(frozen=True)
@@ -80,6 +83,7 @@ class BootstrapCI:
         return self.lo > 0 or self.hi < 0
 
     ci: float = 0.95
+    n_pretrainings: int = 1  # pretraining runs resampled (1: the models are one pretraining each)
 
     @property
     def mdd(self) -> float:
@@ -110,6 +114,7 @@ class Report:
     paths: dict[str, Path] = field(default_factory=dict)
     backbones: dict[str, str | None] = field(default_factory=dict)  # model -> sha256 its results started from
     arp_excluded: dict[str, str] = field(default_factory=dict)  # task -> why it is not part of ARP
+    pretrainings: dict[str, list[str]] = field(default_factory=dict)  # pooled row -> its fine-tuned models
 
     def task_mdd(self, task: str) -> float:
         """The median minimal detectable difference of the task's comparisons to the reference (NaN: none)."""
@@ -137,6 +142,7 @@ class Report:
             "missing": self.missing,
             "backbones": self.backbones,
             "arp_excluded": self.arp_excluded,
+            "pretrainings": self.pretrainings,
             "mdd": {t: self.task_mdd(t) for t in self.tasks},
             "paths": {k: str(v) for k, v in self.paths.items()},
             "arp_definition": "mean over tasks of 100 * (headline - baseline) / baseline",
@@ -159,6 +165,7 @@ def _ci_json(c: BootstrapCI) -> dict[str, Any]:
         "hi": c.hi,
         "n_samples": c.n_samples,
         "n_seeds": c.n_seeds,
+        "n_pretrainings": c.n_pretrainings,
         "n_bootstrap": c.n_bootstrap,
         "excludes_zero": c.excludes_zero,
     }
@@ -184,64 +191,6 @@ def average_relative_performance(scores: Mapping[str, float], baseline: Mapping[
     return float(np.mean(rel)) if rel else math.nan
 
 
-def bootstrap_draws(n_samples: int, n_seeds: int, n: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
-    """``n`` replicates of (seed indices [n_seeds], sample rows [n_samples]), drawn with replacement."""
-    rng = np.random.default_rng(seed)
-    return [(rng.integers(0, n_seeds, n_seeds), rng.integers(0, n_samples, n_samples)) for _ in range(n)]
-
-
-def bootstrap_values(
-    head: str,
-    metric: str,
-    per_seed: Sequence[Mapping[str, np.ndarray]],
-    draws: Sequence[tuple[np.ndarray, np.ndarray]],
-) -> np.ndarray:
-    """The metric on every replicate: mean over the drawn seeds of the metric on the drawn rows."""
-    out = np.empty(len(draws))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # torchmetrics warns on replicates without positives
-        for b, (seeds, rows) in enumerate(draws):
-            out[b] = np.mean([metrics_from_stats(head, per_seed[s], rows)[metric] for s in seeds])
-    return out
-
-
-def paired_bootstrap(
-    head: str,
-    metric: str,
-    model: Sequence[Mapping[str, np.ndarray]],
-    reference: Sequence[Mapping[str, np.ndarray]],
-    *,
-    n_bootstrap: int = 1000,
-    ci: float = 0.95,
-    seed: int = 0,
-) -> tuple[float, float, float]:
-    """``(diff, lo, hi)`` of ``metric(model) - metric(reference)``.
-
-    Seed ``i`` of one pairs with seed ``i`` of the other, and both are scored on the same samples.
-
-    Raises:
-        ValueError: different numbers of seeds or samples.
-    """
-    if len(model) != len(reference) or not model:
-        raise ValueError(f"paired bootstrap needs the same seeds: {len(model)} vs {len(reference)} runs")
-    n = _rows(model[0])
-    if any(_rows(s) != n for s in (*model, *reference)):
-        raise ValueError("paired bootstrap needs the same test samples in every run")
-    draws = bootstrap_draws(n, len(model), n_bootstrap, seed)
-    diffs = bootstrap_values(head, metric, model, draws) - bootstrap_values(head, metric, reference, draws)
-    point = float(
-        np.mean([metrics_from_stats(head, s)[metric] for s in model])
-        - np.mean([metrics_from_stats(head, s)[metric] for s in reference])
-    )
-    alpha = (1 - ci) / 2
-    lo, hi = np.quantile(diffs, [alpha, 1 - alpha])
-    return point, float(lo), float(hi)
-
-
-def _rows(stats: Mapping[str, np.ndarray]) -> int:
-    return len(next(iter(stats.values())))
-
-
 # ------------------------------------------------------------------------------------------------ building
 
 
@@ -257,28 +206,37 @@ def build_report(
     seed: int = 0,
     missing: Sequence[str] = (),
     arp_exclude: Mapping[str, str] | None = None,
+    pretraining_seeds: Mapping[str, Sequence[str]] | None = None,
 ) -> Report:
     """Aggregate runs into the report (no files written; see :func:`write_report`).
 
+    ``pretraining_seeds`` maps a row name to the models it pools, one per pretraining run (module docstring).
+
     Raises:
-        ConfigError: no runs, or the baseline/reference is not among the models.
+        ConfigError: no runs, the baseline/reference is not among the models, or two pooled rows hold different
+            numbers of pretraining runs (they pair by position).
         DataValidationError: runs of one task were tested on different samples (paired stats impossible), or
             runs of one model started from different backbone bytes.
     """
     if not runs:
         raise ConfigError("no fine-tuning results to report (run gfm finetune first)")
+    pooled = {row: list(members) for row, members in (pretraining_seeds or {}).items()}
+    row_of = {m: (row, j) for row, members in pooled.items() for j, m in enumerate(members)}
+    runs = [replace(r, model=row_of[r.model][0], pretrain=row_of[r.model][1]) if r.model in row_of else r
+            for r in runs]
     models = list(models) if models else list(dict.fromkeys(r.model for r in runs))
+    models = list(dict.fromkeys(row_of.get(m, (m, 0))[0] for m in models))
     tasks = list(tasks) if tasks else list(dict.fromkeys(r.task for r in runs))
     for role, name in (("baseline", baseline), ("reference", reference)):
         if name not in models:
             raise ConfigError(f"evaluate.{role} {name!r} is not among the reported models {models}")
-    by_key: dict[tuple[str, str], dict[int, RunScores]] = {}
+    by_key: dict[tuple[str, str], dict[tuple[int, int], RunScores]] = {}  # (model, task) -> (pretrain, seed)
     heads: dict[str, str] = {}
     headlines: dict[str, str] = {}
     for r in runs:
         if r.task not in tasks or r.model not in models:
             continue
-        by_key.setdefault((r.model, r.task), {})[r.seed] = r
+        by_key.setdefault((r.model, r.task), {})[(r.pretrain, r.seed)] = r
         if (
             heads.setdefault(r.task, r.head) != r.head
             or headlines.setdefault(r.task, r.headline) != r.headline
@@ -286,7 +244,7 @@ def build_report(
             raise DataValidationError(f"task {r.task}: results disagree on its head/headline metric")
     tasks = [t for t in tasks if t in heads]
     _check_same_samples(by_key, tasks)
-    backbones = _check_same_backbone(by_key)
+    backbones = _check_same_backbone(by_key, pooled)
 
     columns = []
     for t in tasks:
@@ -299,13 +257,15 @@ def build_report(
         mean[m], std[m], seeds[m] = {}, {}, {}
         for t, metric in columns:
             got = by_key.get((m, t), {})
-            vals = [got[s].metrics.get(metric, math.nan) for s in sorted(got)]
-            mean[m][f"{t}/{metric}"] = float(np.mean(vals)) if vals else math.nan
+            vals = [got[u].metrics.get(metric, math.nan) for u in sorted(got)]
+            mean[m][f"{t}/{metric}"] = float(np.mean([  # mean over pretraining runs of their mean over seeds
+                np.mean([got[u].metrics.get(metric, math.nan) for u in got if u[0] == j])
+                for j in sorted({u[0] for u in got})])) if vals else math.nan
             std[m][f"{t}/{metric}"] = (
                 float(np.std(vals, ddof=1)) if len(vals) > 1 else (0.0 if vals else math.nan)
             )
         for t in tasks:
-            seeds[m][t] = sorted(by_key.get((m, t), {}))
+            seeds[m][t] = sorted({s for _, s in by_key.get((m, t), {})})
     excluded = dict(arp_exclude or {})
     head_scores = {m: {t: mean[m][f"{t}/{headlines[t]}"] for t in tasks if t not in excluded} for m in models}
     arp = {m: average_relative_performance(head_scores[m], head_scores[baseline]) for m in models}
@@ -315,20 +275,22 @@ def build_report(
         ref_runs = by_key.get((reference, t), {})
         for m in cis:
             got = by_key.get((m, t), {})
-            common = sorted(set(got) & set(ref_runs))
-            if not common:
+            pairs = _pair_units(got, ref_runs, m, reference)
+            if not pairs:
                 continue
             diff, lo, hi = paired_bootstrap(
                 heads[t],
                 headlines[t],
-                [got[s].stats for s in common],
-                [ref_runs[s].stats for s in common],
+                [got[a].stats for a, _, _ in pairs],
+                [ref_runs[b].stats for _, b, _ in pairs],
                 n_bootstrap=n_bootstrap,
                 ci=ci,
                 seed=seed,
+                groups=[g for _, _, g in pairs],
             )
             cis[m][t] = BootstrapCI(
-                t, headlines[t], m, reference, diff, lo, hi, len(got[common[0]].ids), len(common), n_bootstrap, ci
+                t, headlines[t], m, reference, diff, lo, hi, len(got[pairs[0][0]].ids), len(pairs), n_bootstrap, ci,
+                len({g for _, _, g in pairs}),
             )
     return Report(
         models,
@@ -345,20 +307,42 @@ def build_report(
         cis,
         ci,
         list(missing),
-        backbones={m: backbones.get(m) for m in models},
+        backbones={**{m: backbones.get(m) for m in models}, **{m: backbones.get(m) for m in row_of}},
         arp_excluded={t: why for t, why in (arp_exclude or {}).items() if t in tasks},
+        pretrainings={row: members for row, members in pooled.items() if row in models},
     )
 
 
-def _check_same_backbone(by_key: Mapping[tuple[str, str], Mapping[int, RunScores]]) -> dict[str, str | None]:
-    """``model -> sha256`` of the backbone all its runs started from (None when no run recorded one).
+def _pair_units(
+    a: Mapping[tuple[int, int], RunScores], b: Mapping[tuple[int, int], RunScores], name_a: str, name_b: str
+) -> list[tuple[tuple[int, int], tuple[int, int], int]]:
+    """Paired units ``(unit of a, unit of b, pretraining group)``: same fine-tuning seed, and the same pretraining
+    run by position where both rows pool several (a row of one pretraining pairs with every run of the other)."""
+    pa, pb = sorted({j for j, _ in a}), sorted({j for j, _ in b})
+    if len(pa) > 1 and len(pb) > 1 and pa != pb:
+        raise ConfigError(f"evaluate.pretraining_seeds: {name_a} pools {len(pa)} pretraining runs and {name_b} "
+                          f"{len(pb)}; pooled rows pair by position, so give them as many runs each")
+    out = []
+    for g in pa if len(pa) > 1 else pb:
+        ja, jb = (g if len(pa) > 1 else pa[0]), (g if len(pb) > 1 else pb[0])
+        for s in sorted({s for j, s in a if j == ja} & {s for j, s in b if j == jb}):
+            out.append(((ja, s), (jb, s), g))
+    return out
+
+
+def _check_same_backbone(
+    by_key: Mapping[tuple[str, str], Mapping[tuple[int, int], RunScores]], pooled: Mapping[str, Sequence[str]]
+) -> dict[str, str | None]:
+    """``model -> sha256`` of the backbone all its runs started from (None when no run recorded one); a pooled
+    row's models are checked one by one (under their own names; the row itself maps to None).
 
     Raises:
         DataValidationError: one model's runs started from different bytes (or some recorded none).
     """
     groups: dict[str, dict[str | None, list[RunScores]]] = {}
-    for (model, _), runs in by_key.items():
+    for (row, _), runs in by_key.items():
         for r in runs.values():
+            model = pooled[row][r.pretrain] if row in pooled else row
             groups.setdefault(model, {}).setdefault(r.backbone_sha256, []).append(r)
     out: dict[str, str | None] = {}
     for model, by_sha in groups.items():
@@ -379,7 +363,7 @@ def _check_same_backbone(by_key: Mapping[tuple[str, str], Mapping[int, RunScores
 
 
 def _check_same_samples(
-    by_key: Mapping[tuple[str, str], Mapping[int, RunScores]], tasks: Sequence[str]
+    by_key: Mapping[tuple[str, str], Mapping[tuple[int, int], RunScores]], tasks: Sequence[str]
 ) -> None:
     for t in tasks:
         first: RunScores | None = None
@@ -416,7 +400,7 @@ def to_markdown(report: Report) -> str:
         vals = [r.mean[x][f"{t}/{m}"] for x in r.models if not math.isnan(r.mean[x][f"{t}/{m}"])]
         best[f"{t}/{m}"] = max(vals) if vals else math.nan
     for model in r.models:
-        row = [model]
+        row = [model + (f" ({len(r.pretrainings[model])} pretrainings)" if model in r.pretrainings else "")]
         for t, m in r.columns:
             key = f"{t}/{m}"
             v = r.mean[model][key]
@@ -455,9 +439,12 @@ def to_markdown(report: Report) -> str:
         out.append(f"| {model} | " + " | ".join(cells) + " |")
     out.append("| resolvable difference (MDD, 80 % power) | " + " | ".join(
         "—" if math.isnan(r.task_mdd(t)) else f"{r.task_mdd(t):.2f}" for t in r.tasks) + " |")
-    out += ["", "\\* the interval excludes 0. Intervals resample test samples and fine-tuning seeds (paired); each "
-            "pretrained backbone is one pretraining run, so pretraining-seed variance is not in them (the science "
-            "report resamples pretraining seeds)."]
+    pooled = ", ".join(f"{m} ({len(v)})" for m, v in r.pretrainings.items())
+    out += ["", "\\* the interval excludes 0. Intervals resample test samples and fine-tuning seeds (paired)" + (
+        f", and the pretraining runs of the pooled rows {pooled}; every other row is one pretraining run, whose "
+        "variance is not in its intervals." if pooled else "; each pretrained backbone is one pretraining run, so "
+        "pretraining-seed variance is not in them (pool several with `evaluate.pretraining_seeds`; the science "
+        "report resamples pretraining seeds).")]
     for t in r.tasks:
         if not any(d[t].excludes_zero for d in r.ci.values() if t in d):
             out.append(f"- **{t}** does not rank the models: no difference to {r.reference} is resolved at this test "
@@ -630,6 +617,7 @@ def run_evaluation(params: Params) -> Report:
         seed=ev.seed,
         missing=missing,
         arp_exclude=ev.arp_exclude,
+        pretraining_seeds=ev.pretraining_seeds,
     )
     report = write_report(report, ev.out_dir)
     log.info("evaluation report: %s", report.paths["markdown"])

@@ -116,3 +116,19 @@ def test_pretraining_has_no_mode_that_bypasses_the_data_gates():
 
     with pytest.raises(ConfigError, match=r"pretrain\.data: unknown key"):  # `files` read images around every gate
         parse_params({"pretrain": {"data": "files"}})
+
+
+@pytest.mark.parametrize(
+    "pooled, match",
+    [
+        ({"gfm3": ["gfm"]}, "a pooled row needs two or more runs"),
+        ({"gfm3": ["gfm", "nope"]}, "'nope' is not in finetune.models"),
+        ({"a": ["gfm", "random"], "b": ["random", "imagenet"]}, "'random' is already pooled into 'a'"),
+        ({"imagenet": ["gfm", "random"]}, "'imagenet' is also a finetune model"),
+    ],
+)
+def test_pooled_pretraining_rows_name_real_models_once(repo_root, pooled, match):
+    raw = yaml.safe_load((repo_root / "params.yaml").read_text())
+    raw["evaluate"]["pretraining_seeds"] = pooled
+    with pytest.raises(ConfigError, match=match):
+        parse_params(raw, source="params.yaml")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -224,3 +225,57 @@ def test_report_excludes_tasks_from_arp_with_a_reason_and_states_power():
     md = to_markdown(report)
     assert "Tasks outside ARP: **t2** (no model beats bicubic)" in md and "resolvable difference" in md
     assert ("**t1** does not rank the models" in md) == (not ci.excludes_zero)
+
+
+def _pooled_runs(rates: tuple[float, ...], *, same: bool = False) -> list[RunScores]:
+    """imagenet (one run) and gfm_s0.. (one per pretraining run, accuracy ``rates[j]``) on 2 fine-tuning seeds."""
+    rng = np.random.default_rng(5)
+    u = rng.random(200)
+    runs = []
+    for seed in (0, 1):
+        runs.append(_run("t1", "imagenet", seed, u < 0.7))
+        for j, rate in enumerate(rates):
+            noise = rng.random(200) < 0.05  # a fine-tuning seed flips a few samples
+            r = _run("t1", f"gfm_s{j}", seed, (u < (rates[0] if same else rate)) ^ noise)
+            runs.append(replace(r, backbone_sha256=f"b{j}"))
+    return runs
+
+
+def test_pooled_pretraining_seeds_put_their_variance_in_the_interval():
+    members = ["gfm_s0", "gfm_s1", "gfm_s2"]
+    spread = _pooled_runs((0.5, 0.7, 0.9))
+    kw = dict(baseline="imagenet", reference="imagenet", n_bootstrap=400)
+    pooled = build_report(spread, pretraining_seeds={"gfm": members}, **kw)
+    alone = build_report(spread, **kw)  # every pretraining run as its own row: its samples and seeds only
+    assert pooled.models == ["imagenet", "gfm"] and pooled.pretrainings == {"gfm": members}
+    assert pooled.cell("gfm", "t1") == pytest.approx(np.mean([alone.cell(m, "t1") for m in members]))
+    ci = pooled.ci["gfm"]["t1"]
+    assert ci.n_pretrainings == 3 and ci.n_seeds == 6
+    assert ci.lo < ci.diff < ci.hi
+    widest_alone = max(alone.ci[m]["t1"].hi - alone.ci[m]["t1"].lo for m in members)
+    assert ci.hi - ci.lo > 2 * widest_alone  # 40 points between pretraining runs dominate the interval
+    assert pooled.backbones["gfm_s1"] == "b1" and pooled.backbones["gfm"] is None  # each run kept its own bytes
+
+    flat = build_report(_pooled_runs((0.7, 0.7, 0.7), same=True), pretraining_seeds={"gfm": members}, **kw)
+    flat_ci = flat.ci["gfm"]["t1"]
+    alone_flat = build_report(_pooled_runs((0.7, 0.7, 0.7), same=True), **kw).ci["gfm_s0"]["t1"]
+    assert flat_ci.hi - flat_ci.lo < 1.5 * (alone_flat.hi - alone_flat.lo)  # no pretraining variance: no widening
+
+    md = to_markdown(pooled)
+    assert "| gfm (3 pretrainings) |" in md and "pretraining runs of the pooled rows gfm (3)" in md
+    others = [replace(r, model=r.model.replace("gfm_s", "o_")) for r in spread if r.model in ("gfm_s0", "gfm_s1")]
+    with pytest.raises(ConfigError, match="gfm pools 3 pretraining runs and other 2"):
+        build_report([*spread, *others], pretraining_seeds={"gfm": members, "other": ["o_0", "o_1"]},
+                     baseline="imagenet", reference="other", n_bootstrap=10)
+
+
+def test_promotion_refuses_a_pooled_candidate(repo_root):
+    from gfm_core.config import load_params
+    from gfm_core.registry import Evaluation
+
+    report = build_report(_pooled_runs((0.5, 0.7)), pretraining_seeds={"gfm": ["gfm_s0", "gfm_s1"]},
+                          baseline="imagenet", reference="imagenet", n_bootstrap=10)
+    params = load_params(repo_root / "params.yaml")
+    for name in ("gfm", "gfm_s1"):  # the pooled row, or one of its runs hidden in it
+        with pytest.raises(ConfigError, match="pools it with other pretraining runs"):
+            Evaluation.from_report(report, params, candidate=name)
