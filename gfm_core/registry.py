@@ -258,7 +258,7 @@ def arp_difference(
     Seeds pair by value (seed ``s`` of one with seed ``s`` of the other) and samples by id. Returns
     ``(None, reasons)`` when the two cannot be paired on every task.
     """
-    from gfm_core.evaluation.report import bootstrap_draws, bootstrap_values
+    from gfm_core.evaluation.bootstrap import bootstrap_draws, bootstrap_values
 
     reasons: list[str] = []
     per_task = []
