@@ -9,7 +9,8 @@
    optimizer steps each, with the same initialisation, crops and masks within a seed (common random numbers),
    exporting the student at ``science.curve_fractions`` of the budget; random init is the initial student;
 3. dense linear probes (:mod:`gfm_core.science.probes`) of every backbone, raw pixels and the teacher itself on
-   every evaluation set; relevance of the teacher, measured image-disjoint where a set has several images;
+   every evaluation set; relevance of the teacher, measured image-disjoint where a set has several images; and,
+   secondary, kNN and logistic tile-level probes of the same blocks (:mod:`gfm_core.science.tiles`);
 4. the statistics (:mod:`gfm_core.science.stats`) and the report (:mod:`gfm_core.science.report`).
 
 Runs whose exported backbone already matches their pretraining settings are reused, so a second call only
@@ -42,6 +43,7 @@ from gfm_core.science.probes import (
     with_image_identity,
 )
 from gfm_core.science.stats import BlockCounts
+from gfm_core.science.tiles import PROBES, block_labels, raw_tile_features, tile_cross_validate, tile_features
 
 log = logging.getLogger(__name__)
 
@@ -170,14 +172,16 @@ def random_init(params: Params, seed: int) -> torch.nn.Module:
 
 @dataclass
 class Scores:
-    """Block counts per (set, model, seed, fraction), plus the relevance and sensitivity runs."""
+    """Block counts per (set, model, seed, fraction), the relevance and sensitivity runs, the tile probes."""
 
     main: dict[tuple[str, str, int, float], BlockCounts] = field(default_factory=dict)
     relevance: dict[tuple[str, str, int], BlockCounts] = field(default_factory=dict)
     identity: dict[tuple[str, str, int], BlockCounts] = field(default_factory=dict)
+    tiles: dict[str, dict[tuple[str, str, int], BlockCounts]] = field(default_factory=dict)  # probe -> counts
 
 
 FIXED = -1  # the "seed" of models without one (raw pixels, the teacher)
+CURVE = ("gfm", "mim_only")  # the variants H4 follows through training
 
 
 def probe_everything(params: Params, runs: list[Run], sets: list[DenseSet]) -> Scores:
@@ -193,19 +197,35 @@ def probe_everything(params: Params, runs: list[Run], sets: list[DenseSet]) -> S
     for ds in sets:
         log.info("science: probing %s (%d images, %d blocks, %d pixels)", ds.name, len(ds.images),
                  len(ds.block_image), len(ds.px_label))
+        labels = block_labels(ds)
+
+        def tiles(name: str, seed: int, feats: np.ndarray | None, ds: DenseSet = ds, labels: np.ndarray = labels,
+                  ) -> None:  # feats None: the training folds' majority
+            for probe in PROBES:
+                scores.tiles.setdefault(probe, {})[(ds.name, name, seed)] = tile_cross_validate(
+                    feats, ds, labels, probe if feats is not None else "majority", **kw)
+
         _score(scores, ds, "majority", FIXED, 1.0, np.zeros((len(ds.px_label), 1), np.float32), **kw)  # priors only
+        tiles("majority", FIXED, None)
         _score(scores, ds, "raw", FIXED, 1.0, raw_features(ds), relevance=True, identity=True, **kw)
+        tiles("raw", FIXED, raw_tile_features(ds))
         _score(scores, ds, "teacher", FIXED, 1.0, encoder_features(teacher, ds, tile, mean, std), relevance=True,
                identity=True, **kw)
+        tiles("teacher", FIXED, tile_features(teacher, ds, tile, mean, std))
         for seed in cfg.seeds:
             enc = timm_encoder(random_init(params, seed), cfg.student_levels)
             _score(scores, ds, "random", seed, 1.0, encoder_features(enc, ds, tile, mean, std), identity=True, **kw)
+            tiles("random", seed, tile_features(enc, ds, tile, mean, std))
         for run in runs:
             for frac, path in run.backbones.items():
-                feats = encoder_features(timm_encoder(load_backbone(path), cfg.student_levels), ds, tile, mean, std)
                 final = frac == 1.0
-                _score(scores, ds, run.variant, run.seed, frac, feats, relevance=final and run.variant == "mim_only",
-                       identity=final, **kw)
+                if not final and run.variant not in CURVE:  # only H4's curve needs the earlier exports
+                    continue
+                enc = timm_encoder(load_backbone(path), cfg.student_levels)
+                _score(scores, ds, run.variant, run.seed, frac, encoder_features(enc, ds, tile, mean, std),
+                       relevance=final and run.variant == "mim_only", identity=final, **kw)
+                if final:
+                    tiles(run.variant, run.seed, tile_features(enc, ds, tile, mean, std))
     return scores
 
 

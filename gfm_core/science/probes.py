@@ -48,6 +48,8 @@ class DenseSet:
         block_image: ``[B]`` image of each block.
         block_fold: ``[B]`` cross-validation fold of each block.
         files: the image files read.
+        block_origin: ``[B, 2]`` top-left (row, column) of each block.
+        block_size: the blocks' edge in pixels.
     """
 
     name: str
@@ -62,6 +64,8 @@ class DenseSet:
     block_image: np.ndarray
     block_fold: np.ndarray
     files: tuple[str, ...]
+    block_origin: np.ndarray
+    block_size: int
 
 
 def _pairs(cfg: EvalSetCfg) -> list[tuple[Path, Path]]:
@@ -149,7 +153,7 @@ def load_dense_set(cfg: EvalSetCfg, folds: int, seed: int = 0) -> DenseSet:
         images = [np.clip((a - lo[:, None, None]) / span, 0, 1).astype(np.float32) for a in images]
     rng = np.random.default_rng(seed)
     cols: dict[str, list[np.ndarray]] = {k: [] for k in ("image", "row", "col", "label", "block")}
-    block_image = []
+    block_image, block_origin = [], []
     b, m = cfg.block_size, cfg.margin
     if 2 * m >= b:
         raise DataValidationError(f"evaluation set {cfg.name!r}: margin {m} leaves nothing of {b} px blocks")
@@ -171,6 +175,7 @@ def load_dense_set(cfg: EvalSetCfg, folds: int, seed: int = 0) -> DenseSet:
                 cols["label"].append(lab[rows[pick] + r0, cs[pick] + c0])
                 cols["block"].append(np.full(n, len(block_image)))
                 block_image.append(i)
+                block_origin.append((r0, c0))
     if len(block_image) < folds:
         raise DataValidationError(
             f"evaluation set {cfg.name!r}: {len(block_image)} labelled block(s) of {b} px, fewer than {folds} folds"
@@ -179,13 +184,14 @@ def load_dense_set(cfg: EvalSetCfg, folds: int, seed: int = 0) -> DenseSet:
     rng.shuffle(fold)
     cat = {k: np.concatenate(v).astype(np.int64) for k, v in cols.items()}
     return DenseSet(cfg.name, images, labels, len(cfg.mask_values), cat["image"], cat["row"], cat["col"],
-                    cat["label"], cat["block"], np.asarray(block_image), fold, tuple(files))
+                    cat["label"], cat["block"], np.asarray(block_image), fold, tuple(files),
+                    np.asarray(block_origin, np.int64).reshape(-1, 2), b)
 
 
 # ---------------------------------------------------------------------------------------------- features
 
 
-def _tiles(image: np.ndarray, tile: int) -> tuple[Tensor, int, int]:
+def cut_tiles(image: np.ndarray, tile: int) -> tuple[Tensor, int, int]:
     """``[C, H, W]`` -> ``[n_r * n_c, C, tile, tile]`` (reflect-padded to whole tiles), ``n_r``, ``n_c``."""
     c, h, w = image.shape
     n_r, n_c = math.ceil(h / tile), math.ceil(w / tile)
@@ -214,7 +220,7 @@ def encoder_features(
         sel = np.flatnonzero(ds.px_image == i)
         if not len(sel):
             continue
-        tiles, _, n_c = _tiles(image, tile)
+        tiles, _, n_c = cut_tiles(image, tile)
         maps: list[list[Tensor]] = []
         for k in range(0, len(tiles), batch_size):
             maps.append([f.float() for f in encoder((tiles[k : k + batch_size] - m) / s)])

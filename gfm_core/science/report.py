@@ -13,7 +13,9 @@ Fixed before running (and not changed after seeing results):
   forward passes that produced GFM's targets);
 - Holm over every testable (hypothesis, set) of the primary metric; a sensitivity family for sets with several
   images, where each pixel also gets its image's identity as a feature (classes specific to one image can
-  otherwise be learnt from image identity rather than from the features).
+  otherwise be learnt from image identity rather than from the features);
+- secondary, descriptive (no verdict, outside both families): tile-level kNN and logistic probes of the same
+  blocks (each block one sample, labelled by its majority class) with the same bootstrap, and their majority row.
 """
 
 from __future__ import annotations
@@ -88,7 +90,7 @@ def analyse(params: Params, runs: list[Any], sets: list[Any], scores: Any) -> di
     seeds = list(cfg.seeds)
     h4_frac, h4_budget, cost = _h4_fraction(runs, cfg)
     hyps: dict[str, dict[str, Any]] = {h: {"statement": t, "sets": {}} for h, (t, _, _) in HYPOTHESES.items()}
-    tables, relevance, curves, sensitivity, design = {}, {}, {}, {}, {}
+    tables, relevance, curves, sensitivity, design, tiles = {}, {}, {}, {}, {}, {}
     family, sens_family = {}, {}
     for ds in sets:
         n = ds.name
@@ -126,6 +128,14 @@ def analyse(params: Params, runs: list[Any], sets: list[Any], scores: Any) -> di
                                     _counts(scores.identity, n, b, seeds, None), reps, cfg.ci)
                 sensitivity.setdefault(h, {})[n] = ident
                 sens_family[(h, n)] = ident[PRIMARY]["p"]
+        for probe, table in scores.tiles.items():
+            tile_models = [m for m in models if (n, m, FIXED) in table or (n, m, seeds[0]) in table]
+            tiles.setdefault(n, {})[probe] = {
+                "accuracy": {m: _summary(_counts(table, n, m, seeds, None))[PRIMARY] for m in tile_models},
+                "accuracy_sd": {m: _summary(_counts(table, n, m, seeds, None))[PRIMARY + "_sd"] for m in tile_models},
+                "comparisons": {h: _comparison(_counts(table, n, a, seeds, None), _counts(table, n, b, seeds, None),
+                                               reps, cfg.ci)[PRIMARY] for h, (_, a, b) in HYPOTHESES.items()
+                                if h != "H4" and a in tile_models and b in tile_models}}
         curves[n] = {v: [{**pt, **_summary(_counts(main, n, v, seeds, pt["fraction"]))} for pt in cost[v]]
                      for v in ("gfm", "mim_only")}
         design[n] = {"images": len(ds.images), "blocks": len(ds.block_image), "pixels": len(ds.px_label),
@@ -146,7 +156,7 @@ def analyse(params: Params, runs: list[Any], sets: list[Any], scores: Any) -> di
                     "scale on real data?",
         "hypotheses": hyps, "table": tables, "relevance": relevance, "curve": curves,
         "h4": {"gfm_fraction": h4_frac, "mim_half_budget_flops": h4_budget},
-        "sensitivity_image_identity": sensitivity, "design": design,
+        "sensitivity_image_identity": sensitivity, "tiles": tiles, "design": design,
         "runs": [{"variant": r.variant, "seed": r.seed, "steps": r.steps, "step_flops": r.step_flops,
                   "fixed_flops": r.fixed_flops, "seconds": round(r.seconds, 1),
                   **{k: r.summary.get(k) for k in ("mim_ratio_holdout", "cos_margin_holdout", "mim_holdout",
@@ -197,6 +207,20 @@ def markdown(report: dict[str, Any]) -> str:
                 p = v[PRIMARY]
                 lines.append(f"| {h} | {s} | {p['diff']:+.2f} | [{p['ci'][0]:+.2f}, {p['ci'][1]:+.2f}] | "
                              f"{v['p_holm']:.3f} | {v['verdict']} |")
+        lines.append("")
+    for s, probes in report.get("tiles", {}).items():
+        lines += [f"## Secondary: tile-level probes on {s} (each block one sample, its majority class)\n",
+                  "| model | " + " | ".join(f"{p} accuracy" for p in probes) + " |",
+                  "|---|" + "---:|" * len(probes)]
+        for m in next(iter(probes.values()))["accuracy"]:
+            lines.append(f"| {m} | " + " | ".join(f"{t['accuracy'][m]:.1f} ± {t['accuracy_sd'][m]:.1f}"
+                                                  for t in probes.values()) + " |")
+        lines += ["", "| comparison | " + " | ".join(f"{p}: diff [95 % CI], seeds agree" for p in probes) + " |",
+                  "|---|" + "---|" * len(probes)]
+        for h in next(iter(probes.values()))["comparisons"]:
+            cells = [f"{c['diff']:+.1f} [{c['ci'][0]:+.1f}, {c['ci'][1]:+.1f}], {c['seeds_agree']}"
+                     for c in (t["comparisons"][h] for t in probes.values())]
+            lines.append(f"| {h} {HYPOTHESES[h][1]} - {HYPOTHESES[h][2]} | " + " | ".join(cells) + " |")
         lines.append("")
     lines += ["## Pretraining runs (held-out learning)\n", "| variant | seed | masked L1 / trivial | cosine margin "
               "| GFLOP/step | seconds |", "|---|---:|---:|---:|---:|---:|"]

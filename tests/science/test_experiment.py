@@ -88,6 +88,12 @@ def test_the_whole_science_path_runs_and_reports_every_hypothesis(tiny):
     assert report["design"]["quadrants"]["images"] == 2
     assert "H1" in report["sensitivity_image_identity"] or report["hypotheses"]["H1"]["sets"]["quadrants"][
         "verdict"] == "untestable"
+    tiles = report["tiles"]["quadrants"]
+    assert set(tiles) == {"knn", "logistic"}
+    for probe in tiles.values():  # every model of the dense table has a tile row, every comparison but H4 a CI
+        assert set(probe["accuracy"]) == set(report["table"]["quadrants"]) and set(probe["comparisons"]) == {
+            "H1", "H2", "H3"}
+    assert "tile-level probes on quadrants" in res.report_md.read_text()
     assert res.report_md.read_text().startswith("# Science report")
     assert (res.report_json.parent / "curve.png").is_file()
 
