@@ -292,15 +292,9 @@ def cross_validate(
     """Per-block confusion counts of out-of-fold predictions (folds of blocks, or leave one image out)."""
     fold_of_px = ds.block_fold[ds.px_block] if by == "blocks" else ds.px_image
     pred = np.full(len(ds.px_label), -1, np.int64)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # a probe is small: one thread is faster than two (2-20x measured here)
-    try:
-        for f in np.unique(fold_of_px):
-            test = fold_of_px == f
-            pred[test] = fit_predict(features[~test], ds.px_label[~test], features[test], ds.classes,
-                                     weight_decay, iters)
-    finally:
-        torch.set_num_threads(threads)
+    for f in np.unique(fold_of_px):  # the process's threads: 2 are 1.5x faster than 1 at 10 k pixels x 480 features
+        test = fold_of_px == f
+        pred[test] = fit_predict(features[~test], ds.px_label[~test], features[test], ds.classes, weight_decay, iters)
     k = ds.classes
     confusion = np.zeros((len(ds.block_image), k, k), np.int64)
     np.add.at(confusion, (ds.px_block, ds.px_label, pred), 1)
