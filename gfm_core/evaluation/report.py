@@ -32,6 +32,7 @@ import numpy as np
 from gfm_core.config import Params
 from gfm_core.errors import CheckpointError, ConfigError, DataValidationError
 from gfm_core.evaluation.bootstrap import bootstrap_draws, bootstrap_values, paired_bootstrap
+from gfm_core.evaluation.trivial import TRIVIAL
 from gfm_core.io import write_bytes, write_json, write_text
 
 log = logging.getLogger(__name__)
@@ -445,8 +446,8 @@ def to_markdown(report: Report) -> str:
         "variance is not in its intervals." if pooled else "; each pretrained backbone is one pretraining run, so "
         "pretraining-seed variance is not in them (pool several with `evaluate.pretraining_seeds`; the science "
         "report resamples pretraining seeds).")]
-    for t in r.tasks:
-        if not any(d[t].excludes_zero for d in r.ci.values() if t in d):
+    for t in r.tasks:  # separating GFM from the trivial row alone does not rank the models
+        if not any(d[t].excludes_zero for m, d in r.ci.items() if t in d and m != TRIVIAL):
             out.append(f"- **{t}** does not rank the models: no difference to {r.reference} is resolved at this test "
                        f"size (MDD about {r.task_mdd(t):.2f} {r.headlines[t]}).")
     if r.arp_excluded:

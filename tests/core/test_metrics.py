@@ -279,3 +279,15 @@ def test_promotion_refuses_a_pooled_candidate(repo_root):
     for name in ("gfm", "gfm_s1"):  # the pooled row, or one of its runs hidden in it
         with pytest.raises(ConfigError, match="pools it with other pretraining runs"):
             Evaluation.from_report(report, params, candidate=name)
+
+
+def test_a_task_where_only_the_trivial_row_separates_does_not_rank_the_models():
+    rng = np.random.default_rng(2)
+    runs = []
+    for seed in (0, 1):
+        base = rng.random(60) < 0.7
+        runs += [_run("t1", "imagenet", seed, base ^ (rng.random(60) < 0.05)), _run("t1", "gfm", seed, base),
+                 _run("t1", "trivial", seed, np.zeros(60, bool))]
+    report = build_report(runs, baseline="imagenet", reference="gfm", n_bootstrap=200)
+    assert report.ci["trivial"]["t1"].excludes_zero and not report.ci["imagenet"]["t1"].excludes_zero
+    assert "**t1** does not rank the models" in to_markdown(report)
