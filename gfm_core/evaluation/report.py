@@ -320,6 +320,8 @@ def _pair_units(
     """Paired units ``(unit of a, unit of b, pretraining group)``: same fine-tuning seed, and the same pretraining
     run by position where both rows pool several (a row of one pretraining pairs with every run of the other)."""
     pa, pb = sorted({j for j, _ in a}), sorted({j for j, _ in b})
+    if not pa or not pb:  # a model without results on this task
+        return []
     if len(pa) > 1 and len(pb) > 1 and pa != pb:
         raise ConfigError(f"evaluate.pretraining_seeds: {name_a} pools {len(pa)} pretraining runs and {name_b} "
                           f"{len(pb)}; pooled rows pair by position, so give them as many runs each")
