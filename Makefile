@@ -23,7 +23,7 @@ env:
 demo: env
 	$(VENV)/bin/python -m orchestration.materialize
 
-## The paper's claims tested at small scale on real data (about 54 min on 2 cores): outputs/science/report.md
+## The paper's claims tested at small scale on real data (55 min on 2 cores): outputs/science/report.md
 science: env
 	$(VENV)/bin/gfm demo-data
 	$(VENV)/bin/gfm science --preset science
