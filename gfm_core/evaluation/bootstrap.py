@@ -56,12 +56,19 @@ def bootstrap_values(
     return out
 
 
+def group_mean(values: Sequence[float], groups: Sequence[int] | None = None) -> float:
+    """Mean over groups of the mean of their units' values (NaN when there are none)."""
+    vals = np.asarray(values, np.float64)
+    if not len(vals):
+        return float("nan")
+    g = np.zeros(len(vals), np.int64) if groups is None else np.asarray(groups)
+    return float(np.mean([vals[g == k].mean() for k in np.unique(g)]))
+
+
 def point_estimate(head: str, metric: str, per_unit: Sequence[Mapping[str, np.ndarray]],
                    groups: Sequence[int] | None = None) -> float:
     """Mean over groups of the mean over their units of the metric on every row."""
-    vals = np.array([metrics_from_stats(head, s)[metric] for s in per_unit])
-    g = np.zeros(len(vals), np.int64) if groups is None else np.asarray(groups)
-    return float(np.mean([vals[g == k].mean() for k in np.unique(g)]))
+    return group_mean([metrics_from_stats(head, s)[metric] for s in per_unit], groups)
 
 
 def paired_bootstrap(

@@ -31,7 +31,7 @@ import numpy as np
 
 from gfm_core.config import Params
 from gfm_core.errors import CheckpointError, ConfigError, DataValidationError
-from gfm_core.evaluation.bootstrap import bootstrap_draws, bootstrap_values, paired_bootstrap
+from gfm_core.evaluation.bootstrap import bootstrap_draws, bootstrap_values, group_mean, paired_bootstrap
 from gfm_core.evaluation.trivial import TRIVIAL
 from gfm_core.io import write_bytes, write_json, write_text
 
@@ -258,10 +258,9 @@ def build_report(
         mean[m], std[m], seeds[m] = {}, {}, {}
         for t, metric in columns:
             got = by_key.get((m, t), {})
-            vals = [got[u].metrics.get(metric, math.nan) for u in sorted(got)]
-            mean[m][f"{t}/{metric}"] = float(np.mean([  # mean over pretraining runs of their mean over seeds
-                np.mean([got[u].metrics.get(metric, math.nan) for u in got if u[0] == j])
-                for j in sorted({u[0] for u in got})])) if vals else math.nan
+            units = sorted(got)
+            vals = [got[u].metrics.get(metric, math.nan) for u in units]
+            mean[m][f"{t}/{metric}"] = group_mean(vals, [j for j, _ in units])  # over runs of their mean over seeds
             std[m][f"{t}/{metric}"] = (
                 float(np.std(vals, ddof=1)) if len(vals) > 1 else (0.0 if vals else math.nan)
             )
