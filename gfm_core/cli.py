@@ -61,10 +61,7 @@ def _cmd_pretrain(args: argparse.Namespace) -> None:
     from gfm_core import stages
 
     params = _params(args)
-    if args.baseline:
-        res = stages.run_pretrain_baseline(params, args.baseline, resume=args.resume, max_steps=args.max_steps)
-    else:
-        res = stages.run_pretrain(params, resume=args.resume, max_steps=args.max_steps)
+    res = stages.run_pretrain(params, args.ablation, resume=args.resume, max_steps=args.max_steps)
     if os.environ.get("RANK", "0") != "0":  # launched on several ranks: rank 0 reports
         return
     print(f"start: {res.start_reason}")
@@ -153,8 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 "and teacher); otherwise, and without this flag, an earlier run's checkpoints are "
                                 "moved to checkpoints.stale-<time>/ and training starts fresh")
             p.add_argument("--max-steps", type=int, default=None, help="override pretrain.max_steps")
-            p.add_argument("--baseline", default=None,
-                           help="pretrain the ablation of this name in finetune.models (mim_only, distill_only)")
+            p.add_argument("--ablation", default=None,
+                           help="pretrain the ablation of this name in pretrain.ablations (mim_only, distill_only)")
         if name == "finetune":
             p.add_argument("--task", action="append", help="only this task (repeatable)")
             p.add_argument("--model", action="append", help="only this model (repeatable)")

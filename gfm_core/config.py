@@ -14,7 +14,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from gfm_core.data.sources import IngestSettings, SourceSpec
-from gfm_core.errors import ConfigError
+from gfm_core.errors import ConfigError, DataValidationError
+from gfm_core.task_heads import HEADS
 
 
 class Section(BaseModel):
@@ -134,6 +135,10 @@ class PretrainCfg(Section):
     log_every: int = Field(10, ge=1)
     seed: int = 0
     out_dir: Path = Path("outputs/pretrain")
+    ablations: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description="name -> overrides of this section for a pretraining ablation of its own "
+        "(MIM-only: {alpha: 0}); it writes to <out_dir>_<name> (ablation_dir)",
+    )
 
     @model_validator(mode="after")
     def _check_geometry(self) -> PretrainCfg:
@@ -168,6 +173,26 @@ class PretrainCfg(Section):
             if min(self.source_weights.values(), default=0) < 0 or not sum(self.source_weights.values()) > 0:
                 raise ValueError(f"source_weights must be >= 0 with a positive sum, got {self.source_weights}")
         return self
+
+    def ablation_dir(self, name: str | None) -> Path:
+        """Where the pretraining ``name`` writes: ``out_dir`` itself, or ``<out_dir>_<name>`` for an ablation."""
+        return self.out_dir if name is None else self.out_dir.with_name(f"{self.out_dir.name}_{name}")
+
+    def ablation(self, name: str) -> PretrainCfg:
+        """This section with the ablation ``name``'s overrides, writing to :meth:`ablation_dir`.
+
+        Raises:
+            ConfigError: unknown ablation (the message lists them), or overrides that are not valid settings.
+        """
+        if name not in self.ablations:
+            valid = ", ".join(self.ablations) or "(none configured)"
+            raise ConfigError(f"pretrain.ablations: unknown ablation {name!r}; valid: {valid}")
+        raw = _deep_merge(self.model_dump(mode="json"), dict(self.ablations[name]))
+        raw.update(out_dir=str(self.ablation_dir(name)), ablations={})
+        try:
+            return PretrainCfg.model_validate(raw)
+        except ValidationError as e:
+            raise ConfigError(_format_error(f"pretrain.ablations.{name}", e)) from None
 
     def lr_factor(self, global_batch: int) -> float:
         """What ``base_lr``, ``warmup_lr`` and ``min_lr`` are multiplied by (``lr_scaling``)."""
@@ -207,17 +232,7 @@ class ValidateCfg(Section):
     )
 
 
-TaskHeadName = Literal["classification", "multilabel", "segmentation", "change", "superres"]
 TaskLayout = Literal["ucmerced", "resisc45", "eurosat", "bigearthnet", "oscd", "levircd", "folders"]
-
-#: The folder layouts each head can read (torchgeo's layouts plus the generic ``folders`` one).
-LAYOUTS_BY_HEAD: dict[str, tuple[str, ...]] = {
-    "classification": ("ucmerced", "resisc45", "eurosat"),
-    "multilabel": ("bigearthnet",),
-    "segmentation": ("folders",),
-    "change": ("levircd", "oscd", "folders"),
-    "superres": ("folders",),
-}
 
 
 class TaskCfg(Section):
@@ -229,7 +244,7 @@ class TaskCfg(Section):
     """
 
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
-    head: TaskHeadName
+    head: str = Field(description="a row of gfm_core.task_heads.HEADS: " + ", ".join(HEADS))
     layout: TaskLayout
     root: Path
     img_size: int = Field(ge=16, description="backbone input size in pixels (images are resized to it)")
@@ -272,7 +287,9 @@ class TaskCfg(Section):
 
     @model_validator(mode="after")
     def _check(self) -> TaskCfg:
-        valid = LAYOUTS_BY_HEAD[self.head]
+        if self.head not in HEADS:
+            raise ValueError(f"task {self.name!r}: unknown head {self.head!r}; valid: {', '.join(HEADS)}")
+        valid = HEADS[self.head].layouts
         if self.layout not in valid:
             raise ValueError(
                 f"task {self.name!r}: head {self.head!r} cannot read layout {self.layout!r}; "
@@ -293,10 +310,12 @@ class TaskCfg(Section):
 class BackboneSpec(Section):
     """Where a fine-tuned model's backbone comes from; every baseline gets the same heads and budget.
 
-    ``export``: a backbone written by pretraining (``path`` = ``backbone.safetensors`` + JSON sidecar).
-    ``teacher``: a timm model loaded from a local checkpoint (``arch`` + ``path``; the ImageNet baseline).
-    ``random``: ``arch`` + ``timm_kwargs``, randomly initialised.
-    ``pretrain`` holds ``pretrain``-section overrides that produce an export baseline (MIM-only: alpha 0).
+    ``export``: a backbone written by pretraining (``path`` = ``backbone.safetensors`` + JSON sidecar; default:
+    the export of ``pretrain`` or of its ablation ``ablation``).
+    ``teacher``: a timm model loaded from a local checkpoint (``arch`` + ``path``; default: the pretraining
+    teacher, the ImageNet baseline).
+    ``random``: ``arch`` + ``timm_kwargs``, randomly initialised (default: the student's architecture).
+    The defaults are filled in when the params are loaded (:func:`derive_models`).
     """
 
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
@@ -304,7 +323,7 @@ class BackboneSpec(Section):
     path: Path | None = None
     arch: str | None = None
     timm_kwargs: dict[str, Any] = Field(default_factory=dict)
-    pretrain: dict[str, Any] = Field(default_factory=dict)
+    ablation: str | None = Field(None, description="export: the pretrain.ablations entry that wrote it")
     description: str = ""
 
     @model_validator(mode="after")
@@ -313,7 +332,40 @@ class BackboneSpec(Section):
             raise ValueError(f"model {self.name!r}: kind {self.kind!r} needs a path (a local weight file)")
         if self.kind in ("teacher", "random") and not self.arch:
             raise ValueError(f"model {self.name!r}: kind {self.kind!r} needs an arch (a timm model name)")
+        if self.ablation is not None and self.kind != "export":
+            raise ValueError(f"model {self.name!r}: only an export comes from a pretraining ablation")
         return self
+
+
+def derive_models(raw: dict[str, Any]) -> dict[str, Any]:
+    """``raw`` params with ``finetune.models`` completed from the ``pretrain`` section.
+
+    An ``export`` without ``path`` is the export of ``pretrain`` (or of its ``ablation``); a ``teacher`` without
+    ``arch`` is the pretraining teacher; a ``random`` without ``arch`` is the student's architecture (its
+    width, depths, heads and window). Each of ``finetune.ablations`` becomes an ``export`` model of its name.
+    """
+    ft, pre_raw = raw.get("finetune") or {}, raw.get("pretrain") or {}
+    ft = ft.model_dump() if isinstance(ft, BaseModel) else dict(ft)
+    if not ft.get("models") and not ft.get("ablations"):
+        return raw
+    try:
+        pre = pre_raw if isinstance(pre_raw, PretrainCfg) else PretrainCfg.model_validate(pre_raw)
+    except ValidationError:
+        return raw  # the section's own validation reports it, with its keys
+    models = [m.model_dump() if isinstance(m, BaseModel) else dict(m) for m in ft.get("models") or ()]
+    names = {m.get("name") for m in models}
+    models += [{"name": a, "kind": "export", "ablation": a} for a in ft.get("ablations") or () if a not in names]
+    for m in models:
+        if m.get("kind") == "export" and m.get("path") is None:
+            m["path"] = str(pre.ablation_dir(m.get("ablation")) / "backbone.safetensors")
+        elif m.get("kind") == "teacher" and not m.get("arch"):
+            m.update(arch=pre.teacher.arch, path=m.get("path") or pre.teacher.checkpoint,
+                     timm_kwargs=m.get("timm_kwargs") or dict(pre.teacher.timm_kwargs))
+        elif m.get("kind") == "random" and not m.get("arch"):
+            st = pre.student
+            shape = {k: getattr(st, k) for k in ("embed_dim", "depths", "num_heads") if getattr(st, k) is not None}
+            m.update(arch=st.arch, timm_kwargs={**shape, "window_size": st.window_size, **(m.get("timm_kwargs") or {})})
+    return {**raw, "finetune": {**ft, "models": models}}
 
 
 class FinetuneCfg(Section):
@@ -325,6 +377,9 @@ class FinetuneCfg(Section):
 
     tasks: tuple[TaskCfg, ...] = ()
     models: tuple[BackboneSpec, ...] = ()
+    ablations: tuple[str, ...] = Field(
+        (), description="pretrain.ablations fine-tuned as models of their own name (after finetune.models)"
+    )
     seeds: tuple[int, ...] = Field((0,), min_length=1)
     subset_seed: int | None = Field(42, description="seed of the label-fraction subset; None = the run seed")
     batch_size: int = Field(128, ge=1)
@@ -346,6 +401,8 @@ class FinetuneCfg(Section):
     cache_samples: bool = Field(False, description="keep decoded training images in memory (small sets)")
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    backend: Literal["torch", "deepspeed"] = "torch"
+    zero_stage: Literal[0, 1, 2, 3] = 0
     num_workers: int = Field(4, ge=0)
     log_every: int = Field(10, ge=1)
     out_dir: Path = Path("outputs/finetune")
@@ -451,14 +508,11 @@ class EvalSetCfg(Section):
 class ScienceCfg(Section):
     """The small-scale test of the paper's claims (``make science``; gfm_core.science).
 
-    Every variant is a pretraining of the active ``pretrain`` section with its overrides, for ``steps``
-    optimizer steps, once per seed; ``random`` (the student's initial weights) is scored too.
+    Every variant (``gfm`` and each of ``pretrain.ablations``, :meth:`Params.science_variants`) is a pretraining
+    of the active ``pretrain`` section with its overrides, for ``steps`` optimizer steps, once per seed;
+    ``random`` (the student's initial weights) is scored too.
     """
 
-    variants: dict[str, dict[str, Any]] = Field(
-        default_factory=lambda: {"gfm": {}, "mim_only": {"alpha": 0.0}, "distill_only": {"w_mim": 0.0}},
-        description="name -> pretrain overrides; gfm, mim_only and distill_only are the hypotheses' models",
-    )
     seeds: tuple[int, ...] = Field((0, 1, 2), min_length=2)
     steps: int = Field(1500, ge=1, description="optimizer steps of every pretraining (fixed; never wall time)")
     curve_fractions: tuple[float, ...] = Field((0.25, 0.5, 1.0), description="H4: probe gfm/mim_only here")
@@ -480,16 +534,8 @@ class ScienceCfg(Section):
 
     @model_validator(mode="after")
     def _check(self) -> ScienceCfg:
-        missing = {"gfm", "mim_only", "distill_only"} - set(self.variants)
-        if missing:
-            raise ValueError(f"science.variants must define {sorted(missing)} (the hypotheses compare them)")
         if any(not 0 < f <= 1 for f in self.curve_fractions) or 1.0 not in self.curve_fractions:
             raise ValueError(f"science.curve_fractions must lie in (0, 1] and include 1, got {self.curve_fractions}")
-        for name, over in self.variants.items():  # anything else would break the variants' common random numbers
-            extra = sorted(set(over) - {"w_mim", "alpha"})
-            if extra:
-                raise ValueError(f"science.variants.{name}: only w_mim and alpha may differ between variants, "
-                                 f"not {extra}")
         names = [e.name for e in self.eval_sets]
         if len(set(names)) != len(names):
             raise ValueError(f"science.eval_sets: duplicate names in {names}")
@@ -515,8 +561,17 @@ class Params(Section):
     science: ScienceCfg = ScienceCfg()
     presets: dict[str, dict[str, Any]] = Field(default_factory=dict)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _derive_models(cls, data: Any) -> Any:
+        return derive_models(data) if isinstance(data, dict) else data
+
     @model_validator(mode="after")
     def _check_exclusions(self) -> Params:
+        unknown_ablations = sorted(set(self.finetune.ablations) - set(self.pretrain.ablations))
+        if unknown_ablations:
+            raise ValueError(f"finetune.ablations: {unknown_ablations} not in pretrain.ablations "
+                             f"({', '.join(self.pretrain.ablations) or 'none'})")
         tasks = [t.name for t in self.finetune.tasks]
         unknown = sorted(set(self.validation.contamination_exclude) - set(tasks))
         if unknown:
@@ -526,6 +581,64 @@ class Params(Section):
             )
         self._check_pooled_rows()
         return self
+
+    def task(self, name: str) -> TaskCfg:
+        """The task section named ``name``, with its ``stretch`` set from its ``stretch_source``'s recorded
+        contrast stretch (``<ingest.out_dir>/norm_stats.json``).
+
+        Raises:
+            ConfigError: no such task (the message lists the configured ones).
+            DataValidationError: ``stretch_source`` is set but the pile has no stretch of that source yet.
+        """
+        for t in self.finetune.tasks:
+            if t.name == name:
+                return self._with_pile_stretch(t)
+        valid = ", ".join(t.name for t in self.finetune.tasks) or "(none configured)"
+        raise ConfigError(f"finetune.tasks: unknown task {name!r}; valid: {valid}")
+
+    def _with_pile_stretch(self, task: TaskCfg) -> TaskCfg:
+        if task.stretch_source is None:
+            return task
+        from gfm_core.data.stats import load_stretches
+
+        path = self.ingest.out_dir / "norm_stats.json"
+        stretches = load_stretches(path) if path.is_file() else {}
+        if task.stretch_source not in stretches:
+            raise DataValidationError(
+                f"{path}: no contrast stretch of pile source {task.stretch_source!r} (finetune.tasks[{task.name}]."
+                f"stretch_source); run `gfm ingest` with ingest.stretch set, or drop stretch_source"
+            )
+        st = stretches[task.stretch_source]
+        return task.model_copy(update={"stretch": (st.lo, st.hi)})
+
+    def science_variants(self) -> dict[str, dict[str, Any]]:
+        """The science experiment's pretrainings: ``gfm`` (the section as written) and ``pretrain.ablations``.
+
+        Raises:
+            ConfigError: an ablation the hypotheses compare is missing, or an ablation changes more than the loss
+                weights (that would break the variants' common random numbers).
+        """
+        missing = sorted({"mim_only", "distill_only"} - set(self.pretrain.ablations))
+        if missing:
+            raise ConfigError(f"pretrain.ablations must define {missing} (the science hypotheses compare them)")
+        for name, over in self.pretrain.ablations.items():
+            extra = sorted(set(over) - {"w_mim", "alpha"})
+            if extra:
+                raise ConfigError(f"pretrain.ablations.{name}: the science experiment lets only w_mim and alpha "
+                                  f"differ between variants, not {extra}")
+        return {"gfm": {}, **self.pretrain.ablations}
+
+    def model(self, name: str) -> BackboneSpec:
+        """The model (backbone source) named ``name``.
+
+        Raises:
+            ConfigError: no such model (the message lists the configured ones).
+        """
+        for m in self.finetune.models:
+            if m.name == name:
+                return m
+        valid = ", ".join(m.name for m in self.finetune.models) or "(none configured)"
+        raise ConfigError(f"finetune.models: unknown model {name!r}; valid: {valid}")
 
     def _check_pooled_rows(self) -> None:
         """``evaluate.pretraining_seeds``: members are finetune models, each in one row of at least two."""

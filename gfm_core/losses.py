@@ -81,3 +81,11 @@ def gfm_loss(
     mim = masked_l1(pred, target, mask_pixels)
     distill = student.sum() * 0.0 if teacher is None else neg_cosine(student, teacher)
     return {"loss": w_mim * mim + alpha * distill, "mim": mim, "distill": distill}
+
+
+def dice_loss(logits: Tensor, mask: Tensor, eps: float = 1.0) -> Tensor:
+    """1 - soft Dice of the change class; ``logits: [B, 2, H, W]``, ``mask: [B, H, W]`` in {0, 1}."""
+    p = logits.float().softmax(1)[:, 1]
+    t = mask.float()
+    inter = (p * t).sum()
+    return 1 - (2 * inter + eps) / (p.sum() + t.sum() + eps)

@@ -123,7 +123,7 @@ class Evaluation:
             CheckpointError: a result file the report used is gone, or the results changed since the report.
         """
         from gfm_core.evaluation.report import load_run
-        from gfm_core.finetune import RESULT_FILE, result_dir
+        from gfm_core.evaluation.results import RESULT_FILE, result_dir
 
         name = candidate or params.promote.candidate
         pooled = getattr(report, "pretrainings", {})

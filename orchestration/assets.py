@@ -66,7 +66,7 @@ def demo_data(context: dg.AssetExecutionContext, gfm: GfmParams, mlflow: MlflowT
         params = mlflow.apply(gfm.load())
         with mlflow.stage(context, params, "demo_data", params.demo_data) as run_id:
             res = stages.run_demo_data(params)
-            _track({"pile_images": sum(res.pile_counts.values())}, {"manifest": res.root / "manifest.json"})
+            _track(res.metrics(), res.artifacts())
     return dg.MaterializeResult(metadata={
         "root": dg.MetadataValue.path(str(res.root)),
         "pile_images": sum(res.pile_counts.values()),
@@ -85,8 +85,7 @@ def geopile_manifest(context: dg.AssetExecutionContext, gfm: GfmParams,
         params = mlflow.apply(gfm.load())
         with mlflow.stage(context, params, "ingest", params.ingest) as run_id:
             res = stages.run_ingest(params, progress=False)
-            _track({"accepted": res.accepted, "quarantined": res.quarantined, "quarantine_rate": res.bad_fraction,
-                    "near_duplicates": res.near_duplicates}, {"quarantine": res.quarantine, "stats": res.stats})
+            _track(res.metrics(), res.artifacts())
     return dg.MaterializeResult(
         metadata={
             "manifest": dg.MetadataValue.path(str(res.manifest)),
@@ -111,7 +110,7 @@ def great_expectations_suite(context: dg.AssetCheckExecutionContext, gfm: GfmPar
         params = mlflow.apply(gfm.load())
         with mlflow.stage(context, params, "validate", params.validation) as run_id:
             res = stages.run_validate(params)
-            _track({"passed": float(res.success), "failed_expectations": len(res.failed)}, {"results": res.json})
+            _track(res.metrics(), res.artifacts())
     return dg.AssetCheckResult(
         passed=res.success,
         metadata={
@@ -133,7 +132,7 @@ def geopile_shards(context: dg.AssetExecutionContext, gfm: GfmParams,
         params = mlflow.apply(gfm.load())
         with mlflow.stage(context, params, "shards", params.ingest) as run_id:
             res = stages.run_shards(params, progress=False)
-            _track({"images": res.images, "shards": res.shards, "bytes": res.bytes})
+            _track(res.metrics(), res.artifacts())
     return dg.MaterializeResult(
         metadata={"shards": dg.MetadataValue.path(str(res.shard_dir)), "images": res.images,
                   "files": res.shards, "megabytes": round(res.bytes / 1e6, 1), "rebuilt": res.rebuilt,
@@ -169,14 +168,14 @@ def _curve(history: Sequence[dict[str, float]], rows: int = 20) -> list[dict[str
 
 
 def _pretrain(context: dg.AssetExecutionContext, gfm: GfmParams, mlflow: MlflowTracking,
-              launcher: PretrainLauncher, baseline: str | None = None) -> tuple[Any, str | None, Params]:
+              launcher: PretrainLauncher, ablation: str | None = None) -> tuple[Any, str | None, Params]:
     gfm = gfm.for_run(context.run.tags)  # a retraining run on a new teacher names it in its tags
     with stage_errors():
         params = mlflow.apply(gfm.load())
-        section = stages.baseline_params(params, baseline).pretrain if baseline else params.pretrain
-        name = f"pretrain_{baseline}" if baseline else "pretrain"
+        section = params.pretrain.ablation(ablation) if ablation else params.pretrain
+        name = f"pretrain_{ablation}" if ablation else "pretrain"
         with mlflow.stage(context, params, name, section) as run_id:
-            res = launcher.pretrain(context, gfm, baseline, mlflow_run_id=run_id, params=params)
+            res = launcher.pretrain(context, gfm, ablation, mlflow_run_id=run_id, params=params)
             _log_start(context, res.summary)
             _track(files={"summary": section.out_dir / "summary.json", "metrics": section.out_dir / "metrics.csv",
                           "sidecar": res.backbone.with_suffix(".json"),
@@ -236,9 +235,9 @@ def ablation_models(context: dg.AssetExecutionContext, gfm: GfmParams, mlflow: M
                     launcher: PretrainLauncher) -> dg.MaterializeResult:
     rows = []
     with stage_errors():
-        names = stages.pretraining_baselines(gfm.load())
+        names = gfm.load().finetune.ablations
     for name in names:
-        res, run_id, _ = _pretrain(context, gfm, mlflow, launcher, baseline=name)
+        res, run_id, _ = _pretrain(context, gfm, mlflow, launcher, ablation=name)
         rows.append({"model": name, "backbone": str(res.backbone), "steps": int(res.summary.get("steps", 0)),
                      "start_step": int(res.summary.get("start_step", 0)),
                      "loss": float(res.summary.get("loss", float("nan"))), "mlflow_run_id": run_id or ""})

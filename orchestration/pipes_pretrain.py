@@ -60,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m orchestration.pipes_pretrain", description=__doc__.splitlines()[0])
     p.add_argument("--params", type=Path, default=Path("params.yaml"))
     p.add_argument("--preset", default=None)
-    p.add_argument("--baseline", default=None, help="a pretraining ablation of finetune.models (e.g. mim_only)")
+    p.add_argument("--ablation", default=None, help="a pretraining ablation of pretrain.ablations (e.g. mim_only)")
     p.add_argument("--teacher-checkpoint", default=None, help="override pretrain.teacher.checkpoint")
     p.add_argument("--teacher-arch", default=None, help="override pretrain.teacher.arch")
     p.add_argument("--resume", choices=("unfinished", "always", "never"), default="unfinished",
@@ -88,9 +88,7 @@ def _pretrain(params: Params, args: argparse.Namespace, callbacks: Sequence[Any]
 
     resume = {"unfinished": "unfinished", "always": True, "never": False}[args.resume]
     kw = dict(resume=resume, max_steps=args.max_steps, callbacks=list(callbacks))
-    if args.baseline:
-        return stages.run_pretrain_baseline(params, args.baseline, **kw)
-    return stages.run_pretrain(params, **kw)
+    return stages.run_pretrain(params, args.ablation, **kw)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

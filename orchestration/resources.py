@@ -160,13 +160,13 @@ class PretrainLauncher(dg.ConfigurableResource):
         """``fit`` callbacks of an in-process run: each logged step as a Dagster log line."""
         return [_DagsterLog(context)]
 
-    def command(self, gfm: GfmParams, baseline: str | None = None) -> list[str]:
+    def command(self, gfm: GfmParams, ablation: str | None = None) -> list[str]:
         """The launcher command line for ``mode`` (not used in process)."""
         cli = ["-m", "orchestration.pipes_pretrain", "--params", gfm.params_path]
         if gfm.preset is not None:
             cli += ["--preset", gfm.preset]
-        if baseline:
-            cli += ["--baseline", baseline]
+        if ablation:
+            cli += ["--ablation", ablation]
         if gfm.teacher_checkpoint:
             cli += ["--teacher-checkpoint", gfm.teacher_checkpoint]
         if gfm.teacher_arch:
@@ -181,24 +181,23 @@ class PretrainLauncher(dg.ConfigurableResource):
         return [*ds, *cli[1:]]
 
     def pretrain(
-        self, context: dg.AssetExecutionContext, gfm: GfmParams, baseline: str | None = None,
+        self, context: dg.AssetExecutionContext, gfm: GfmParams, ablation: str | None = None,
         *, mlflow_run_id: str | None = None, params: Params | None = None,
     ) -> LaunchResult:
-        """Run one pretraining (the foundation model, or the ablation ``baseline``).
+        """Run one pretraining (the foundation model, or one of ``pretrain.ablations``).
 
         Args:
             mlflow_run_id: the asset's MLflow stage run; a launched job resumes it for its per-step metrics.
             params: the params in force (``gfm.load()`` with the tracking overrides); default ``gfm.load()``.
         """
         params = params or gfm.load()
-        cfg = stages.baseline_params(params, baseline).pretrain if baseline else params.pretrain
+        cfg = params.pretrain.ablation(ablation) if ablation else params.pretrain
         if self.mode == "in_process":
             # a re-materialisation continues an interrupted run of the same fingerprint, else starts fresh
             kw: dict[str, Any] = {"resume": "unfinished", "callbacks": self.callbacks(context)}
-            res = (stages.run_pretrain_baseline(params, baseline, **kw) if baseline
-                   else stages.run_pretrain(params, **kw))
+            res = stages.run_pretrain(params, ablation, **kw)
             return LaunchResult(res.backbone, json.loads(res.summary_json.read_text()), list(res.history))
-        cmd = self.command(gfm, baseline)
+        cmd = self.command(gfm, ablation)
         context.log.info("launching through Dagster Pipes: %s", " ".join(cmd))
         extras: dict[str, Any] = {}
         if mlflow_run_id is not None:

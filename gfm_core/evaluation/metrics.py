@@ -23,7 +23,6 @@ image, then averaged (SSIM: Gaussian window 11, sigma 1.5).
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
 
 import numpy as np
 import torch
@@ -41,19 +40,14 @@ from torchmetrics.functional.image import peak_signal_noise_ratio, structural_si
 from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 
 from gfm_core.errors import ConfigError
+from gfm_core.task_heads import HeadRegistry, get_head
 
-HEADLINES: dict[str, str] = {
-    "classification": "acc",
-    "multilabel": "mAP",
-    "segmentation": "mIoU",
-    "change": "F1",
-    "superres": "PSNR",
-}
 Stats = dict[str, np.ndarray]
 
 
 class TaskMetrics:
-    """Accumulates one test pass. Subclasses set ``head`` and implement the three methods."""
+    """Accumulates one test pass. Subclasses set ``head``, take ``(num_outputs, ignore_index)`` and implement
+    ``update``, ``compute`` and ``from_stats``."""
 
     head = ""
 
@@ -62,14 +56,15 @@ class TaskMetrics:
 
     @property
     def headline(self) -> str:
-        return HEADLINES[self.head]
+        """The head's headline metric (:data:`gfm_core.task_heads.HEADS`)."""
+        return get_head(self.head).headline
 
     def _add(self, **stats: Tensor) -> None:
         for k, v in stats.items():
             self._rows.setdefault(k, []).append(v.detach().cpu().numpy())
 
     def update(self, pred: Tensor, target: Tensor) -> None:
-        """Add a batch: ``pred`` from :meth:`gfm_core.finetune.Finetune.predict`, ``target`` the labels."""
+        """Add a batch: ``pred`` from :meth:`gfm_core.objectives.Finetune.predict`, ``target`` the labels."""
         raise NotImplementedError
 
     def compute(self) -> dict[str, float]:
@@ -80,13 +75,23 @@ class TaskMetrics:
         """Per-sample statistics (module docstring), rows in the order the samples were added."""
         return {k: np.concatenate(v) for k, v in self._rows.items()}
 
+    @staticmethod
+    def from_stats(sel: Mapping[str, np.ndarray]) -> dict[str, float]:
+        """The metrics of the samples whose per-sample statistics are ``sel`` (equal to ``compute`` on them)."""
+        raise NotImplementedError
 
+
+#: Head name -> metric accumulator class (``@METRICS.register``; the names are the rows of ``HEADS``).
+METRICS: HeadRegistry[type[TaskMetrics]] = HeadRegistry("metrics")
+
+
+@METRICS.register
 class ClassificationMetrics(TaskMetrics):
     """Top-1 accuracy; ``pred``: ``[B, K]`` scores, ``target``: ``[B]`` class ids."""
 
     head = "classification"
 
-    def __init__(self, num_classes: int) -> None:
+    def __init__(self, num_classes: int, ignore_index: int | None = None) -> None:
         super().__init__()
         self.acc = MulticlassAccuracy(num_classes=num_classes, average="micro", top_k=1)
 
@@ -97,13 +102,18 @@ class ClassificationMetrics(TaskMetrics):
     def compute(self) -> dict[str, float]:
         return {"acc": 100 * float(self.acc.compute())}
 
+    @staticmethod
+    def from_stats(sel: Mapping[str, np.ndarray]) -> dict[str, float]:
+        return {"acc": 100 * float(np.mean(sel["correct"]))}
 
+
+@METRICS.register
 class MultilabelMetrics(TaskMetrics):
     """Micro-averaged AP (paper's BigEarthNet metric); ``pred``: ``[B, L]`` probabilities, ``target``: 0/1."""
 
     head = "multilabel"
 
-    def __init__(self, num_labels: int) -> None:
+    def __init__(self, num_labels: int, ignore_index: int | None = None) -> None:
         super().__init__()
         self.num_labels = num_labels
         self.ap = MultilabelAveragePrecision(num_labels=num_labels, average="micro")
@@ -116,7 +126,18 @@ class MultilabelMetrics(TaskMetrics):
     def compute(self) -> dict[str, float]:
         return {"mAP": 100 * float(self.ap.compute())}
 
+    @staticmethod
+    def from_stats(sel: Mapping[str, np.ndarray]) -> dict[str, float]:
+        ap = multilabel_average_precision(
+            torch.from_numpy(np.ascontiguousarray(sel["scores"])),
+            torch.from_numpy(np.ascontiguousarray(sel["targets"])),
+            num_labels=sel["scores"].shape[1],
+            average="micro",
+        )
+        return {"mAP": 100 * float(ap)}
 
+
+@METRICS.register
 class SegmentationMetrics(TaskMetrics):
     """mIoU and per-class IoU; ``pred``/``target``: ``[B, H, W]`` class ids (``ignore_index`` not scored)."""
 
@@ -146,6 +167,17 @@ class SegmentationMetrics(TaskMetrics):
                 out[f"iou_{k}"] = 100 * float(v)
         return out
 
+    @staticmethod
+    def from_stats(sel: Mapping[str, np.ndarray]) -> dict[str, float]:
+        cm = sel["confmat"].sum(0).astype(np.float64)
+        tp = np.diag(cm)
+        union = cm.sum(0) + cm.sum(1) - tp
+        present = union > 0
+        iou = np.where(present, tp / np.where(present, union, 1), np.nan)
+        out = {"mIoU": 100 * float(np.nanmean(iou)) if present.any() else 0.0}
+        out.update({f"iou_{k}": 100 * float(v) for k, v in enumerate(iou) if present[k]})
+        return out
+
 
 def confusion_matrices(pred: Tensor, target: Tensor, num_classes: int, ignore_index: int | None) -> Tensor:
     """Per-sample confusion matrices ``[B, K, K]`` (row = target, column = prediction), int64."""
@@ -159,12 +191,13 @@ def confusion_matrices(pred: Tensor, target: Tensor, num_classes: int, ignore_in
     return counts.view(b, k, k)
 
 
+@METRICS.register
 class ChangeMetrics(TaskMetrics):
     """Precision/recall/F1 of the change class; ``pred``/``target``: ``[B, H, W]`` in {0, 1}."""
 
     head = "change"
 
-    def __init__(self) -> None:
+    def __init__(self, num_outputs: int = 2, ignore_index: int | None = None) -> None:
         super().__init__()
         self.p, self.r, self.f1 = BinaryPrecision(), BinaryRecall(), BinaryF1Score()
 
@@ -182,13 +215,23 @@ class ChangeMetrics(TaskMetrics):
             "F1": 100 * float(self.f1.compute()),
         }
 
+    @staticmethod
+    def from_stats(sel: Mapping[str, np.ndarray]) -> dict[str, float]:
+        tp, fp, fn = (float(np.sum(sel[k])) for k in ("tp", "fp", "fn"))
+        return {
+            "precision": 100 * _ratio(tp, tp + fp),
+            "recall": 100 * _ratio(tp, tp + fn),
+            "F1": 100 * _ratio(2 * tp, 2 * tp + fp + fn),
+        }
 
+
+@METRICS.register
 class SuperResMetrics(TaskMetrics):
     """PSNR and SSIM per image (data range 1); ``pred``/``target``: ``[B, C, H, W]`` in [0, 1]."""
 
     head = "superres"
 
-    def __init__(self) -> None:
+    def __init__(self, num_outputs: int = 3, ignore_index: int | None = None) -> None:
         super().__init__()
         self.psnr = PeakSignalNoiseRatio(data_range=1.0, dim=(1, 2, 3))
         self.ssim = StructuralSimilarityIndexMeasure(data_range=1.0)
@@ -206,32 +249,13 @@ class SuperResMetrics(TaskMetrics):
         return {"PSNR": float(self.psnr.compute()), "SSIM": float(self.ssim.compute())}
 
 
-METRICS: dict[str, type[TaskMetrics]] = {
-    "classification": ClassificationMetrics,
-    "multilabel": MultilabelMetrics,
-    "segmentation": SegmentationMetrics,
-    "change": ChangeMetrics,
-    "superres": SuperResMetrics,
-}
-
-
 def build_metrics(head: str, num_outputs: int, ignore_index: int | None = 255) -> TaskMetrics:
     """The metric accumulator of a head.
 
     Raises:
         ConfigError: unknown head (the message lists the valid ones).
     """
-    if head == "classification":
-        return ClassificationMetrics(num_outputs)
-    if head == "multilabel":
-        return MultilabelMetrics(num_outputs)
-    if head == "segmentation":
-        return SegmentationMetrics(num_outputs, ignore_index)
-    if head == "change":
-        return ChangeMetrics()
-    if head == "superres":
-        return SuperResMetrics()
-    raise ConfigError(f"unknown task head {head!r}; valid: {', '.join(sorted(METRICS))}")
+    return METRICS.get(head)(num_outputs, ignore_index)
 
 
 def _ratio(num: float, den: float) -> float:
@@ -245,34 +269,9 @@ def metrics_from_stats(
 
     Equal to :meth:`TaskMetrics.compute` on the same samples (tested), so a bootstrap over samples needs no
     second pass over the model.
+
+    Raises:
+        ConfigError: unknown head (the message lists the valid ones).
     """
-    sel: dict[str, Any] = {k: (v if rows is None else v[rows]) for k, v in stats.items()}
-    if head == "classification":
-        return {"acc": 100 * float(np.mean(sel["correct"]))}
-    if head == "multilabel":
-        ap = multilabel_average_precision(
-            torch.from_numpy(np.ascontiguousarray(sel["scores"])),
-            torch.from_numpy(np.ascontiguousarray(sel["targets"])),
-            num_labels=sel["scores"].shape[1],
-            average="micro",
-        )
-        return {"mAP": 100 * float(ap)}
-    if head == "segmentation":
-        cm = sel["confmat"].sum(0).astype(np.float64)
-        tp = np.diag(cm)
-        union = cm.sum(0) + cm.sum(1) - tp
-        present = union > 0
-        iou = np.where(present, tp / np.where(present, union, 1), np.nan)
-        out = {"mIoU": 100 * float(np.nanmean(iou)) if present.any() else 0.0}
-        out.update({f"iou_{k}": 100 * float(v) for k, v in enumerate(iou) if present[k]})
-        return out
-    if head == "change":
-        tp, fp, fn = (float(np.sum(sel[k])) for k in ("tp", "fp", "fn"))
-        return {
-            "precision": 100 * _ratio(tp, tp + fp),
-            "recall": 100 * _ratio(tp, tp + fn),
-            "F1": 100 * _ratio(2 * tp, 2 * tp + fp + fn),
-        }
-    if head == "superres":
-        return {"PSNR": float(np.mean(sel["psnr"])), "SSIM": float(np.mean(sel["ssim"]))}
-    raise ConfigError(f"unknown task head {head!r}; valid: {', '.join(sorted(METRICS))}")
+    cls = METRICS.get(head)
+    return cls.from_stats({k: (v if rows is None else v[rows]) for k, v in stats.items()})

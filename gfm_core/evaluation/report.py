@@ -546,7 +546,7 @@ def write_report(report: Report, out_dir: str | Path) -> Report:
 
 def load_run(result_json: str | Path) -> RunScores:
     """A run's metrics (``result.json``) and per-sample statistics (``scores.parquet``)."""
-    from gfm_core.finetune import load_result, load_scores
+    from gfm_core.evaluation.results import load_result, load_scores
 
     res = load_result(result_json)
     ids, stats = load_scores(
@@ -557,7 +557,7 @@ def load_run(result_json: str | Path) -> RunScores:
 
 
 def evaluate_results(results: Sequence[Any], *, out_dir: str | Path | None = None, **kwargs: Any) -> Report:
-    """Report over :class:`~gfm_core.finetune.FinetuneResult` objects (their ``result.json``/``scores``).
+    """Report over :class:`~gfm_core.evaluation.results.FinetuneResult` objects (their ``result.json``/``scores``).
 
     ``kwargs`` go to :func:`build_report` (models, tasks, baseline, reference, n_bootstrap, ci, seed); with
     ``out_dir`` the files are written too.
@@ -572,7 +572,7 @@ def run_evaluation(params: Params) -> Report:
     Raises:
         CheckpointError: a result is missing and ``evaluate.require_complete`` is true (all are listed).
     """
-    from gfm_core.finetune import RESULT_FILE, result_dir
+    from gfm_core.evaluation.results import RESULT_FILE, result_dir
 
     ev, ft = params.evaluate, params.finetune
     models = list(ev.models) or [m.name for m in ft.models]
@@ -603,10 +603,9 @@ def run_evaluation(params: Params) -> Report:
         raise ConfigError(f"evaluate.arp_exclude: {unknown} not in finetune.tasks ({sorted(known_tasks)})")
     if ev.trivial:  # the trivial predictor of each task (fitted on its train split) as one more row
         from gfm_core.evaluation.trivial import TRIVIAL, trivial_scores
-        from gfm_core.finetune import get_task
 
         for t in tasks:
-            runs.extend(trivial_scores(get_task(params, t), ft.seeds))
+            runs.extend(trivial_scores(params.task(t), ft.seeds))
         models = [*models, TRIVIAL]
     report = build_report(
         runs,

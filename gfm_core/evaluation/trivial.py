@@ -22,7 +22,8 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 
 from gfm_core.config import TaskCfg
-from gfm_core.evaluation.metrics import HEADLINES, build_metrics
+from gfm_core.evaluation.metrics import build_metrics
+from gfm_core.task_heads import get_head
 
 TRIVIAL = "trivial"
 Predict = Callable[[dict[str, Any]], Tensor]
@@ -97,8 +98,8 @@ def trivial_scores(task: TaskCfg, seeds: Sequence[int]) -> list[Any]:
     The predictor is deterministic, so the same scores stand for every seed (the report pairs seeds).
     """
     from gfm_core.evaluation.report import RunScores
-    from gfm_core.finetune import TARGET_KEYS
 
+    spec = get_head(task.head)
     train, train_loader = _batches(task, "train")
     k = train.num_outputs
     fit: dict[str, Callable[[], Predict]] = {
@@ -114,9 +115,9 @@ def trivial_scores(task: TaskCfg, seeds: Sequence[int]) -> list[Any]:
     ids: list[str] = []
     with torch.no_grad():
         for b in test_loader:
-            metrics.update(predict(b), b[TARGET_KEYS[task.head]])
+            metrics.update(predict(b), b[spec.target])
             ids.extend(b["id"])
     values, stats = metrics.compute(), metrics.per_sample()
-    headline = task.headline or HEADLINES[task.head]
+    headline = task.headline or spec.headline
     return [RunScores(task.name, task.head, TRIVIAL, s, headline, dict(values), list(ids),
                       {key: np.asarray(v) for key, v in stats.items()}) for s in seeds]

@@ -1,4 +1,4 @@
-"""Task heads over any timm backbone's multi-scale features, and the explicit ``TASK_HEADS`` registry.
+"""Task heads over any timm backbone's multi-scale features, registered by name in ``TASK_HEADS``.
 
 :class:`FeatureAdapter` is the one way features leave a backbone: timm's ``forward_intermediates`` (NCHW for
 every model; timm's Swin permutes its NHWC stages itself) at the levels of ``feature_info`` with a stride of
@@ -15,6 +15,10 @@ Heads (``forward(features, image) -> output``):
   -> 2-class logits ``[B, 2, H, W]``.
 - ``superres``: FPN decoder -> 3x3 conv -> ``PixelShuffle(4)`` back to the input size, added to the (bicubic
   upsampled, normalised) input image: a residual ``[B, C, H, W]`` in normalised units.
+
+Each head also owns its objective (``loss(out, target) -> {"loss", <parts>}``) and its metric-ready
+``predict(out, target)``; :class:`gfm_core.objectives.Finetune` only routes the batch. The facts about a head
+(target key, headline, layouts) are its row in :data:`gfm_core.task_heads.HEADS`.
 """
 
 from __future__ import annotations
@@ -27,6 +31,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gfm_core.errors import ConfigError, DataValidationError
+from gfm_core.losses import dice_loss
+from gfm_core.task_heads import HeadRegistry
 
 
 class FeatureAdapter(nn.Module):
@@ -107,10 +113,30 @@ class FPNDecoder(nn.Module):
         return self.fuse(torch.cat(outs, dim=1))
 
 
-class TaskHead(nn.Module):
-    """Base of the heads: ``forward(features, image) -> output``; ``siamese`` heads get pairs of features."""
+def dense(logits: Tensor, size: Sequence[int]) -> Tensor:
+    """Logits resized (bilinear) to a label's ``size``; unchanged when they already match it."""
+    if tuple(logits.shape[-2:]) == tuple(size):
+        return logits
+    return F.interpolate(logits.float(), size=tuple(size), mode="bilinear", align_corners=False)
 
+
+class TaskHead(nn.Module):
+    """Base of the heads: ``forward(features, image) -> output``; ``siamese`` heads get pairs of features.
+
+    Subclasses name their row of :data:`gfm_core.task_heads.HEADS` in ``head`` and implement ``loss`` and
+    ``predict`` on the output of ``forward``.
+    """
+
+    head = ""
     siamese = False
+
+    def loss(self, out: Tensor, target: Tensor) -> dict[str, Tensor]:
+        """The training loss of ``out`` against ``target``: ``{"loss": scalar, <detached parts to log>}``."""
+        raise NotImplementedError
+
+    def predict(self, out: Tensor, target: Tensor) -> Tensor:
+        """Metric-ready predictions of ``out`` (``target`` gives the label's size)."""
+        raise NotImplementedError
 
     def __init__(self, channels: Sequence[int], reductions: Sequence[int], num_outputs: int) -> None:
         super().__init__()
@@ -119,8 +145,15 @@ class TaskHead(nn.Module):
         self.channels, self.reductions, self.num_outputs = list(channels), list(reductions), num_outputs
 
 
+#: Head name -> head module class (``@TASK_HEADS.register``; the names are the rows of ``HEADS``).
+TASK_HEADS: HeadRegistry[type[TaskHead]] = HeadRegistry("head module")
+
+
+@TASK_HEADS.register
 class ClassificationHead(TaskHead):
     """Global average pool of the last level -> dropout -> linear: logits ``[B, num_outputs]``."""
+
+    head = "classification"
 
     def __init__(
         self,
@@ -138,9 +171,38 @@ class ClassificationHead(TaskHead):
     def forward(self, feats: Sequence[Tensor], image: Tensor) -> Tensor:
         return self.fc(self.drop(feats[-1].mean(dim=(2, 3))))
 
+    def loss(self, out: Tensor, target: Tensor) -> dict[str, Tensor]:
+        """Cross-entropy, and the batch's accuracy to log."""
+        return {"loss": F.cross_entropy(out.float(), target), "acc": (out.argmax(1) == target).float().mean().detach()}
 
+    def predict(self, out: Tensor, target: Tensor) -> Tensor:
+        """Class probabilities ``[B, K]``."""
+        return out.float().softmax(1)
+
+
+@TASK_HEADS.register
+class MultilabelHead(ClassificationHead):
+    """The classification head with independent labels: logits ``[B, L]``."""
+
+    head = "multilabel"
+
+    def loss(self, out: Tensor, target: Tensor) -> dict[str, Tensor]:
+        """``MultiLabelSoftMarginLoss`` (as GFM's code)."""
+        return {"loss": F.multilabel_soft_margin_loss(out.float(), target.float())}
+
+    def predict(self, out: Tensor, target: Tensor) -> Tensor:
+        """Label probabilities ``[B, L]``."""
+        return out.float().sigmoid()
+
+
+@TASK_HEADS.register
 class SegmentationHead(TaskHead):
-    """FPN decoder -> dropout -> 1x1 classifier, upsampled to the input size: ``[B, K, H, W]``."""
+    """FPN decoder -> dropout -> 1x1 classifier, upsampled to the input size: ``[B, K, H, W]``.
+
+    ``ignore_index``: the mask value that is neither trained on nor scored.
+    """
+
+    head = "segmentation"
 
     def __init__(
         self,
@@ -150,9 +212,11 @@ class SegmentationHead(TaskHead):
         *,
         decoder_dim: int = 256,
         dropout: float = 0.1,
+        ignore_index: int = 255,
         **_: Any,
     ) -> None:
         super().__init__(channels, reductions, num_outputs)
+        self.ignore_index = ignore_index
         self.decoder = FPNDecoder(self.channels, decoder_dim)
         self.drop = nn.Dropout2d(dropout)
         self.classifier = nn.Conv2d(decoder_dim, num_outputs, 1)
@@ -161,10 +225,20 @@ class SegmentationHead(TaskHead):
         logits = self.classifier(self.drop(self.decoder(feats)))
         return F.interpolate(logits, size=image.shape[-2:], mode="bilinear", align_corners=False)
 
+    def loss(self, out: Tensor, target: Tensor) -> dict[str, Tensor]:
+        """Cross-entropy over the labelled pixels, logits resized to the mask."""
+        return {"loss": F.cross_entropy(dense(out, target.shape[-2:]), target, ignore_index=self.ignore_index)}
 
+    def predict(self, out: Tensor, target: Tensor) -> Tensor:
+        """Class maps ``[B, H, W]`` at the mask's size."""
+        return dense(out, target.shape[-2:]).argmax(1)
+
+
+@TASK_HEADS.register
 class ChangeHead(SegmentationHead):
     """Siamese change detection: per level ``|f_A - f_B|`` -> FPN -> 2-class logits ``[B, 2, H, W]``."""
 
+    head = "change"
     siamese = True
 
     def __init__(
@@ -179,9 +253,21 @@ class ChangeHead(SegmentationHead):
         diffs = [(f[:, 0] - f[:, 1]).abs() for f in feats]
         return super().forward(diffs, image[:, 0])
 
+    def loss(self, out: Tensor, target: Tensor) -> dict[str, Tensor]:
+        """Cross-entropy + Dice of the change class (every pixel is labelled)."""
+        logits = dense(out, target.shape[-2:])
+        ce, dice = F.cross_entropy(logits, target), dice_loss(logits, target)
+        return {"loss": ce + dice, "ce": ce.detach(), "dice": dice.detach()}
 
+
+@TASK_HEADS.register
 class SuperResHead(TaskHead):
-    """FPN decoder -> 3x3 conv -> PixelShuffle(stride) -> + input image: ``[B, C, H, W]``, normalised."""
+    """FPN decoder -> 3x3 conv -> PixelShuffle(stride) -> + input image: ``[B, C, H, W]``, normalised.
+
+    ``mean``/``std``: the image normalisation, to score predictions in [0, 1] units against the HR target.
+    """
+
+    head = "superres"
 
     def __init__(
         self,
@@ -190,9 +276,13 @@ class SuperResHead(TaskHead):
         num_outputs: int,
         *,
         decoder_dim: int = 256,
+        mean: Sequence[float] = (0.0,),
+        std: Sequence[float] = (1.0,),
         **_: Any,
     ) -> None:
         super().__init__(channels, reductions, num_outputs)
+        self.register_buffer("mean", torch.tensor([float(v) for v in mean]).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor([float(v) for v in std]).view(1, -1, 1, 1), persistent=False)
         self.stride = self.reductions[0]
         self.decoder = FPNDecoder(self.channels, decoder_dim)
         self.to_pixels = nn.Conv2d(decoder_dim, num_outputs * self.stride**2, 3, padding=1)
@@ -210,26 +300,31 @@ class SuperResHead(TaskHead):
             residual = F.interpolate(residual, size=image.shape[-2:], mode="bilinear", align_corners=False)
         return image + residual
 
+    def pixels(self, out: Tensor, size: Sequence[int]) -> Tensor:
+        """Output (normalised) -> [0, 1] units at ``size`` (antialiased when shrinking)."""
+        img = out.float() * self.std + self.mean
+        if tuple(img.shape[-2:]) != tuple(size):
+            shrink = size[0] < img.shape[-2]
+            img = F.interpolate(img, size=tuple(size), mode="bilinear", align_corners=False, antialias=shrink)
+        return img
 
-#: Task name -> head class. Explicit on purpose (STYLE.md): unknown names fail listing these keys.
-TASK_HEADS: dict[str, type[TaskHead]] = {
-    "classification": ClassificationHead,
-    "multilabel": ClassificationHead,
-    "segmentation": SegmentationHead,
-    "change": ChangeHead,
-    "superres": SuperResHead,
-}
+    def loss(self, out: Tensor, target: Tensor) -> dict[str, Tensor]:
+        """L1 in [0, 1] units against the HR target."""
+        l1 = (self.pixels(out, target.shape[-2:]) - target.float()).abs().mean()
+        return {"loss": l1, "l1": l1.detach()}
+
+    def predict(self, out: Tensor, target: Tensor) -> Tensor:
+        """Images ``[B, C, H, W]`` in [0, 1] at the target's size."""
+        return self.pixels(out, target.shape[-2:]).clamp(0, 1)
 
 
 def head_class(task: str) -> type[TaskHead]:
-    """The head class of ``task``.
+    """The head module class of ``task``.
 
     Raises:
-        ConfigError: ``task`` is not a key of :data:`TASK_HEADS` (the message lists the valid names).
+        ConfigError: unknown head (the message lists the valid names).
     """
-    if task not in TASK_HEADS:
-        raise ConfigError(f"unknown task head {task!r}; valid: {', '.join(sorted(TASK_HEADS))}")
-    return TASK_HEADS[task]
+    return TASK_HEADS.get(task)
 
 
 class TaskModel(nn.Module):

@@ -5,7 +5,7 @@
 
 1. the pile: ``gfm ingest``, ``validate``, ``shards`` (the science preset's pile leaves its evaluation scenes
    out);
-2. every variant of ``science.variants`` (GFM, MIM-only, distill-only) for every seed, ``science.steps``
+2. every variant (GFM and ``pretrain.ablations``: MIM-only, distill-only) for every seed, ``science.steps``
    optimizer steps each, with the same initialisation, crops and masks within a seed (common random numbers),
    exporting the student at ``science.curve_fractions`` of the budget; random init is the initial student;
 3. dense linear probes (:mod:`gfm_core.science.probes`) of every backbone, raw pixels and the teacher itself on
@@ -83,7 +83,7 @@ def variant_params(params: Params, variant: str, seed: int) -> Params:
 
     cfg = params.science
     raw = params.model_dump(mode="json", by_alias=True)
-    raw["pretrain"].update({**cfg.variants[variant], "seed": seed,
+    raw["pretrain"].update({**params.science_variants()[variant], "seed": seed,
                             "out_dir": str(cfg.out_dir / "runs" / variant / f"seed{seed}")})
     raw["preset"] = None
     return parse_params(raw, source=f"science variant {variant} seed {seed}")
@@ -98,7 +98,7 @@ def pretrain_runs(params: Params) -> list[Run]:
     data_identity = _data_identity(params)
     runs = []
     for seed in cfg.seeds:
-        for variant in cfg.variants:
+        for variant in params.science_variants():
             p = variant_params(params, variant, seed)
             out = p.pretrain.out_dir
             paths = {f: out / f"backbone_step{max(1, round(f * cfg.steps)):06d}.safetensors"
@@ -252,7 +252,7 @@ def measure_flops(params: Params, runs: list[Run]) -> None:
     b, s = cfg.batch_size, cfg.student.img_size
     cache = params.science.out_dir / "flops.json"
     key = sha256_json({v: variant_params(params, v, 0).pretrain.model_dump(mode="json", exclude={"seed", "out_dir"})
-                       for v in params.science.variants})
+                       for v in params.science_variants()})
     known = json.loads(cache.read_text()) if cache.is_file() else {}
     if known.get("key") == key:
         per_step, per_view = known["per_step"], known["per_view"]
@@ -261,7 +261,7 @@ def measure_flops(params: Params, runs: list[Run]) -> None:
         write_json(cache, {"key": key, "per_step": per_step, "per_view": per_view})
     for run in runs:
         run.step_flops = per_step[run.variant]
-        needs_teacher = params.science.variants[run.variant].get("alpha", cfg.alpha) > 0
+        needs_teacher = params.science_variants()[run.variant].get("alpha", cfg.alpha) > 0
         run.fixed_flops = per_view * (cfg.teacher_pool or 0) if needs_teacher else 0.0
         if needs_teacher and not cfg.teacher_pool:  # a live teacher runs on every view of every step
             run.step_flops += per_view * b
@@ -277,7 +277,7 @@ def _count_flops(params: Params, b: int, s: int) -> tuple[dict[str, float], floa
 
     gen = torch.Generator().manual_seed(0)
     per_step: dict[str, float] = {}
-    for variant in params.science.variants:
+    for variant in params.science_variants():
         p = variant_params(params, variant, 0).pretrain
         obj = build_continual_pretrain(p)
         masks = MaskGenerator(s, p.mask_patch_size, p.student.patch_size, p.mask_ratio)

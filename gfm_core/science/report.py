@@ -96,7 +96,7 @@ def analyse(params: Params, runs: list[Any], sets: list[Any], scores: Any) -> di
         n = ds.name
         reps = Replicates.draw(ds.block_image, len(seeds), cfg.n_bootstrap, seed=cfg.seed)
         main = scores.main
-        models = ["majority", "raw", "teacher", "random", *cfg.variants]
+        models = ["majority", "raw", "teacher", "random", *params.science_variants()]
         tables[n] = {m: _summary(_counts(main, n, m, seeds)) for m in models}
         rel = {m: float(np.mean([c.metric(PRIMARY) for c in _counts(scores.relevance, n, m, seeds, None)]))
                for m in ("teacher", "raw", "mim_only")}

@@ -14,6 +14,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from gfm_core.errors import ConfigError
+
 #: Parameter-name substrings that never get weight decay (SimMIM/GFM ``optimizer.py`` skip list and keywords).
 NO_DECAY_KEYWORDS: tuple[str, ...] = (
     "mask_token",
@@ -109,3 +111,28 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     """Set every group's lr to ``lr * group["lr_scale"]`` (1.0 when a group has no scale)."""
     for g in optimizer.param_groups:
         g["lr"] = lr * g.get("lr_scale", 1.0)
+
+
+def layer_decay_fn(task_model: nn.Module, decay: float, prefix: str = "model.") -> Callable[[str], float]:
+    """``name -> lr scale``: backbone layer ``i`` of ``n`` gets ``decay^(n - i)``, everything else 1.
+
+    Layer ids come from timm's ``group_matcher(coarse=False)`` (patch embed = 0, one id per block, last block
+    ``n - 1``), as timm's ``param_groups_layer_decay`` does; names are those of the objective
+    (``<prefix>backbone.model.<timm name>``).
+    """
+    from timm.optim._param_groups import group_parameters
+
+    backbone = task_model.backbone.model
+    if decay == 1.0:
+        return lambda name: 1.0
+    if not hasattr(backbone, "group_matcher"):
+        raise ConfigError(
+            f"{type(backbone).__name__} has no group_matcher(): layer-wise lr decay needs timm's layer "
+            f"grouping "
+            f"(set finetune.layer_decay: 1.0 to switch it off)"
+        )
+    layer_map = group_parameters(backbone, backbone.group_matcher(coarse=False), reverse=True)
+    n = max(layer_map.values()) + 1
+    scales = {f"{prefix}backbone.model.{k}": decay ** (n - v) for k, v in layer_map.items()}
+    return lambda name: scales.get(name, 1.0)
+

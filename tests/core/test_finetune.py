@@ -25,17 +25,13 @@ from gfm_core.data.task_datasets import TaskDataset
 from gfm_core.errors import CheckpointError, ConfigError
 from gfm_core.evaluation.metrics import build_metrics
 from gfm_core.evaluation.report import evaluate_results, run_evaluation
-from gfm_core.finetune import (
-    Finetune,
-    baseline_pretrain_params,
-    finetune,
-    get_task,
-    load_result,
-    load_scores,
-    load_task_backbone,
-    run_finetune_task,
-)
-from gfm_core.models.heads import TASK_HEADS, build_task_model
+from gfm_core.evaluation.results import load_result, load_scores
+from gfm_core.models.heads import build_task_model
+from gfm_core.models.loading import load_task_backbone
+from gfm_core.objectives import Finetune
+from gfm_core import stages
+from gfm_core.stages.finetune import finetune, run_finetune_task
+from gfm_core.task_heads import HEADS
 
 SWIN = "swin_tiny_patch4_window7_224"
 TINY = dict(embed_dim=16, depths=[1, 1, 1, 1], num_heads=[1, 1, 2, 2], window_size=4)
@@ -120,7 +116,7 @@ def _chance(head: str, task: TaskCfg) -> float:
     return m.compute()["PSNR"]
 
 
-@pytest.mark.parametrize("head", sorted(TASK_HEADS))
+@pytest.mark.parametrize("head", sorted(HEADS))
 def test_each_head_trains_off_chance_on_its_demo_task(head, demo_tasks, tmp_path):
     task = _task(demo_tasks, head)
     # scene's 21 test tiles come from other blocks than its 68 (forest-heavy) training tiles, so one run
@@ -153,7 +149,7 @@ def test_finetune_objective_contract_and_predictions(demo_tasks):
     loaded = load_task_backbone(RANDOM_TINY, task)
     ds = TaskDataset(task, "train", mean=loaded.mean, std=loaded.std)
     model = build_task_model("segmentation", loaded.model, num_outputs=ds.num_outputs, decoder_dim=8)
-    objective = Finetune(model, "segmentation", mean=loaded.mean, std=loaded.std)
+    objective = Finetune(model)
     batch = torch.utils.data.default_collate([ds[0], ds[1]])
     out = objective(batch)
     assert set(out) == {"loss"} and out["loss"].ndim == 0 and out["loss"].requires_grad
@@ -239,12 +235,12 @@ def test_teacher_and_random_sources(tmp_path, demo_tasks):
         name="mim_only",
         kind="export",
         path=tmp_path / "nope" / "backbone.safetensors",
-        pretrain={"alpha": 0.0},
+        ablation="mim_only",
     )
     with pytest.raises(
         CheckpointError,
         match=r"nope/backbone\.safetensors: backbone export of model 'mim_only' not "
-        r"found; produce it by pretraining with the overrides \{'alpha': 0\.0\}",
+        r"found; produce it with `gfm pretrain --ablation mim_only`",
     ):
         load_task_backbone(missing, task)
 
@@ -265,13 +261,8 @@ def _params(tmp_path: Path, demo_tasks: Path, export: Path, **sections: dict) ->
             "models": [
                 {"name": "gfm", "kind": "export", "path": str(export)},
                 {"name": "imagenet", "kind": "random", "arch": SWIN, "timm_kwargs": TINY},
-                {
-                    "name": "mim_only",
-                    "kind": "export",
-                    "path": str(tmp_path / "mim" / "backbone.safetensors"),
-                    "pretrain": {"alpha": 0.0, "out_dir": str(tmp_path / "mim")},
-                },
             ],
+            "ablations": ["mim_only"],
             "seeds": [0],
             "batch_size": 16,
             "max_steps": 2,
@@ -282,6 +273,7 @@ def _params(tmp_path: Path, demo_tasks: Path, export: Path, **sections: dict) ->
             "out_dir": str(tmp_path / "ft"),
         },
         "evaluate": {"models": ["gfm", "imagenet"], "n_bootstrap": 20, "out_dir": str(tmp_path / "eval")},
+        "pretrain": {"out_dir": str(tmp_path / "pre"), "ablations": {"mim_only": {"alpha": 0.0}}},
     }
     for key, section in sections.items():
         raw[key] = {**raw.get(key, {}), **section}
@@ -375,13 +367,19 @@ def test_promotion_binds_to_the_backbone_bytes_that_were_fine_tuned(tmp_path, de
         mlflow.set_tracking_uri(None)
 
 
-def test_baseline_pretrain_params(tmp_path, demo_tasks):
+def test_ablations_are_config_with_derived_folders(tmp_path, demo_tasks):
     params = _params(tmp_path, demo_tasks, tmp_path / "x.safetensors")
-    mim = baseline_pretrain_params(params, "mim_only")
-    assert mim.pretrain.alpha == 0.0 and mim.pretrain.out_dir == tmp_path / "mim"
-    assert params.pretrain.alpha == 1.0
-    with pytest.raises(ConfigError, match="has no pretrain overrides"):
-        baseline_pretrain_params(params, "gfm")
+    mim = stages.ablation_params(params, "mim_only")
+    assert mim.pretrain.alpha == 0.0 and mim.pretrain.out_dir == tmp_path / "pre_mim_only"
+    assert params.pretrain.alpha == 1.0 and stages.ablation_params(params, None) is params
+    # the ablation's model is derived: fine-tuned under its name, from the folder its pretraining writes
+    assert params.model("mim_only").path == tmp_path / "pre_mim_only" / "backbone.safetensors"
+    with pytest.raises(ConfigError, match="unknown ablation 'gfm'; valid: mim_only"):
+        stages.ablation_params(params, "gfm")
+    with pytest.raises(ConfigError, match=r"pretrain.ablations.bad: 1 invalid value\(s\)\n  alpha:"):
+        parse_params({"pretrain": {"ablations": {"bad": {"alpha": -1}}}}).pretrain.ablation("bad")
+    with pytest.raises(ConfigError, match=r"finetune.ablations: \['nope'\] not in pretrain.ablations"):
+        parse_params({"finetune": {"ablations": ["nope"]}})
 
 
 def test_get_task_from_the_repo_params(repo_root):
@@ -397,4 +395,10 @@ def test_get_task_from_the_repo_params(repo_root):
     ]
     assert {m.name for m in demo.finetune.models} == {"gfm", "imagenet", "random"}
     paper = load_params(repo_root / "params.yaml", preset="")
-    assert get_task(paper, "ben1").label_fraction == 0.01 and paper.finetune.layer_decay == 0.9
+    assert paper.task("ben1").label_fraction == 0.01 and paper.finetune.layer_decay == 0.9
+    # models without weights named are the pretraining's own: its export, its teacher, its student's architecture
+    assert paper.model("imagenet").path == paper.pretrain.teacher.checkpoint
+    assert paper.model("random").arch == paper.pretrain.student.arch
+    assert [m.name for m in paper.finetune.models][3:] == ["mim_only", "distill_only"]
+    assert demo.model("random").timm_kwargs == {"embed_dim": 32, "depths": (2, 2, 4, 2), "num_heads": (1, 2, 4, 8),
+                                                "window_size": 4}

@@ -7,8 +7,9 @@ import timm
 import torch
 
 from gfm_core.errors import ConfigError, DataValidationError
-from gfm_core.finetune import layer_decay_fn
 from gfm_core.models.heads import TASK_HEADS, FeatureAdapter, build_task_model, head_class
+from gfm_core.task_heads import HEADS
+from gfm_core.training.optim import layer_decay_fn
 
 SIZE = 32
 TINY_SWIN = dict(img_size=SIZE, window_size=4, embed_dim=16, depths=(1, 1, 1, 1), num_heads=(1, 1, 2, 2))
@@ -32,7 +33,7 @@ def _input(task: str, b: int = 2) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("backbone", ["swin", "efficientnet"])
-@pytest.mark.parametrize("task", sorted(TASK_HEADS))
+@pytest.mark.parametrize("task", sorted(HEADS))
 def test_head_output_shapes_and_gradients(task, backbone):
     model = build_task_model(task, _backbone(backbone), num_outputs=_outputs(task), decoder_dim=16)
     x = _input(task)
@@ -57,7 +58,7 @@ def test_unknown_task_lists_valid_names():
         head_class("detection")
     msg = str(err.value)
     assert "'detection'" in msg
-    for name in TASK_HEADS:
+    for name in HEADS:
         assert name in msg
     with pytest.raises(ConfigError, match="valid: change, classification"):
         build_task_model("detection", _backbone("swin"), num_outputs=2)

@@ -77,9 +77,9 @@ def test_launcher_commands_run_the_pipes_entry_point(repo_root, tmp_path):
     assert torchrun[3:] == ["-m", "orchestration.pipes_pretrain", "--params", str(path),
                             "--teacher-checkpoint", "/w/new.pth"]
     ds = PretrainLauncher(mode="deepspeed", nproc_per_node=4).command(GfmParams(params_path="p.yaml"),
-                                                                      baseline="mim_only")
+                                                                      ablation="mim_only")
     assert Path(ds[0]).name == "deepspeed" and ds[1:4] == ["--num_gpus=4", "--no_local_rank", "--module"]
-    assert ds[4:] == ["orchestration.pipes_pretrain", "--params", "p.yaml", "--baseline", "mim_only"]
+    assert ds[4:] == ["orchestration.pipes_pretrain", "--params", "p.yaml", "--ablation", "mim_only"]
     one = PretrainLauncher(mode="subprocess").command(GfmParams(params_path="p.yaml", preset="demo"))
     assert one == [sys.executable, "-m", "orchestration.pipes_pretrain", "--params", "p.yaml", "--preset", "demo"]
 

@@ -1,9 +1,10 @@
 """The pretraining stage: GFM teacher-student continual pretraining on the validated pile's shards.
 
-:func:`run_pretrain` builds the objective (:mod:`gfm_core.objectives`), the view stream
+:func:`run_pretrain` (the foundation model, or one of ``pretrain.ablations`` into its own folder) builds the
+objective (:mod:`gfm_core.objectives`), the view stream
 (:mod:`gfm_core.data.pretrain_data`, with the optional teacher pool), the held-out probe
 (:mod:`gfm_core.evaluation.holdout`) and the loop settings, runs :func:`gfm_core.training.loop.fit`, and exports
-the student backbone with its provenance. :mod:`gfm_core.stages` re-exports it with the other stages.
+the student backbone with its provenance.
 """
 
 from __future__ import annotations
@@ -80,7 +81,7 @@ class _CsvLog:
             w.writerow(row)
 
 
-_RUN_NEUTRAL = ("out_dir", "log_every", "checkpoint_every", "num_workers")
+_RUN_NEUTRAL = ("out_dir", "log_every", "checkpoint_every", "num_workers", "ablations")
 
 
 def pretrain_fingerprint(cfg: PretrainCfg, data_hash: str, total_steps: int) -> dict[str, str]:
@@ -88,8 +89,8 @@ def pretrain_fingerprint(cfg: PretrainCfg, data_hash: str, total_steps: int) -> 
     schedule spans) and its teacher file's sha256.
 
     A checkpoint is continued only by a run with the same fingerprint. Settings that do not change the result
-    (``out_dir``, ``log_every``, ``checkpoint_every``, ``num_workers``) and the teacher's path (its bytes count,
-    through the sha256) are left out.
+    (``out_dir``, ``log_every``, ``checkpoint_every``, ``num_workers``, the other ``ablations``) and the teacher's
+    path (its bytes count, through the sha256) are left out.
     """
     section = cfg.model_dump(mode="json")
     for key in _RUN_NEUTRAL:
@@ -104,33 +105,6 @@ def pretrain_fingerprint(cfg: PretrainCfg, data_hash: str, total_steps: int) -> 
     }
 
 
-def make_backend(cfg: PretrainCfg, device: str, micro_batch: int) -> Any:
-    """The execution backend named by ``cfg.backend``."""
-    from gfm_core.training.backends import DeepSpeedBackend, TorchBackend
-
-    if cfg.backend == "deepspeed":
-        return DeepSpeedBackend(device, cfg.precision, zero_stage=cfg.zero_stage, micro_batch_size=micro_batch)
-    return TorchBackend(device, cfg.precision)
-
-
-def _loader_factory(dataset: Any, batch_size: int, num_workers: int, seed: int, rank: int, world: int) -> Any:
-    import torch
-    from torch.utils.data import DataLoader
-
-    per_rank = len(dataset) // world
-
-    def factory(epoch: int) -> DataLoader:
-        dataset.set_epoch(epoch)
-        order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
-        indices = order[rank * per_rank : (rank + 1) * per_rank].tolist()  # this rank's disjoint share
-        return DataLoader(
-            dataset, batch_size=batch_size, sampler=indices, num_workers=num_workers, drop_last=True,
-            persistent_workers=False,
-        )
-
-    return factory
-
-
 def _tracking_callbacks(params: Params, is_main: bool) -> list[Any]:
     """Per-step MLflow metrics when a tracked run is active (rank 0 only)."""
     if not (params.tracking.enabled and is_main):
@@ -140,8 +114,20 @@ def _tracking_callbacks(params: Params, is_main: bool) -> list[Any]:
     return tracking.callbacks()
 
 
+def ablation_params(params: Params, ablation: str | None) -> Params:
+    """``params`` whose ``pretrain`` section is that of the ablation (``None``: ``params`` itself).
+
+    Raises:
+        ConfigError: unknown ablation, or overrides that are not valid settings.
+    """
+    if ablation is None:
+        return params
+    return params.model_copy(update={"pretrain": params.pretrain.ablation(ablation)})
+
+
 def run_pretrain(
     params: Params,
+    ablation: str | None = None,
     *,
     resume: bool | Literal["unfinished"] = False,
     max_steps: int | None = None,
@@ -149,6 +135,8 @@ def run_pretrain(
     export_steps: Sequence[int] = (),
 ) -> PretrainResult:
     """GFM teacher-student continual pretraining on the pile's shards, then export the student backbone.
+
+    ``ablation``: run ``pretrain.ablations[ablation]`` instead, into its own folder (:func:`ablation_params`).
 
     ``export_steps``: also export the student after these steps, as ``backbone_step<NNNNNN>.safetensors``
     (learning curves; not under ZeRO-3, whose ranks hold shards of the weights).
@@ -168,6 +156,7 @@ def run_pretrain(
     """
     from gfm_core.training.checkpoint import exclusive_out_dir
 
+    params = ablation_params(params, ablation)
     lock = exclusive_out_dir(params.pretrain.out_dir) if os.environ.get("RANK", "0") == "0" else nullcontext()
     with lock:
         return _run_pretrain(params, resume=resume, max_steps=max_steps, callbacks=callbacks,
@@ -179,11 +168,12 @@ def _run_pretrain(
     export_steps: Sequence[int],
 ) -> PretrainResult:
     from gfm_core.evaluation.holdout import plot_learning
-    from gfm_core.objectives import build_continual_pretrain, export_backbone
+    from gfm_core.objectives.pretrain import build_continual_pretrain, export_backbone
     from gfm_core.training.backends import auto_device
     from gfm_core.training.checkpoint import seed_everything
     from gfm_core.training.loop import fit
     from gfm_core.training.optim import param_groups
+    from gfm_core.training.setup import loader_factory, make_backend
 
     cfg = params.pretrain
     out_dir = cfg.out_dir
@@ -195,7 +185,7 @@ def _run_pretrain(
     probe = _holdout_probe(cfg, backend, objective, stream)
     loop_cfg, steps_per_epoch = _pretrain_loop_cfg(params, len(stream), backend.world_size, resume, max_steps,
                                                    stream.content_hash)
-    loader = _loader_factory(stream, cfg.batch_size, cfg.num_workers, cfg.seed, backend.rank, backend.world_size)
+    loader = loader_factory(stream, cfg.batch_size, cfg.num_workers, cfg.seed, backend.rank, backend.world_size)
     log.info(
         "pretraining %s <- %s on %d views/epoch (%d steps/epoch, %d steps, %s/%s on %s, lr %.3g)",
         cfg.student.arch, cfg.teacher.arch if cfg.alpha > 0 else "no teacher", len(stream), steps_per_epoch,
@@ -249,7 +239,7 @@ class _ExportAt:
 
     def on_step_end(self, step: int) -> None:
         if step in self.steps:
-            from gfm_core.objectives import export_backbone
+            from gfm_core.objectives.pretrain import export_backbone
 
             export_backbone(self.objective, self.out_dir / f"backbone_step{step:06d}.safetensors",
                             {**self.meta(), "steps": step})
@@ -367,7 +357,7 @@ def _backbone_meta(cfg: PretrainCfg, stream: Any, fit_res: Any | None) -> dict[s
         teacher_meta["file"] = str(cfg.teacher.checkpoint)
     return {
         "teacher": teacher_meta,
-        "params_sha256": sha256_json(cfg.model_dump(mode="json")),
+        "params_sha256": sha256_json(cfg.model_dump(mode="json", exclude={"ablations"})),
         "data": {"shards": stream.generation, "manifest_content_hash": stream.content_hash,
                  "images": len(stream.train_images), "holdout_images": len(stream.held_out)},
         **({"steps": fit_res.steps, "loss": {k: v for k, v in fit_res.metrics.items() if math.isfinite(v)}}

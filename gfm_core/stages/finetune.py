@@ -1,0 +1,286 @@
+"""The fine-tuning stage: every (task, model, seed) through the one training loop, then a test pass.
+
+One run (:func:`finetune`):
+
+1. load the backbone of the model (:func:`gfm_core.models.loading.load_task_backbone`: a pretraining export,
+   the ImageNet teacher's checkpoint, or a random init) at the task's input size;
+2. attach a new head of the task's kind (:mod:`gfm_core.models.heads`) and wrap both in the
+   :class:`~gfm_core.objectives.Finetune` objective;
+3. train with :func:`gfm_core.training.loop.fit` (warm-up + cosine, AdamW, layer-wise lr decay) on the task's
+   train split (a seeded label-fraction subset);
+4. run the test split once: torchmetrics values plus per-sample statistics for the paired bootstrap
+   (:mod:`gfm_core.evaluation.results`: ``result.json`` and ``scores.parquet``, atomic writes).
+
+Outputs: ``<finetune.out_dir>/<task>/<model>/seed_<seed>/`` holds ``result.json``, ``scores.parquet``,
+``metrics.jsonl``, ``backbone_start.json`` and ``checkpoints/``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from gfm_core.config import BackboneSpec, FinetuneCfg, Params, TaskCfg
+from gfm_core.errors import CheckpointError, ConfigError
+from gfm_core.evaluation.metrics import TaskMetrics, build_metrics
+from gfm_core.evaluation.results import RESULT_FILE, SCORES_FILE, FinetuneResult, result_dir, save_scores
+from gfm_core.io import read_json, write_json
+from gfm_core.models.heads import build_task_model
+from gfm_core.models.loading import LoadedBackbone, load_task_backbone
+from gfm_core.objectives.finetune import Finetune
+from gfm_core.task_heads import get_head
+
+log = logging.getLogger(__name__)
+
+START_FILE = "backbone_start.json"  # which backbone bytes the run's checkpoints started from
+
+
+@dataclass
+class _Data:
+    """A run's training and test sets."""
+
+    train: Any
+    test: Any
+
+
+def _datasets(cfg: FinetuneCfg, task: TaskCfg, spec: BackboneSpec, loaded: LoadedBackbone, seed: int) -> _Data:
+    """The train split (a seeded label-fraction subset, augmented) and the test split, normalised for the backbone.
+
+    Raises:
+        ConfigError: the task reads another number of bands than the backbone takes.
+    """
+    from gfm_core.data.task_datasets import TaskDataset, label_subset, list_task
+
+    n_train = len(list_task(task, "train").refs)
+    subset = label_subset(n_train, task.label_fraction, cfg.subset_seed if cfg.subset_seed is not None else seed)
+    train = TaskDataset(task, "train", mean=loaded.mean, std=loaded.std, train=True, augment=cfg.augment,
+                        indices=subset, cache=cfg.cache_samples)
+    test = TaskDataset(task, "test", mean=loaded.mean, std=loaded.std, cache=False)
+    in_chans = int(getattr(loaded.model, "in_chans", None) or len(loaded.mean))
+    if train.channels != in_chans:
+        raise ConfigError(
+            f"task {task.name!r} reads {train.channels} bands but backbone {spec.name!r} ({loaded.arch}) takes "
+            f"{in_chans}; set finetune.tasks[{task.name}].bands (e.g. [3, 2, 1] for Landsat RGB)"
+        )
+    return _Data(train, test)
+
+
+def _loop_cfg(cfg: FinetuneCfg, task: TaskCfg, n_train: int, batch: int, world: int, out_dir: Path, seed: int,
+              max_steps: int | None, resume: bool, progress: bool) -> Any:
+    """The fit() settings of a run: the schedule in steps and the learning rates scaled by global batch / 512.
+
+    Raises:
+        ConfigError: the training set gives no full optimizer step.
+    """
+    from gfm_core.training.loop import LoopCfg
+    from gfm_core.training.schedule import scale_lr
+
+    steps_per_epoch = n_train // world // batch // cfg.grad_accum
+    if steps_per_epoch < 1:
+        raise ConfigError(
+            f"task {task.name!r}: {n_train} training samples give no full step of batch {batch} x "
+            f"grad_accum {cfg.grad_accum} x {world} rank(s)"
+        )
+    epochs = task.epochs or cfg.epochs
+    limit = max_steps or task.max_steps or cfg.max_steps
+    total = epochs * steps_per_epoch if limit is None else min(epochs * steps_per_epoch, limit)
+    global_batch = batch * cfg.grad_accum * world
+    return LoopCfg(
+        total_steps=total, out_dir=out_dir, grad_accum=cfg.grad_accum, base_lr=scale_lr(cfg.base_lr, global_batch),
+        warmup_lr=scale_lr(cfg.warmup_lr, global_batch), min_lr=scale_lr(cfg.min_lr, global_batch),
+        warmup_steps=round(total * cfg.warmup_fraction), betas=cfg.betas, clip_grad=cfg.clip_grad,
+        log_every=min(cfg.log_every, total), checkpoint_every=total, keep_checkpoints=1, seed=seed, resume=resume,
+        discard_old=True,  # one end-of-run checkpoint per run; the product is the result JSON
+        progress=progress, fused_optimizer=cfg.backend == "torch",
+    )
+
+
+def evaluate_objective(
+    objective: Finetune, loader: DataLoader, metrics: TaskMetrics, device: torch.device
+) -> tuple[dict[str, float], list[str], dict[str, np.ndarray]]:
+    """One pass over ``loader`` in eval mode: ``(metrics, sample ids, per-sample stats)``."""
+    from gfm_core.training.backends import move_to
+
+    was_training = objective.training
+    objective.eval()
+    ids: list[str] = []
+    try:
+        for batch in loader:
+            batch = move_to(batch, device)
+            metrics.update(objective.predict(batch), batch[objective.target])
+            ids.extend(batch["id"])
+    finally:
+        objective.train(was_training)
+    return metrics.compute(), ids, metrics.per_sample()
+
+
+def finetune(
+    cfg: FinetuneCfg,
+    task: TaskCfg,
+    spec: BackboneSpec,
+    *,
+    seed: int,
+    out_dir: str | Path,
+    max_steps: int | None = None,
+    resume: bool = False,
+    progress: bool = False,
+    callbacks: Sequence[Any] = (),
+) -> FinetuneResult:
+    """Fine-tune ``spec``'s backbone on ``task`` with a new head, then test it (module docstring).
+
+    Args:
+        cfg: the ``finetune`` section (schedule, batch, layer decay, backend, ...).
+        task: the task section.
+        spec: the backbone source.
+        seed: head init, data order, augmentation (and the subset when ``cfg.subset_seed`` is None).
+        out_dir: run folder (checkpoints, metrics.jsonl, result.json, scores.parquet).
+        max_steps: cap on optimizer steps (overrides ``task.max_steps``/``cfg.max_steps``).
+
+    Raises:
+        ConfigError, CheckpointError, DatasetNotFoundError, DataValidationError: bad config, weights or data.
+    """
+    from gfm_core.training.backends import auto_device
+    from gfm_core.training.checkpoint import seed_everything
+    from gfm_core.training.loop import fit
+    from gfm_core.training.optim import layer_decay_fn, param_groups
+    from gfm_core.training.setup import loader_factory, make_backend
+
+    t0 = time.perf_counter()
+    out_dir = Path(out_dir)
+    device = auto_device(cfg.device)
+    seed_everything(seed)
+    loaded = load_task_backbone(spec, task, drop_path_rate=cfg.drop_path_rate)
+    _bind_start(out_dir / START_FILE, spec, loaded.sha256, resume)
+    data = _datasets(cfg, task, spec, loaded, seed)
+    seed_everything(seed)  # the head's init depends on the seed only, not on what was loaded before
+    model = build_task_model(task.head, loaded.model, num_outputs=data.train.num_outputs,
+                             decoder_dim=cfg.decoder_dim, ignore_index=task.ignore_index, mean=loaded.mean,
+                             std=loaded.std)
+    objective = Finetune(model)
+    batch = min(task.batch_size or cfg.batch_size, len(data.train))
+    if batch < (task.batch_size or cfg.batch_size):
+        log.warning("task %s: batch size reduced to the %d training samples", task.name, batch)
+    backend = make_backend(cfg, device, batch)
+    loop_cfg = _loop_cfg(cfg, task, len(data.train), batch, backend.world_size, out_dir, seed, max_steps, resume,
+                         progress)
+    log.info("finetune %s on %s (seed %d): %d train / %d test samples, %d steps of batch %d, %s on %s", spec.name,
+             task.name, seed, len(data.train), len(data.test), loop_cfg.total_steps,
+             batch * cfg.grad_accum * backend.world_size, cfg.precision, device)
+    fit_res = fit(
+        objective, loader_factory(data.train, batch, cfg.num_workers, seed, backend.rank, backend.world_size),
+        backend, loop_cfg,
+        param_groups(objective, cfg.weight_decay, lr_scale_fn=layer_decay_fn(model, cfg.layer_decay)),
+        callbacks=callbacks,
+    )
+    result = replace(
+        _test(cfg, task, spec, loaded, data, backend, out_dir, seed, device), steps=fit_res.steps,
+        seconds=round(time.perf_counter() - t0, 2),
+        history=[{k: v for k, v in r.items() if math.isfinite(v)} for r in fit_res.history],
+    )
+    if backend.is_main:  # every rank tests (same numbers), one writes
+        write_json(result.result_json, result.to_json())
+    backend.barrier()
+    log.info("finetune %s on %s (seed %d): %s", spec.name, task.name, seed,
+             ", ".join(f"{k}={v:.4g}" for k, v in result.metrics.items() if not k.startswith("iou_")))
+    return result
+
+
+def _test(cfg: FinetuneCfg, task: TaskCfg, spec: BackboneSpec, loaded: LoadedBackbone, data: _Data, backend: Any,
+          out_dir: Path, seed: int, device: str) -> FinetuneResult:
+    """Score the trained objective on the test split; rank 0 writes the per-sample scores.
+
+    Raises:
+        ConfigError: the task's headline is not one of the head's metrics.
+    """
+    loader = DataLoader(data.test, batch_size=cfg.eval_batch_size, shuffle=False, num_workers=cfg.num_workers)
+    metrics = build_metrics(task.head, data.train.num_outputs, task.ignore_index)
+    values, ids, stats = evaluate_objective(backend.module, loader, metrics, backend.device)
+    headline = task.headline or get_head(task.head).headline
+    if headline not in values:
+        raise ConfigError(f"finetune.tasks[{task.name}].headline {headline!r} is not one of {sorted(values)}")
+    result = FinetuneResult(
+        task=task.name, head=task.head, model=spec.name, seed=seed, metrics=values, headline=headline, steps=0,
+        train_samples=len(data.train), test_samples=len(data.test), seconds=0.0, device=device, out_dir=out_dir,
+        result_json=out_dir / RESULT_FILE, scores=out_dir / SCORES_FILE,
+        backbone={"kind": spec.kind, "arch": loaded.arch, "source": loaded.source, "sha256": loaded.sha256},
+        label_fraction=task.label_fraction,
+    )
+    if backend.is_main:
+        meta = {"task": task.name, "head": task.head, "model": spec.name, "seed": seed, "headline": headline}
+        save_scores(result.scores, ids, stats, meta)
+    return result
+
+
+def _bind_start(path: Path, spec: BackboneSpec, sha: str, resume: bool) -> None:
+    """Record the backbone a run starts from; a resumed run must continue from checkpoints of the same bytes.
+
+    Raises:
+        CheckpointError: resuming a run whose checkpoints started from other (or unrecorded) backbone bytes.
+    """
+    if resume and (path.parent / "checkpoints").is_dir():
+        before = read_json(path).get("sha256") if path.is_file() else None
+        if before != sha:
+            raise CheckpointError(
+                f"{path}: the checkpoints of this run started from backbone sha256 {before or 'unrecorded'}, "
+                f"{spec.path or spec.name} is now {sha}; re-run `gfm finetune --model {spec.name}` without resume"
+            )
+        return
+    write_json(path, {"model": spec.name, "kind": spec.kind, "sha256": sha, "source": str(spec.path or "random")})
+
+
+# ------------------------------------------------------------------------------------------------ stage API
+
+
+def run_finetune_task(
+    params: Params,
+    task: str,
+    model_name: str,
+    seed: int | None = None,
+    *,
+    max_steps: int | None = None,
+    resume: bool = False,
+) -> FinetuneResult:
+    """Stage entry point: fine-tune one model on one task for one seed (default: the first of seeds)."""
+    cfg = params.finetune
+    seed = cfg.seeds[0] if seed is None else seed
+    return finetune(
+        cfg,
+        params.task(task),
+        params.model(model_name),
+        seed=seed,
+        out_dir=result_dir(cfg, task, model_name, seed),
+        max_steps=max_steps,
+        resume=resume,
+    )
+
+
+def run_finetune(
+    params: Params,
+    *,
+    tasks: Sequence[str] | None = None,
+    models: Sequence[str] | None = None,
+    seeds: Sequence[int] | None = None,
+) -> list[FinetuneResult]:
+    """Every (task, model, seed) of the params (or the given subsets), in that order."""
+    cfg = params.finetune
+    task_names = list(tasks) if tasks else [t.name for t in cfg.tasks]
+    model_names = list(models) if models else [m.name for m in cfg.models]
+    for name in task_names:
+        params.task(name)
+    for name in model_names:
+        params.model(name)
+    return [
+        run_finetune_task(params, t, m, s)
+        for t in task_names
+        for m in model_names
+        for s in (seeds or cfg.seeds)
+    ]
