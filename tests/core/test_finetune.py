@@ -11,6 +11,7 @@ import timm
 import torch
 from safetensors.torch import save_file
 
+from gfm_core import stages
 from gfm_core.config import (
     BackboneSpec,
     DemoDataCfg,
@@ -29,7 +30,6 @@ from gfm_core.evaluation.results import load_result, load_scores
 from gfm_core.models.heads import build_task_model
 from gfm_core.models.loading import load_task_backbone
 from gfm_core.objectives import Finetune
-from gfm_core import stages
 from gfm_core.stages.finetune import finetune, run_finetune_task
 from gfm_core.task_heads import HEADS
 

@@ -7,7 +7,7 @@ import timm
 import torch
 
 from gfm_core.errors import ConfigError, DataValidationError
-from gfm_core.models.heads import TASK_HEADS, FeatureAdapter, build_task_model, head_class
+from gfm_core.models.heads import FeatureAdapter, build_task_model, head_class
 from gfm_core.task_heads import HEADS
 from gfm_core.training.optim import layer_decay_fn
 
