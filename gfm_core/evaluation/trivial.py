@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader
 
 from gfm_core.config import TaskCfg
 from gfm_core.evaluation.metrics import build_metrics
+from gfm_core.evaluation.report_data import RunScores
 from gfm_core.task_heads import get_head
 
 TRIVIAL = "trivial"
@@ -93,12 +94,10 @@ def _superres(b: dict[str, Any]) -> Tensor:
 
 
 def trivial_scores(task: TaskCfg, seeds: Sequence[int]) -> list[Any]:
-    """The trivial predictor's :class:`~gfm_core.evaluation.report.RunScores` on ``task``'s test split.
+    """The trivial predictor's :class:`~gfm_core.evaluation.report_data.RunScores` on ``task``'s test split.
 
     The predictor is deterministic, so the same scores stand for every seed (the report pairs seeds).
     """
-    from gfm_core.evaluation.report import RunScores
-
     spec = get_head(task.head)
     train, train_loader = _batches(task, "train")
     k = train.num_outputs

@@ -95,48 +95,20 @@ def analyse(params: Params, runs: list[Any], sets: list[Any], scores: Any) -> di
     for ds in sets:
         n = ds.name
         reps = Replicates.draw(ds.block_image, len(seeds), cfg.n_bootstrap, seed=cfg.seed)
-        main = scores.main
         models = ["majority", "raw", "teacher", "random", *params.science_variants()]
-        tables[n] = {m: _summary(_counts(main, n, m, seeds)) for m in models}
-        rel = {m: float(np.mean([c.metric(PRIMARY) for c in _counts(scores.relevance, n, m, seeds, None)]))
-               for m in ("teacher", "raw", "mim_only")}
-        margin = rel["teacher"] - max(rel["raw"], rel["mim_only"])
-        testable = margin >= cfg.relevance_margin
-        relevance[n] = {**{m: round(v, 3) for m, v in rel.items()}, "margin": round(margin, 3),
-                        "testable": testable, "protocol": "leave one image out" if len(ds.images) > 1
-                        else "spatial block CV (one image)"}
-        for h, (_, a, b) in HYPOTHESES.items():
-            if h == "H1" and not testable:
-                hyps[h]["sets"][n] = {"metric": PRIMARY, "verdict": "untestable", "reason": (
-                    f"relevance rule: the teacher beats raw pixels and MIM-only by {margin:.2f} points "
-                    f"< {cfg.relevance_margin}")}
-                continue
-            if h == "H4":
-                if h4_frac is None:
-                    hyps[h]["sets"][n] = {"metric": PRIMARY, "verdict": "untestable", "reason": (
-                        "no GFM curve point lies within half of MIM-only's FLOPs (the teacher pool alone costs more)")}
-                    continue
-                comp = _comparison(_counts(main, n, a, seeds, h4_frac), _counts(main, n, b, seeds), reps, cfg.ci,
-                                   null=-cfg.h4_margin)
-                comp["gfm_fraction"] = h4_frac
-            else:
-                comp = _comparison(_counts(main, n, a, seeds), _counts(main, n, b, seeds), reps, cfg.ci)
-            hyps[h]["sets"][n] = {"metric": PRIMARY, **comp}
-            family[(h, n)] = comp[PRIMARY]["p"]
-            if len(ds.images) > 1 and h in ("H1", "H2", "H3"):
-                ident = _comparison(_counts(scores.identity, n, a, seeds, None),
-                                    _counts(scores.identity, n, b, seeds, None), reps, cfg.ci)
+        tables[n] = {m: _summary(_counts(scores.main, n, m, seeds)) for m in models}
+        margin, relevance[n] = _relevance(scores.relevance, ds, seeds, cfg)
+        for h, (body, ident) in _hypothesis_tests(ds, scores, seeds, reps, cfg, margin, h4_frac).items():
+            hyps[h]["sets"][n] = body
+            if PRIMARY in body:
+                family[(h, n)] = body[PRIMARY]["p"]
+            if ident is not None:
                 sensitivity.setdefault(h, {})[n] = ident
                 sens_family[(h, n)] = ident[PRIMARY]["p"]
-        for probe, table in scores.tiles.items():
-            tile_models = [m for m in models if (n, m, FIXED) in table or (n, m, seeds[0]) in table]
-            tiles.setdefault(n, {})[probe] = {
-                "accuracy": {m: _summary(_counts(table, n, m, seeds, None))[PRIMARY] for m in tile_models},
-                "accuracy_sd": {m: _summary(_counts(table, n, m, seeds, None))[PRIMARY + "_sd"] for m in tile_models},
-                "comparisons": {h: _comparison(_counts(table, n, a, seeds, None), _counts(table, n, b, seeds, None),
-                                               reps, cfg.ci)[PRIMARY] for h, (_, a, b) in HYPOTHESES.items()
-                                if h != "H4" and a in tile_models and b in tile_models}}
-        curves[n] = {v: [{**pt, **_summary(_counts(main, n, v, seeds, pt["fraction"]))} for pt in cost[v]]
+        probes = _tile_probes(scores.tiles, n, models, seeds, reps, cfg)
+        if probes:
+            tiles[n] = probes
+        curves[n] = {v: [{**pt, **_summary(_counts(scores.main, n, v, seeds, pt["fraction"]))} for pt in cost[v]]
                      for v in ("gfm", "mim_only")}
         design[n] = {"images": len(ds.images), "blocks": len(ds.block_image), "pixels": len(ds.px_label),
                      "classes": ds.classes, "seeds": len(seeds), "folds": cfg.folds, "files": list(ds.files),
@@ -165,6 +137,63 @@ def analyse(params: Params, runs: list[Any], sets: list[Any], scores: Any) -> di
         "settings": {"science": params.science.model_dump(mode="json"),
                      "pretrain": params.pretrain.model_dump(mode="json"), "ingest_root": str(params.ingest.root)},
     }
+
+
+def _relevance(table: dict[Any, BlockCounts], ds: Any, seeds: list[int], cfg: Any) -> tuple[float, dict[str, Any]]:
+    """The relevance rule on one set: the teacher's margin over raw pixels and MIM-only, and its summary."""
+    n = ds.name
+    rel = {m: float(np.mean([c.metric(PRIMARY) for c in _counts(table, n, m, seeds, None)]))
+           for m in ("teacher", "raw", "mim_only")}
+    margin = rel["teacher"] - max(rel["raw"], rel["mim_only"])
+    testable = margin >= cfg.relevance_margin
+    return margin, {**{m: round(v, 3) for m, v in rel.items()}, "margin": round(margin, 3),
+                    "testable": testable, "protocol": "leave one image out" if len(ds.images) > 1
+                    else "spatial block CV (one image)"}
+
+
+def _hypothesis_tests(ds: Any, scores: Any, seeds: list[int], reps: Replicates, cfg: Any, margin: float,
+                      h4_frac: float | None) -> dict[str, tuple[dict[str, Any], dict[str, Any] | None]]:
+    """Each hypothesis on one set: its test (or why it is untestable) and its image-identity test (or None)."""
+    n, main = ds.name, scores.main
+    out: dict[str, tuple[dict[str, Any], dict[str, Any] | None]] = {}
+    for h, (_, a, b) in HYPOTHESES.items():
+        if h == "H1" and not margin >= cfg.relevance_margin:  # a NaN margin is untestable too
+            out[h] = ({"metric": PRIMARY, "verdict": "untestable", "reason": (
+                f"relevance rule: the teacher beats raw pixels and MIM-only by {margin:.2f} points "
+                f"< {cfg.relevance_margin}")}, None)
+            continue
+        if h == "H4":
+            if h4_frac is None:
+                out[h] = ({"metric": PRIMARY, "verdict": "untestable", "reason": (
+                    "no GFM curve point lies within half of MIM-only's FLOPs (the teacher pool alone costs more)")},
+                    None)
+                continue
+            comp = _comparison(_counts(main, n, a, seeds, h4_frac), _counts(main, n, b, seeds), reps, cfg.ci,
+                               null=-cfg.h4_margin)
+            comp["gfm_fraction"] = h4_frac
+        else:
+            comp = _comparison(_counts(main, n, a, seeds), _counts(main, n, b, seeds), reps, cfg.ci)
+        ident = None
+        if len(ds.images) > 1 and h in ("H1", "H2", "H3"):
+            ident = _comparison(_counts(scores.identity, n, a, seeds, None),
+                                _counts(scores.identity, n, b, seeds, None), reps, cfg.ci)
+        out[h] = ({"metric": PRIMARY, **comp}, ident)
+    return out
+
+
+def _tile_probes(probe_tables: dict[str, dict[Any, BlockCounts]], n: str, models: list[str], seeds: list[int],
+                 reps: Replicates, cfg: Any) -> dict[str, Any]:
+    """The secondary tile-level probes on set ``n``: accuracy per model, and the hypotheses' comparisons."""
+    out: dict[str, Any] = {}
+    for probe, table in probe_tables.items():
+        tile_models = [m for m in models if (n, m, FIXED) in table or (n, m, seeds[0]) in table]
+        out[probe] = {
+            "accuracy": {m: _summary(_counts(table, n, m, seeds, None))[PRIMARY] for m in tile_models},
+            "accuracy_sd": {m: _summary(_counts(table, n, m, seeds, None))[PRIMARY + "_sd"] for m in tile_models},
+            "comparisons": {h: _comparison(_counts(table, n, a, seeds, None), _counts(table, n, b, seeds, None),
+                                           reps, cfg.ci)[PRIMARY] for h, (_, a, b) in HYPOTHESES.items()
+                            if h != "H4" and a in tile_models and b in tile_models}}
+    return out
 
 
 def write_report(report: dict[str, Any], out_dir: Path) -> dict[str, Path]:
