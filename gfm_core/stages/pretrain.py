@@ -170,6 +170,7 @@ def _run_pretrain(
     from gfm_core.evaluation.holdout import plot_learning
     from gfm_core.objectives.pretrain import build_continual_pretrain, export_backbone
     from gfm_core.training.backends import auto_device
+    from gfm_core.training.callbacks import CollapseWarning
     from gfm_core.training.checkpoint import seed_everything
     from gfm_core.training.loop import fit
     from gfm_core.training.optim import param_groups
@@ -199,7 +200,7 @@ def _run_pretrain(
     fit_res = fit(
         objective, loader, backend, loop_cfg, param_groups(objective, cfg.weight_decay),
         callbacks=[*([csv_log] if csv_log else []), *([probe] if probe else []), exports, *callbacks,
-                   *_tracking_callbacks(params, backend.is_main)],
+                   *_tracking_callbacks(params, backend.is_main), CollapseWarning(threshold=1e-4)],
     )
     elapsed = time.perf_counter() - t0
 

@@ -14,6 +14,7 @@ from helpers.tiny_training import TinyRegression, make_loader_factory
 
 from gfm_core.errors import CheckpointError, ConfigError, TrainingDivergedError
 from gfm_core.training.backends import TorchBackend
+from gfm_core.training.callbacks import CollapseWarning
 from gfm_core.training.checkpoint import latest_checkpoint, list_checkpoints
 from gfm_core.training.loop import Callback, LoopCfg, fit
 from gfm_core.training.optim import param_groups
@@ -274,23 +275,24 @@ def test_non_finite_loss_raises_before_the_update(tmp_path):
         assert torch.equal(v, before[k]), k
 
 
-def test_collapse_warning_is_logged_once(tmp_path, caplog):
+def test_collapse_warning_is_a_callback_logged_once(tmp_path, caplog):
     class Collapsing(TinyRegression):
         def forward(self, batch):
             out = super().forward(batch)
             out["embed_std"] = torch.tensor(1e-6)
             return out
 
-    model = Collapsing()
-    with caplog.at_level(logging.WARNING, logger="gfm_core.training.loop"):
-        fit(
-            model,
-            make_loader_factory(8),
-            TorchBackend("cpu"),
-            _cfg(tmp_path, total_steps=3),
-            param_groups(model, 0.05),
-        )
+    def run(out, callbacks):
+        model = Collapsing()
+        cfg = _cfg(out, total_steps=3)
+        fit(model, make_loader_factory(8), TorchBackend("cpu"), cfg, param_groups(model, 0.05), callbacks)
+
+    with caplog.at_level(logging.WARNING, logger="gfm_core.training"):
+        run(tmp_path / "plain", [])  # the loop itself knows no metric names
+        assert "may be collapsing" not in caplog.text
+        run(tmp_path / "watched", [CollapseWarning(threshold=1e-4)])
     assert caplog.text.count("may be collapsing") == 1
+    assert "step 1: embed_std 1e-06 < 0.0001: the embeddings may be collapsing" in caplog.text
 
 
 def test_contract_errors(tmp_path):

@@ -1,0 +1,116 @@
+"""The :class:`Backend` protocol and what both backends share: precision check, rank bookkeeping, grad norms."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from gfm_core.errors import ConfigError
+
+Precision = Literal["fp32", "bf16", "fp16"]
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+class Backend(Protocol):
+    """What :func:`gfm_core.training.loop.fit` needs from an execution backend."""
+
+    name: str
+    precision: str
+
+    @property
+    def rank(self) -> int: ...  # global rank of this process
+    @property
+    def world_size(self) -> int: ...
+    @property
+    def device(self) -> torch.device: ...
+    @property
+    def is_main(self) -> bool: ...  # rank 0: writes files, calls callbacks
+    @property
+    def module(self) -> nn.Module: ...  # the unwrapped objective
+    @property
+    def optimizer(self) -> torch.optim.Optimizer: ...  # the torch optimizer whose param_groups carry the lr
+
+    def prepare(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        *,
+        grad_accum: int = 1,
+        clip_grad: float | None = None,
+    ) -> None: ...
+    def forward(self, batch: Any) -> dict[str, Any]: ...
+    def backward(self, loss: torch.Tensor) -> None: ...
+    def step(self) -> float | None: ...
+    def state_dict(self) -> dict[str, torch.Tensor]: ...
+    def save_checkpoint(self, directory: Path, tag: str, client_state: dict[str, Any]) -> None: ...
+    def load_checkpoint(self, directory: Path, tag: str) -> dict[str, Any]: ...
+    def barrier(self) -> None: ...
+    def all_reduce_mean(self, tensor: torch.Tensor) -> torch.Tensor: ...
+
+
+def check_precision(precision: str, device: torch.device) -> None:
+    """Raise :class:`~gfm_core.errors.ConfigError` for an unknown precision, or fp16 off CUDA."""
+    if precision not in PRECISIONS:
+        raise ConfigError(f"unknown precision {precision!r}; valid: {', '.join(PRECISIONS)}")
+    if precision == "fp16" and device.type != "cuda":
+        raise ConfigError("precision fp16 needs a CUDA device (loss scaling); use bf16 or fp32 on the CPU")
+
+
+def env_int(name: str, default: int) -> int:
+    """The integer environment variable ``name``; ``default`` when unset or empty."""
+    value = os.environ.get(name)
+    return default if value in (None, "") else int(value)
+
+
+def grads(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    """The gradients of the optimizer's parameters that have one."""
+    return [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+
+
+def total_norm(tensors: list[torch.Tensor]) -> float:
+    """Global L2 norm of ``tensors`` (0 when there are none)."""
+    if not tensors:
+        return 0.0
+    return float(torch.nn.utils.get_total_norm(tensors, norm_type=2.0))
+
+
+class Distributed:
+    """Rank bookkeeping and the two collectives the loop uses; shared by both backends."""
+
+    _rank: int
+    _world: int
+    _device: torch.device
+
+    @property
+    def rank(self) -> int:
+        return self._rank
+
+    @property
+    def world_size(self) -> int:
+        return self._world
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    @property
+    def is_main(self) -> bool:
+        return self._rank == 0
+
+    def barrier(self) -> None:
+        """Wait for every rank (no-op in a single process)."""
+        if self._world > 1:
+            dist.barrier()
+
+    def all_reduce_mean(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Mean of ``tensor`` over ranks, returned on the CPU (identity in a single process)."""
+        if self._world == 1:
+            return tensor
+        t = tensor.to(self._device, copy=True)
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        return (t / self._world).cpu()
