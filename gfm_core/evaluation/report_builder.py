@@ -62,7 +62,7 @@ def build_report(
     _check_same_samples(by_key, tasks)
     backbones = _check_same_backbone(by_key, pooled)
 
-    columns = [(t, m) for t in tasks for m in dict.fromkeys((headlines[t], *get_head(heads[t]).columns))  # headline first]
+    columns = [(t, m) for t in tasks for m in dict.fromkeys((headlines[t], *get_head(heads[t]).columns))]
     mean, std, seeds = _aggregate(by_key, models, tasks, columns)
     excluded = dict(arp_exclude or {})
     head_scores = {m: {t: mean[m][f"{t}/{headlines[t]}"] for t in tasks if t not in excluded} for m in models}
