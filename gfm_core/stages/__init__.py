@@ -6,29 +6,27 @@ none of them knows who called it. By job: :mod:`.data` (demo data, ingest, valid
 :mod:`.pipeline` (every stage in order).
 """
 
-from gfm_core.stages.data import (
-    DemoDataStageResult,
-    IngestResult,
-    ShardsResult,
-    ValidateResult,
-    pretrain_sources,
-    run_contamination_check,
-    run_demo_data,
-    run_ingest,
-    run_shards,
-    run_validate,
-)
-from gfm_core.stages.evaluate import PromoteResult, dvc_lineage, lineage_tags, run_evaluate, run_promote
-from gfm_core.stages.finetune import finetune, run_finetune, run_finetune_task
-from gfm_core.stages.pipeline import run_demo
-from gfm_core.stages.pretrain import (
-    PretrainResult,
-    ablation_params,
-    learning_margins,
-    pretrain_fingerprint,
-    pretrain_stream,
-    run_pretrain,
-)
+import importlib
+from typing import Any
+
+#: Public name -> the submodule defining it. Loaded on first use (PEP 562), so that importing the stage list
+#: (the Dagster definitions do) imports no torch.
+_HOMES = {
+    **dict.fromkeys(("DemoDataStageResult", "IngestResult", "ShardsResult", "ValidateResult", "pretrain_sources",
+                     "run_contamination_check", "run_demo_data", "run_ingest", "run_shards", "run_validate"), "data"),
+    **dict.fromkeys(("PromoteResult", "dvc_lineage", "lineage_tags", "run_evaluate", "run_promote"), "evaluate"),
+    **dict.fromkeys(("finetune", "run_finetune", "run_finetune_task"), "finetune"),
+    **dict.fromkeys(("run_demo",), "pipeline"),
+    **dict.fromkeys(("PretrainResult", "ablation_params", "learning_margins", "pretrain_fingerprint",
+                     "pretrain_stream", "run_pretrain"), "pretrain"),
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _HOMES:
+        raise AttributeError(f"module 'gfm_core.stages' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"gfm_core.stages.{_HOMES[name]}"), name)
+
 
 __all__ = [
     "DemoDataStageResult",

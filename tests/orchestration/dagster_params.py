@@ -32,16 +32,9 @@ def write_params(repo_root: Path, tmp: Path, *, tasks: tuple[str, ...] = ("scene
     for task in ft["tasks"]:  # every task's root: the contamination check reads all test splits
         task["root"] = str(tmp / "demo" / "tasks" / task["name"])
     ft["tasks"] = [t for t in ft["tasks"] if t["name"] in tasks]
-    ft["models"] = [m for m in ft["models"] if m["name"] in models]
-    for m in ft["models"]:
-        if m["kind"] == "export":
-            m["path"] = str(tmp / f"pretrain_{m['name']}" / "backbone.safetensors")
-        if m.get("pretrain"):
-            m["pretrain"]["out_dir"] = str(tmp / f"pretrain_{m['name']}")
-        if m["name"] == "gfm":
-            m["path"] = str(tmp / "pretrain" / "backbone.safetensors")
-        if m["name"] == "imagenet":
-            m["path"] = demo["pretrain"]["teacher"]["checkpoint"]
+    # the models' weights are derived from the pretrain section above (its export, teacher, student, ablations)
+    ft["models"] = [m for m in raw["finetune"]["models"] if m["name"] in models]
+    ft["ablations"] = [a for a in raw["pretrain"]["ablations"] if a in models]
     ft.update(seeds=[0], epochs=1, max_steps=2, out_dir=str(tmp / "finetune"))
     demo["evaluate"].update(n_bootstrap=50, out_dir=str(tmp / "evaluate"))
     demo["evaluate"]["arp_exclude"] = {t: why for t, why in demo["evaluate"].get("arp_exclude", {}).items()

@@ -1,0 +1,41 @@
+"""Typed experiment config: ``params.yaml`` -> pydantic models.
+
+``params.yaml`` holds the paper's values in its stage sections and named presets (``presets.demo``) that override
+some of them. The top-level ``preset`` key (or ``--preset`` on the CLI) picks the preset in force.
+
+Sections by job: :mod:`.data` (demo data, ingest, validate), :mod:`.pretrain`, :mod:`.downstream` (tasks, models,
+fine-tuning, evaluation), :mod:`.registry` (tracking, promotion, retraining), :mod:`.science`; :mod:`.params`
+holds the whole file, its presets and the loaders.
+"""
+
+from gfm_core.config.base import Section
+from gfm_core.config.data import DemoDataCfg, IngestCfg, ValidateCfg
+from gfm_core.config.downstream import BackboneSpec, EvaluateCfg, FinetuneCfg, TaskCfg, TaskLayout, derive_models
+from gfm_core.config.params import Params, load_params, parse_params
+from gfm_core.config.pretrain import PretrainCfg, StudentCfg, TeacherCfg
+from gfm_core.config.registry import PromoteCfg, RetrainCfg, TrackingCfg
+from gfm_core.config.science import EvalSetCfg, ScienceCfg
+
+__all__ = [
+    "BackboneSpec",
+    "DemoDataCfg",
+    "EvalSetCfg",
+    "EvaluateCfg",
+    "FinetuneCfg",
+    "IngestCfg",
+    "Params",
+    "PretrainCfg",
+    "PromoteCfg",
+    "RetrainCfg",
+    "ScienceCfg",
+    "Section",
+    "StudentCfg",
+    "TaskCfg",
+    "TaskLayout",
+    "TeacherCfg",
+    "TrackingCfg",
+    "ValidateCfg",
+    "derive_models",
+    "load_params",
+    "parse_params",
+]
