@@ -10,7 +10,7 @@ The only module that imports mlflow (lazily). The default store is sqlite plus l
   (``backbone/``: ``MLmodel``, ``code.py``, ``artifacts/backbone.safetensors`` + its JSON sidecar, and
   ``model_card.md``/``model_card.json``) and registers it; nothing is pickled. Loading:
   :func:`load_registered_backbone` (``models:/gfm-foundation@champion`` -> the timm backbone, through
-  :func:`gfm_core.models.backbones.load_backbone`), or ``mlflow.pyfunc.load_model(...)`` whose ``predict``
+  :func:`gfm_core.models.weights.load_backbone`), or ``mlflow.pyfunc.load_model(...)`` whose ``predict``
   maps ``[B, C, H, W]`` float32 (normalised as the card says) to pooled ``[B, D]`` features. The logged model
   needs no gfm_core: its code is a standalone file and its ``requirements.txt`` pins what that file imports,
   so ``mlflow models serve`` runs it from an environment built from those requirements alone.
@@ -260,12 +260,10 @@ def model_card(backbone: Path, params: Params | None = None, metrics: Mapping[st
         "weights_sha256": side.get("weights_sha256"),
     }
     if params is not None:
-        from gfm_core.stages import pretrain_sources
-
         card["bands"] = {
             s.name: {"bands": list(s.bands) if getattr(s, "bands", None) else "all (RGB)",
                      "gsd_m": list(s.gsd_range) if getattr(s, "gsd_range", None) else "unknown"}
-            for s in pretrain_sources(params)
+            for s in params.ingest.pile_sources()
         }
         stats = params.ingest.out_dir / "norm_stats.json"
         if stats.is_file():
@@ -395,7 +393,7 @@ def promote(
 
 def load_registered_backbone(uri: str) -> Any:
     """A timm backbone from a registry URI such as ``models:/gfm-foundation@champion``."""
-    from gfm_core.models.backbones import load_backbone
+    from gfm_core.models.weights import load_backbone
 
     local = Path(_mlflow().artifacts.download_artifacts(uri))
     files = sorted(local.rglob("*.safetensors"))

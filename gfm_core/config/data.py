@@ -7,7 +7,7 @@ from pathlib import Path
 from pydantic import Field, model_validator
 
 from gfm_core.config.base import Section
-from gfm_core.data.sources import IngestSettings, SourceSpec
+from gfm_core.data.sources import IngestSettings, SourceSpec, discover_sources
 
 
 class DemoDataCfg(Section):
@@ -52,6 +52,14 @@ class IngestCfg(Section):
     )
     shard_size: int = Field(256, ge=32, description="training shards keep images with their short side at most this")
     images_per_shard: int = Field(512, ge=1)
+
+    def pile_sources(self) -> list[SourceSpec]:
+        """The pile's sources: ``sources`` if listed, else every subfolder of ``root``.
+
+        Either way a source's ``root`` is relative to ``root``, the folder every reader is given.
+        """
+        return list(self.sources) if self.sources else discover_sources(self.root)
+
 
 
 class ValidateCfg(Section):

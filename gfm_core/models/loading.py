@@ -19,7 +19,7 @@ from torch import nn
 from gfm_core.config import BackboneSpec, TaskCfg
 from gfm_core.errors import CheckpointError, ConfigError
 from gfm_core.io import sha256_file, sha256_json
-from gfm_core.models.backbones import load_backbone, load_timm_weights
+from gfm_core.models.weights import load_backbone, load_timm_weights
 
 
 @dataclass

@@ -217,7 +217,7 @@ def export_backbone(
     """Save only the student encoder (timm key names, no mask token) as safetensors plus a JSON sidecar.
 
     The file loads with ``timm.create_model(arch, pretrained=True, pretrained_cfg_overlay=dict(file=path),
-    **timm_kwargs)`` or :func:`gfm_core.models.backbones.load_backbone`. The sidecar (``<name>.json``) holds
+    **timm_kwargs)`` or :func:`gfm_core.models.weights.load_backbone`. The sidecar (``<name>.json``) holds
     ``arch``, ``timm_kwargs``, ``window_size``, ``pretrained_cfg`` (input_size, mean, std, num_classes 0),
     ``weights_sha256`` and ``meta`` (what the caller passes: teacher id/sha256, data manifest hash, ...).
     ``state_dict`` (the whole objective's, e.g. gathered from ZeRO-3 shards) replaces the module's own weights.

@@ -186,7 +186,7 @@ CURVE = ("gfm", "mim_only")  # the variants H4 follows through training
 
 def probe_everything(params: Params, runs: list[Run], sets: list[DenseSet]) -> Scores:
     """Features and cross-validated probes of every model on every set (module docstring, step 3)."""
-    from gfm_core.models.backbones import load_backbone
+    from gfm_core.models.weights import load_backbone
 
     cfg = params.science
     tile = params.pretrain.student.img_size

@@ -12,7 +12,7 @@ from typing import Any
 #: Public name -> the submodule defining it. Loaded on first use (PEP 562), so that importing the stage list
 #: (the Dagster definitions do) imports no torch.
 _HOMES = {
-    **dict.fromkeys(("DemoDataStageResult", "IngestResult", "ShardsResult", "ValidateResult", "pretrain_sources",
+    **dict.fromkeys(("DemoDataStageResult", "IngestResult", "ShardsResult", "ValidateResult",
                      "run_contamination_check", "run_demo_data", "run_ingest", "run_shards", "run_validate"), "data"),
     **dict.fromkeys(("PromoteResult", "dvc_lineage", "lineage_tags", "run_evaluate", "run_promote"), "evaluate"),
     **dict.fromkeys(("finetune", "run_finetune", "run_finetune_task"), "finetune"),
@@ -41,7 +41,6 @@ __all__ = [
     "learning_margins",
     "lineage_tags",
     "pretrain_fingerprint",
-    "pretrain_sources",
     "pretrain_stream",
     "run_contamination_check",
     "run_demo",

@@ -86,7 +86,7 @@ def run_ingest(params: Params, *, progress: bool = True) -> IngestResult:
 
     cfg = params.ingest
     report = build_manifest(
-        cfg.root, pretrain_sources(params), cfg.out_dir, settings=cfg.settings, progress=progress
+        cfg.root, params.ingest.pile_sources(), cfg.out_dir, settings=cfg.settings, progress=progress
     )
     norm = compute_norm_stats(report.manifest_path, stretch_percentiles=cfg.stretch, data_root=cfg.root)
     stats = write_norm_stats(norm, cfg.out_dir / "norm_stats.json")
@@ -160,7 +160,7 @@ def run_validate(params: Params) -> ValidateResult:
         old.unlink(missing_ok=True)  # a judgement that does not complete leaves no verdict behind
     manifest = ing.out_dir / "manifest.parquet"
     rep = validate_manifest(
-        manifest, pretrain_sources(params), quarantine_path=ing.out_dir / "quarantine.json",
+        manifest, params.ingest.pile_sources(), quarantine_path=ing.out_dir / "quarantine.json",
         min_size=cfg.min_size or params.pretrain.student.img_size, max_nodata_fraction=cfg.max_nodata_fraction,
         max_bad_fraction=ing.max_bad_fraction, allowed_bands=cfg.allowed_bands, mean_range=cfg.mean_range,
         out_dir=ing.out_dir / "validation", data_docs=cfg.data_docs,
@@ -234,15 +234,3 @@ def run_shards(params: Params, *, progress: bool = True) -> ShardsResult:
         shard_dir=rep.shard_dir, images=rep.images, shards=rep.shards, bytes=rep.bytes, rebuilt=rep.rebuilt,
         content_hash=rep.content_hash,
     )
-
-
-def pretrain_sources(params: Params) -> list[Any]:
-    """The pile's sources: ``ingest.sources`` if listed, else every subfolder of ``ingest.root``.
-
-    Either way a source's ``root`` is relative to ``ingest.root``, the folder every reader is given.
-    """
-    from gfm_core.data.sources import discover_sources
-
-    if params.ingest.sources:
-        return list(params.ingest.sources)
-    return discover_sources(params.ingest.root)

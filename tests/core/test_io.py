@@ -15,7 +15,7 @@ from gfm_core.data.geopile import build_manifest
 from gfm_core.data.sources import IngestSettings, folder_source
 from gfm_core.errors import CheckpointError
 from gfm_core.io import atomic_write, load_weights, save_weights, sha256_file, write_json
-from gfm_core.models.backbones import load_backbone
+from gfm_core.models.weights import load_backbone
 
 
 def test_atomic_write_leaves_old_file_on_failure(tmp_path):

@@ -12,8 +12,9 @@ from gfm_core.config import PretrainCfg, StudentCfg, TeacherCfg
 from gfm_core.data.masking import MaskGenerator
 from gfm_core.errors import ConfigError
 from gfm_core.io import sha256_file
-from gfm_core.models.backbones import create_student, create_teacher, load_backbone, stage_map, teacher_inputs
+from gfm_core.models.backbones import create_student, create_teacher, stage_map, teacher_inputs
 from gfm_core.models.simmim import MaskedSwin, PixelShuffleDecoder, make_projector
+from gfm_core.models.weights import load_backbone
 from gfm_core.objectives import ContinualPretrain, build_continual_pretrain, export_backbone
 
 SWIN = "swin_tiny_patch4_window7_224"

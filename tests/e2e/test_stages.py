@@ -15,7 +15,7 @@ from gfm_core import cli, stages
 from gfm_core.config import parse_params
 from gfm_core.errors import CheckpointError, DataValidationError
 from gfm_core.io import load_weights
-from gfm_core.models.backbones import load_backbone
+from gfm_core.models.weights import load_backbone
 from gfm_core.training.checkpoint import exclusive_out_dir
 
 

@@ -21,7 +21,7 @@ from helpers.rasters import make_photo
 
 from gfm_core import tracking
 from gfm_core.io import load_weights, sha256_file
-from gfm_core.models.backbones import load_backbone
+from gfm_core.models.weights import load_backbone
 from orchestration import assets as A
 from orchestration.definitions import build_defs
 from orchestration.resources import PretrainLauncher
