@@ -13,7 +13,7 @@ from typing import Any
 from gfm_core.config import PromoteCfg
 from gfm_core.errors import CheckpointError
 from gfm_core.registry.comparison import ArpDifference, arp_difference
-from gfm_core.registry.evidence import EVIDENCE_DIR, Evaluation, load_evidence
+from gfm_core.registry.evidence import EVIDENCE_DIR, Evaluation, TaskEvidence, load_evidence
 
 TAG_PREFIX = "gfm."
 
@@ -123,40 +123,9 @@ def decide(
     method, champ_version, champ_arp, diff = "first", None, None, None
     if current is not None and str(current.version) != str(version):
         champ_version = str(current.version)
-        run_id = current.tags.get("gfm.evidence_run_id")
-        if run_id:
-            method = "bootstrap"
-            with tempfile.TemporaryDirectory(prefix="gfm-evidence-") as tmp:
-                try:
-                    local = client.download_artifacts(run_id, EVIDENCE_DIR, tmp)
-                except Exception as e:  # run or artifacts gone
-                    raise CheckpointError(
-                        f"models:/{name}/{champ_version}: its evidence (run {run_id}, artifacts {EVIDENCE_DIR}/) "
-                        f"cannot be read ({type(e).__name__}: {e})"
-                    ) from e
-                champ_ev = load_evidence(local)
-            diff, why = arp_difference(evaluation.evidence, champ_ev, evaluation.baseline_scores,
-                                       n_bootstrap=n_bootstrap, ci=ci, seed=seed)
-            if diff is None:
-                reasons += [f"cannot compare with champion v{champ_version}: {w}" for w in why]
-            else:
-                champ_arp = cand - diff.diff
-                if not diff.lo > cfg.min_gain:
-                    reasons.append(
-                        f"ARP gain over champion v{champ_version} is {diff.diff:+.2f} with {diff.ci:.0%} interval "
-                        f"[{diff.lo:+.2f}, {diff.hi:+.2f}]; its lower bound must exceed {cfg.min_gain:+.2f}"
-                    )
-        else:
-            method = "point"
-            raw = current.tags.get("gfm.arp")
-            champ_arp = float(raw) if raw is not None else None
-            if champ_arp is None or not math.isfinite(champ_arp):
-                reasons.append(f"champion v{champ_version} has neither evidence nor an ARP tag to compare with")
-            elif not cand > champ_arp + cfg.min_gain:
-                reasons.append(
-                    f"ARP {cand:+.2f} does not beat champion v{champ_version}'s {champ_arp:+.2f} by "
-                    f"{cfg.min_gain} (point estimates: the champion has no stored evidence)"
-                )
+        method, champ_arp, diff, why = _against_champion(client, name, current, evaluation, cfg,
+                                                         n_bootstrap=n_bootstrap, ci=ci, seed=seed)
+        reasons += why
     elif current is not None:  # the candidate already is the champion: nothing to decide
         return PromotionDecision(str(version), False, [f"v{version} already holds @{cfg.alias}; nothing changed"],
                                  cand, str(current.version), None, {}, "already-champion")
@@ -164,3 +133,60 @@ def decide(
         str(version), not reasons, reasons, cand, champ_version, champ_arp,
         {m: v for m, v in others.items() if math.isfinite(v)}, method, diff,
     )
+
+
+def _against_champion(
+    client: Any,
+    name: str,
+    current: Any,
+    evaluation: Evaluation,
+    cfg: PromoteCfg,
+    *,
+    n_bootstrap: int,
+    ci: float,
+    seed: int,
+) -> tuple[str, float | None, ArpDifference | None, list[str]]:
+    """``(method, champion ARP, ARP difference, reasons)`` of the candidate against the champion ``current``.
+
+    ``bootstrap`` when the champion has stored evidence (paired interval of the ARP gain), else ``point``
+    (its ``gfm.arp`` tag).
+    """
+    cand = evaluation.arp.get(evaluation.candidate, math.nan)
+    champ_version = str(current.version)
+    reasons: list[str] = []
+    run_id = current.tags.get("gfm.evidence_run_id")
+    if run_id:
+        champ_ev = _champion_evidence(client, name, champ_version, run_id)
+        diff, why = arp_difference(evaluation.evidence, champ_ev, evaluation.baseline_scores,
+                                   n_bootstrap=n_bootstrap, ci=ci, seed=seed)
+        if diff is None:
+            return "bootstrap", None, None, [f"cannot compare with champion v{champ_version}: {w}" for w in why]
+        if not diff.lo > cfg.min_gain:
+            reasons.append(
+                f"ARP gain over champion v{champ_version} is {diff.diff:+.2f} with {diff.ci:.0%} interval "
+                f"[{diff.lo:+.2f}, {diff.hi:+.2f}]; its lower bound must exceed {cfg.min_gain:+.2f}"
+            )
+        return "bootstrap", cand - diff.diff, diff, reasons
+    raw = current.tags.get("gfm.arp")
+    champ_arp = float(raw) if raw is not None else None
+    if champ_arp is None or not math.isfinite(champ_arp):
+        reasons.append(f"champion v{champ_version} has neither evidence nor an ARP tag to compare with")
+    elif not cand > champ_arp + cfg.min_gain:
+        reasons.append(
+            f"ARP {cand:+.2f} does not beat champion v{champ_version}'s {champ_arp:+.2f} by "
+            f"{cfg.min_gain} (point estimates: the champion has no stored evidence)"
+        )
+    return "point", champ_arp, None, reasons
+
+
+def _champion_evidence(client: Any, name: str, champ_version: str, run_id: str) -> dict[str, TaskEvidence]:
+    """The champion's evidence, read from the artifacts (``evidence/``) of the run ``run_id`` that judged it."""
+    with tempfile.TemporaryDirectory(prefix="gfm-evidence-") as tmp:
+        try:
+            local = client.download_artifacts(run_id, EVIDENCE_DIR, tmp)
+        except Exception as e:  # run or artifacts gone
+            raise CheckpointError(
+                f"models:/{name}/{champ_version}: its evidence (run {run_id}, artifacts {EVIDENCE_DIR}/) "
+                f"cannot be read ({type(e).__name__}: {e})"
+            ) from e
+        return load_evidence(local)
