@@ -7,7 +7,47 @@ none of them knows who called it. By job: :mod:`.data` (demo data, ingest, valid
 """
 
 import importlib
+from dataclasses import dataclass
 from typing import Any
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One pipeline stage as every runner names it.
+
+    Attributes:
+        name: the CLI subcommand, the DVC stage (``finetune@<task>`` per task) and the MLflow stage run
+            (``finetune_<task>`` per task, ``pretrain_<ablation>`` per ablation).
+        section: the params section its MLflow run records.
+        asset: its Dagster asset (``validate``: the blocking asset check on the manifest).
+        dvc: whether ``dvc.yaml`` runs it (promotion needs the registry: Dagster and ``gfm demo`` only).
+    """
+
+    name: str
+    section: str
+    asset: str
+    dvc: bool = True
+
+
+#: The stages in order. The Dagster assets, ``gfm demo`` and ``dvc.yaml`` follow it (tests/test_stage_list.py).
+STAGES: tuple[Stage, ...] = (
+    Stage("demo_data", "demo_data", "demo_data"),
+    Stage("ingest", "ingest", "geopile_manifest"),
+    Stage("validate", "validation", "great_expectations_suite"),
+    Stage("shards", "ingest", "geopile_shards"),
+    Stage("pretrain", "pretrain", "foundation_model"),
+    Stage("finetune", "finetune", "finetuned_models"),
+    Stage("evaluate", "evaluate", "evaluation_report"),
+    Stage("promote", "promote", "champion_model", dvc=False),
+)
+
+
+def stage(name: str) -> Stage:
+    """The stage named ``name`` (a ``KeyError`` lists the valid names)."""
+    for s in STAGES:
+        if s.name == name:
+            return s
+    raise KeyError(f"unknown stage {name!r}; valid: {', '.join(s.name for s in STAGES)}")
 
 #: Public name -> the submodule defining it. Loaded on first use (PEP 562), so that importing the stage list
 #: (the Dagster definitions do) imports no torch.
@@ -29,11 +69,13 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
+    "STAGES",
     "DemoDataStageResult",
     "IngestResult",
     "PretrainResult",
     "PromoteResult",
     "ShardsResult",
+    "Stage",
     "ValidateResult",
     "ablation_params",
     "dvc_lineage",
@@ -53,4 +95,5 @@ __all__ = [
     "run_promote",
     "run_shards",
     "run_validate",
+    "stage",
 ]

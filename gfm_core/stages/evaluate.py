@@ -34,6 +34,14 @@ class PromoteResult:
     candidate_arp: float
     champion_version: str | None
 
+    def metrics(self) -> dict[str, float]:
+        """What the stage logs (MLflow, Dagster): the same names whoever runs it."""
+        return {"arp": self.candidate_arp, "promoted": float(self.promoted)}
+
+    def artifacts(self) -> dict[str, Path]:
+        """The files the stage's tracked run keeps (the gate's evidence is logged by the gate itself)."""
+        return {}
+
 
 def lineage_tags(params: Params, backbone: Path, extra: dict[str, str] | None = None) -> dict[str, str]:
     """Where a backbone came from: data manifest hash, teacher, params hash, git sha, dvc.lock hash."""
@@ -79,6 +87,9 @@ def dvc_lineage(backbone: Path, lock: Path = Path("dvc.lock")) -> dict[str, str]
 def run_promote(params: Params, *, report: Any = None, tags: dict[str, str] | None = None) -> PromoteResult:
     """Register the candidate backbone as a new ``promote.model_name`` version; alias it only if the gate passes.
 
+    Runs inside the caller's active MLflow run (``gfm promote``, ``gfm demo`` and the Dagster asset open one named
+    ``promote``): the version's evidence is logged there.
+
     The gate (:mod:`gfm_core.registry`): the candidate's ARP beats every other evaluated model, and the paired
     bootstrap interval of its ARP gain over the current champion lies above ``promote.min_gain``.
     """
@@ -92,11 +103,8 @@ def run_promote(params: Params, *, report: Any = None, tags: dict[str, str] | No
     spec = params.model(cfg.candidate)
     if spec.path is None or spec.kind != "export":
         raise ConfigError(f"promote.candidate {cfg.candidate!r} must be an exported backbone (kind: export)")
-    with tracking.stage_run("promote", cfg.model_dump(mode="json")):
-        card = tracking.model_card(spec.path, params, metrics={f"arp.{m}": v for m, v in report.arp.items()})
-        version = tracking.register_backbone(spec.path, cfg.model_name, lineage_tags(params, spec.path, tags),
-                                             card=card)
-        decision = tracking.promote(version, report, cfg, params=params)
-        tracking.log_metrics({"arp": decision.candidate_arp, "promoted": float(decision.promoted)})
+    card = tracking.model_card(spec.path, params, metrics={f"arp.{m}": v for m, v in report.arp.items()})
+    version = tracking.register_backbone(spec.path, cfg.model_name, lineage_tags(params, spec.path, tags), card=card)
+    decision = tracking.promote(version, report, cfg, params=params)
     return PromoteResult(cfg.model_name, version, decision.promoted, decision.reasons, decision.candidate_arp,
                          decision.champion_version)

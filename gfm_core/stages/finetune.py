@@ -240,6 +240,19 @@ def _bind_start(path: Path, spec: BackboneSpec, sha: str, resume: bool) -> None:
 # ------------------------------------------------------------------------------------------------ stage API
 
 
+def log_runs(runs: Sequence[FinetuneResult]) -> None:
+    """Log fine-tuning runs to the active MLflow run: each run's curve by step and its test metrics, named
+    ``<model>.seed<seed>.<metric>``, and its ``result.json`` under ``<model>/seed_<seed>``."""
+    from gfm_core import tracking
+
+    for r in runs:
+        tag = f"{r.model}.seed{r.seed}."
+        for h in r.history:
+            tracking.log_metrics({f"{tag}{k}": v for k, v in h.items() if k != "step"}, step=int(h["step"]))
+        tracking.log_metrics({f"{tag}{k}": v for k, v in r.metrics.items()})
+        tracking.log_artifacts({"result": r.result_json}, f"{r.model}/seed_{r.seed}")
+
+
 def run_finetune_task(
     params: Params,
     task: str,

@@ -45,10 +45,25 @@ class PretrainResult:
     start_reason: str = ""  # why it resumed or started fresh
     set_aside: Path | None = None  # where a fresh start moved the earlier run's checkpoints
 
+    def metrics(self) -> dict[str, float]:
+        """What the stage logs at its end (per-step metrics go to MLflow while it trains)."""
+        return {}
+
+    def artifacts(self) -> dict[str, Path]:
+        """The files the stage's tracked run keeps."""
+        return pretrain_artifacts(self.backbone.parent)
+
     def summary(self) -> str:
         """One line of the final loss parts."""
         keys = ("loss", "mim", "distill", "cosine")
         return ", ".join(f"{k}={self.metrics[k]:.4f}" for k in keys if k in self.metrics)
+
+
+def pretrain_artifacts(out_dir: Path) -> dict[str, Path]:
+    """The files a pretraining's tracked run keeps (whoever launched it): summary, curves, pictures, sidecar."""
+    return {"summary": out_dir / "summary.json", "metrics": out_dir / "metrics.csv",
+            "sidecar": out_dir / "backbone.json", "reconstructions": out_dir / "reconstructions.png",
+            "learning": out_dir / "learning.png"}
 
 
 class _CsvLog:
