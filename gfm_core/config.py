@@ -13,7 +13,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from gfm_core.data.sources import IngestSettings, SourceSpec
+from gfm_core.data.ingest.sources import IngestSettings, SourceSpec
 from gfm_core.errors import ConfigError
 
 

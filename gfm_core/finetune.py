@@ -497,7 +497,7 @@ def finetune(
     Raises:
         ConfigError, CheckpointError, DatasetNotFoundError, DataValidationError: bad config, weights or data.
     """
-    from gfm_core.data.task_datasets import TaskDataset, label_subset, list_task
+    from gfm_core.data.tasks.dataset import TaskDataset, label_subset, list_task
     from gfm_core.training.backends import TorchBackend, auto_device
     from gfm_core.training.checkpoint import seed_everything
     from gfm_core.training.loop import LoopCfg, fit
@@ -678,7 +678,7 @@ def with_pile_stretch(params: Params, task: TaskCfg) -> TaskCfg:
     """
     if task.stretch_source is None:
         return task
-    from gfm_core.data.stats import load_stretches
+    from gfm_core.data.ingest.stats import load_stretches
 
     path = params.ingest.out_dir / "norm_stats.json"
     stretches = load_stretches(path) if path.is_file() else {}

@@ -263,10 +263,10 @@ def pretrain_stream(params: Params, objective: Any, device: str) -> Any:
     """
     import torch
 
-    from gfm_core.data.masking import MaskGenerator
-    from gfm_core.data.pretrain_data import PretrainStream
-    from gfm_core.data.teacher_pool import load_or_build_pool, pool_key
-    from gfm_core.data.verdicts import require_verdicts
+    from gfm_core.data.ingest.verdicts import require_verdicts
+    from gfm_core.data.pretrain.masking import MaskGenerator
+    from gfm_core.data.pretrain.stream import PretrainStream
+    from gfm_core.data.pretrain.teacher_pool import load_or_build_pool, pool_key
 
     cfg = params.pretrain
     shard_dir = params.ingest.out_dir / "shards"

@@ -45,7 +45,7 @@ class DemoDataStageResult:
 
 def run_demo_data(params: Params) -> DemoDataStageResult:
     """Build the embedded demo GeoPile and tasks, and export the real ImageNet demo teacher next to them."""
-    from gfm_core.data.demo import build_demo_data
+    from gfm_core.demo.build import build_demo_data
     from gfm_core.models.imagenet_weights import export_efficientnet_lite0
 
     res = build_demo_data(params.demo_data)
@@ -79,8 +79,8 @@ def run_ingest(params: Params, *, progress: bool = True) -> IngestResult:
     Raises:
         DataValidationError: more than ``ingest.max_bad_fraction`` of the files were quarantined.
     """
-    from gfm_core.data.geopile import build_manifest
-    from gfm_core.data.stats import compute_norm_stats, write_norm_stats
+    from gfm_core.data.ingest.manifest import build_manifest
+    from gfm_core.data.ingest.stats import compute_norm_stats, write_norm_stats
 
     cfg = params.ingest
     report = build_manifest(
@@ -113,8 +113,8 @@ def run_contamination_check(params: Params, table: Any, manifest_sha256: str) ->
     ``table`` is the manifest parsed from the bytes whose sha256 is ``manifest_sha256`` (the verdict's binding).
     Returns the :class:`~gfm_core.data.contamination.ContaminationReport`.
     """
-    from gfm_core.data.contamination import check_tasks
-    from gfm_core.data.verdicts import manifest_binding, verdict_paths
+    from gfm_core.data.ingest.contamination import check_tasks
+    from gfm_core.data.ingest.verdicts import manifest_binding, verdict_paths
 
     report = check_tasks(table, params.finetune.tasks, params.validation.contamination_exclude)
     content = table.schema.metadata.get(b"gfm.content_hash", b"").decode() if table.schema.metadata else ""
@@ -141,9 +141,9 @@ def run_validate(params: Params) -> ValidateResult:
     Both verdicts (``validation.json``, ``contamination.json``) are removed first and written only when their
     check completes, each bound to the manifest bytes it read (:mod:`gfm_core.data.verdicts`).
     """
-    from gfm_core.data.geopile import load_manifest
-    from gfm_core.data.validation import validate_manifest
-    from gfm_core.data.verdicts import verdict_paths
+    from gfm_core.data.ingest.manifest import load_manifest
+    from gfm_core.data.ingest.validation import validate_manifest
+    from gfm_core.data.ingest.verdicts import verdict_paths
 
     cfg, ing = params.validation, params.ingest
     for old in verdict_paths(ing.out_dir):
@@ -197,12 +197,12 @@ def run_shards(params: Params, *, progress: bool = True) -> ShardsResult:
     Raises:
         DataValidationError: the pile did not pass ``gfm validate``, or was re-ingested since (run it again).
     """
-    from gfm_core.data.shards import write_shards
-    from gfm_core.data.verdicts import require_verdicts
+    from gfm_core.data.ingest.shards import write_shards
+    from gfm_core.data.ingest.verdicts import require_verdicts
 
     ing = params.ingest
     judged = require_verdicts(ing.out_dir)
-    from gfm_core.data.stats import load_stretches
+    from gfm_core.data.ingest.stats import load_stretches
 
     rep = write_shards(
         ing.out_dir / "manifest.parquet", ing.out_dir / "shards", data_root=ing.root, shard_size=ing.shard_size,
@@ -229,7 +229,7 @@ def pretrain_sources(params: Params) -> list[Any]:
 
     Either way a source's ``root`` is relative to ``ingest.root``, the folder every reader is given.
     """
-    from gfm_core.data.sources import discover_sources
+    from gfm_core.data.ingest.sources import discover_sources
 
     if params.ingest.sources:
         return list(params.ingest.sources)

@@ -20,8 +20,8 @@ from gfm_core.config import (
     TaskCfg,
     parse_params,
 )
-from gfm_core.data.demo import build_demo_data
-from gfm_core.data.task_datasets import TaskDataset
+from gfm_core.data.tasks.dataset import TaskDataset
+from gfm_core.demo.build import build_demo_data
 from gfm_core.errors import CheckpointError, ConfigError
 from gfm_core.evaluation.metrics import build_metrics
 from gfm_core.evaluation.report import evaluate_results, run_evaluation

@@ -14,7 +14,7 @@ import rasterio
 from affine import Affine
 from helpers.rasters import make_geotiff, make_photo, pattern, to_dtype
 
-from gfm_core.data.raster import inspect_image, read_image
+from gfm_core.data.raster.reader import inspect_image, read_image
 from gfm_core.errors import ConfigError, RasterReadError
 
 

@@ -15,9 +15,8 @@ import torch
 from helpers.rasters import make_geotiff, make_photo
 from rasterio.errors import NotGeoreferencedWarning
 
-from gfm_core.data.geopile import build_manifest
-from gfm_core.data.raster import read_image
-from gfm_core.data.shards import (
+from gfm_core.data.ingest.manifest import build_manifest
+from gfm_core.data.ingest.shards import (
     INDEX_NAME,
     ShardDataset,
     load_shard_index,
@@ -25,8 +24,9 @@ from gfm_core.data.shards import (
     shard_geometry,
     write_shards,
 )
-from gfm_core.data.sources import IngestSettings, folder_source
-from gfm_core.data.stats import Stretch
+from gfm_core.data.ingest.sources import IngestSettings, folder_source
+from gfm_core.data.ingest.stats import Stretch
+from gfm_core.data.raster.reader import read_image
 from gfm_core.errors import ConfigError, DataValidationError
 
 SIZE = 32  # shard_size of these tests

@@ -11,7 +11,7 @@ import torch
 from helpers.rasters import make_geotiff, make_photo
 
 from gfm_core.config import TaskCfg
-from gfm_core.data.task_datasets import (
+from gfm_core.data.tasks.dataset import (
     BEN19,
     OSCD_IMAGES,
     OSCD_LABELS,

@@ -43,8 +43,8 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from gfm_core.data.geopile import QUARANTINE_NAME, load_manifest, manifest_content_hash
-from gfm_core.data.sources import SourceSpec
+from gfm_core.data.ingest.manifest import QUARANTINE_NAME, load_manifest, manifest_content_hash
+from gfm_core.data.ingest.sources import SourceSpec
 from gfm_core.errors import DataValidationError
 from gfm_core.io import durable_replace, make_temp_dir, temp_prefix, write_json
 
@@ -443,7 +443,7 @@ def validate_manifest(
     """Check a GeoPile manifest against the ingestion rules with Great Expectations.
 
     Args:
-        manifest_path: ``manifest.parquet`` from :func:`~gfm_core.data.geopile.build_manifest`.
+        manifest_path: ``manifest.parquet`` from :func:`~gfm_core.data.ingest.manifest.build_manifest`.
         sources: the configured sources (their names and ``gsd_range``).
         quarantine_path: the ingestion's ``quarantine.json``; None = the one beside the manifest.
         min_size: smallest accepted short side in pixels (the training crop size).
@@ -540,7 +540,7 @@ def validate_manifest(
             "manifest": str(manifest_path),
             "quarantine": str(q_path),
             "manifest_content_hash": content,
-            "manifest_sha256": manifest_sha,  # the bytes judged: gfm_core.data.verdicts.require_verdicts
+            "manifest_sha256": manifest_sha,  # the bytes judged: gfm_core.data.ingest.verdicts.require_verdicts
             "images": n_rows,
             "quarantined": n_bad,
             "statistics": {

@@ -2,7 +2,7 @@
 
 :func:`build_manifest` never stops on a bad file and never touches the user's files:
 
-- Each candidate (a file whose name matches its source's patterns) is read with :func:`~gfm_core.data.raster.
+- Each candidate (a file whose name matches its source's patterns) is read with :func:`~gfm_core.data.raster.reader.
   read_image` in a process pool. A file that fails is *recorded* in ``quarantine.json`` with the plain reason;
   it is not moved, deleted or rewritten. With ``IngestSettings.quarantine_copy`` a copy also goes to
   ``<out_dir>/quarantine/<relative path>`` for inspection (only regular files inside the data root are copied,
@@ -39,10 +39,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from gfm_core.data.dedup import hamming_join, near_duplicates, perceptual_hash, phash_hex
-from gfm_core.data.raster import DEFAULT_MAX_PIXELS, RasterImage, read_image
-from gfm_core.data.sources import IngestSettings, SourceSpec
-from gfm_core.data.workers import map_isolated
+from gfm_core.data.ingest.dedup import hamming_join, near_duplicates, perceptual_hash, phash_hex
+from gfm_core.data.ingest.sources import IngestSettings, SourceSpec
+from gfm_core.data.ingest.workers import map_isolated
+from gfm_core.data.raster.reader import DEFAULT_MAX_PIXELS, RasterImage, read_image
 from gfm_core.errors import ConfigError, DataValidationError, RasterReadError
 from gfm_core.io import atomic_write, clean_stale_temps, durable_replace, make_temp_dir, sha256_file, write_json
 
@@ -435,7 +435,7 @@ def _copy_quarantined(
 
 def _copy_into(data_root: Path, tmp: Path, entries: list[QuarantineEntry]) -> list[QuarantineEntry]:
     (tmp / _QUARANTINE_MARKER).write_text(
-        "copies made by gfm_core.data.geopile.build_manifest; safe to delete\n"
+        "copies made by gfm_core.data.ingest.manifest.build_manifest; safe to delete\n"
     )
     out = []
     for e in entries:
@@ -481,10 +481,10 @@ def build_manifest(
 
     Args:
         data_root: the folder every source root is relative to; nothing outside it is read.
-        sources: the sources (:func:`~gfm_core.data.sources.discover_geopile`, presets, folder sources).
+        sources: the sources (:func:`~gfm_core.data.ingest.sources.discover_geopile`, presets, folder sources).
         out_dir: where ``manifest.parquet``, ``quarantine.json`` (and ``quarantine/`` copies) go; it must not
             lie inside a source.
-        settings: ingestion policy; defaults to :class:`~gfm_core.data.sources.IngestSettings()`.
+        settings: ingestion policy; defaults to :class:`~gfm_core.data.ingest.sources.IngestSettings()`.
         workers: reader processes, overriding ``settings.workers`` (None there = ``os.cpu_count()``; 0 = this
             process).
         min_size: minimum width/height in pixels, overriding ``settings.min_size``.

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from gfm_core.data.geopile import manifest_content_hash, read_manifest
+from gfm_core.data.ingest.manifest import manifest_content_hash, read_manifest
 from gfm_core.errors import DataValidationError
 from gfm_core.io import write_json
 
@@ -166,7 +166,7 @@ def compute_norm_stats(
 
 def _source_stretch(table: pa.Table, idx: list[int], root: Path, percentiles: tuple[float, float]) -> Stretch:
     """The percentiles of a deterministic sample of the source's valid pixels (module docstring)."""
-    from gfm_core.data.raster import read_image
+    from gfm_core.data.raster.reader import read_image
 
     paths = table.column("path").to_pylist()
     order = sorted(idx, key=lambda i: paths[i])

@@ -15,7 +15,7 @@ from typing import Any, Literal
 import pyarrow as pa
 
 from gfm_core.config import TaskCfg
-from gfm_core.data.geopile import DownstreamImage, contamination_check
+from gfm_core.data.ingest.manifest import DownstreamImage, contamination_check
 from gfm_core.errors import GfmError
 
 CHECKED_SPLITS = ("val", "test")
@@ -96,7 +96,7 @@ class ContaminationReport:
 
 
 def _images(task: TaskCfg, split: str) -> list[DownstreamImage]:
-    from gfm_core.data.task_datasets import list_task
+    from gfm_core.data.tasks.dataset import list_task
 
     found: dict[str, DownstreamImage] = {}
     for ref in list_task(task, split).refs:
@@ -108,7 +108,7 @@ def _images(task: TaskCfg, split: str) -> list[DownstreamImage]:
 
 
 def _check_task(table: pa.Table, task: TaskCfg) -> TaskCheck:
-    from gfm_core.data.task_datasets import task_splits
+    from gfm_core.data.tasks.dataset import task_splits
 
     root = str(task.root)
     if not Path(task.root).is_dir():

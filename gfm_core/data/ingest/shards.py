@@ -2,9 +2,9 @@
 
 Pretraining reads each image once per epoch for 100 epochs; decoding a JPEG/GeoTIFF costs more than the
 augmentation itself. :func:`write_shards` decodes each good image of a manifest once (with
-:func:`~gfm_core.data.raster.read_image`, using the bands and value range recorded in its manifest row, which
+:func:`~gfm_core.data.raster.reader.read_image`, using the bands and value range recorded in its manifest row, which
 are its source's), resizes it and writes it as 8-bit pixels; :class:`ShardDataset` and
-:class:`~gfm_core.data.pretrain_data.PretrainStream` read them back with no decoding and no copy.
+:class:`~gfm_core.data.pretrain.stream.PretrainStream` read them back with no decoding and no copy.
 
 Format: Arrow IPC files (the Feather v2 format), uncompressed, one per ~``images_per_shard`` images
 (``<gen>/shard-00000.arrow``), columns ``path, source, sha256, channels, height, width, pixels``; ``pixels``
@@ -57,9 +57,9 @@ import numpy as np
 import pyarrow as pa
 from PIL import Image
 
-from gfm_core.data.geopile import manifest_content_hash, read_manifest
-from gfm_core.data.raster import read_image
-from gfm_core.data.stats import Stretch
+from gfm_core.data.ingest.manifest import manifest_content_hash, read_manifest
+from gfm_core.data.ingest.stats import Stretch
+from gfm_core.data.raster.reader import read_image
 from gfm_core.errors import ConfigError, DataValidationError, RasterReadError
 from gfm_core.io import atomic_write, sha256_file, sha256_json, write_json
 
@@ -299,7 +299,7 @@ def write_shards(
     """Decode every image of ``manifest`` once into uint8 Arrow shards under ``shard_dir``.
 
     Args:
-        manifest: ``manifest.parquet`` from :func:`~gfm_core.data.geopile.build_manifest`.
+        manifest: ``manifest.parquet`` from :func:`~gfm_core.data.ingest.manifest.build_manifest`.
         shard_dir: output folder (``index.json`` plus one generation folder of ``shard-NNNNN.arrow``).
         data_root: the folder the manifest's paths are relative to; None = the one recorded in the manifest.
         shard_size: short side, in pixels, that larger images are resized to.

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image
 
-from gfm_core.data.raster import RasterImage
+from gfm_core.data.raster.reader import RasterImage
 
 _HASH_SIZE = 8
 _HASH_IMG = 32  # imagehash.phash: hash_size * highfreq_factor(4)
