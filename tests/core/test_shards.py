@@ -25,8 +25,8 @@ from gfm_core.data.ingest.shards import (
     write_shards,
 )
 from gfm_core.data.ingest.sources import IngestSettings, folder_source
-from gfm_core.data.ingest.stats import Stretch
 from gfm_core.data.raster.reader import read_image
+from gfm_core.data.raster.stretch import Stretch
 from gfm_core.errors import ConfigError, DataValidationError
 
 SIZE = 32  # shard_size of these tests

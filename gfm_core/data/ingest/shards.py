@@ -58,8 +58,8 @@ import pyarrow as pa
 from PIL import Image
 
 from gfm_core.data.ingest.manifest import manifest_content_hash, read_manifest
-from gfm_core.data.ingest.stats import Stretch
 from gfm_core.data.raster.reader import read_image
+from gfm_core.data.raster.stretch import Stretch
 from gfm_core.errors import ConfigError, DataValidationError, RasterReadError
 from gfm_core.io import atomic_write, sha256_file, sha256_json, write_json
 

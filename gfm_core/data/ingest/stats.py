@@ -28,6 +28,7 @@ import numpy as np
 import pyarrow as pa
 
 from gfm_core.data.ingest.manifest import manifest_content_hash, read_manifest
+from gfm_core.data.raster.stretch import Stretch
 from gfm_core.errors import DataValidationError
 from gfm_core.io import write_json
 
@@ -35,37 +36,6 @@ STATS_SCHEMA = "gfm.geopile.norm_stats"
 STATS_VERSION = 2
 STRETCH_MAX_IMAGES = 64
 STRETCH_MAX_PIXELS = 65_536
-
-
-@dataclass(frozen=True)
-class Stretch:
-    """A per-band linear contrast stretch: ``(x - lo) / (hi - lo)``, clipped to [0, 1].
-
-    Attributes:
-        lo, hi: per-band values (of the [0, 1]-scaled image) mapped to 0 and 1.
-        percentiles: the percentiles they are (the rule, for the record).
-        images: images sampled to find them.
-    """
-
-    lo: tuple[float, ...]
-    hi: tuple[float, ...]
-    percentiles: tuple[float, float] = (2.0, 98.0)
-    images: int = 0
-
-    def apply(self, array: np.ndarray) -> np.ndarray:
-        """``[C, H, W]`` float in [0, 1] -> stretched float32 ``[C, H, W]`` in [0, 1].
-
-        Raises:
-            DataValidationError: the image's band count differs from the stretch's.
-        """
-        if array.shape[0] != len(self.lo):
-            raise DataValidationError(
-                f"a {len(self.lo)}-band contrast stretch cannot apply to a {array.shape[0]}-band image "
-                f"(the task's bands must match the pile source's)"
-            )
-        lo = np.asarray(self.lo, np.float32)[:, None, None]
-        span = np.maximum(np.asarray(self.hi, np.float32)[:, None, None] - lo, 1e-6)
-        return np.clip((array - lo) / span, 0.0, 1.0).astype(np.float32, copy=False)
 
 
 @dataclass(frozen=True)

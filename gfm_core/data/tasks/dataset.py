@@ -46,8 +46,8 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from gfm_core.config import TaskCfg
-from gfm_core.data.ingest.stats import Stretch
 from gfm_core.data.raster.reader import read_image
+from gfm_core.data.raster.stretch import Stretch
 from gfm_core.errors import ConfigError, DataValidationError, RasterReadError
 
 SPLITS = ("train", "val", "test")
