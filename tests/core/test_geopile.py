@@ -19,8 +19,9 @@ from helpers.rasters import make_geotiff, make_photo, pattern, to_dtype
 from PIL import Image
 from pydantic import ValidationError
 
+from gfm_core.data.ingest.contamination import contamination_check
 from gfm_core.data.ingest.dedup import hamming_join, near_duplicates, perceptual_hash
-from gfm_core.data.ingest.manifest import MANIFEST_SCHEMA, build_manifest, contamination_check, manifest_content_hash
+from gfm_core.data.ingest.manifest import MANIFEST_SCHEMA, build_manifest, manifest_content_hash
 from gfm_core.data.ingest.sources import (
     PRESETS,
     IngestSettings,

@@ -2,16 +2,17 @@
 
 :func:`build_manifest` never stops on a bad file and never touches the user's files:
 
-- Each candidate (a file whose name matches its source's patterns) is read with :func:`~gfm_core.data.raster.reader.
-  read_image` in a process pool. A file that fails is *recorded* in ``quarantine.json`` with the plain reason;
-  it is not moved, deleted or rewritten. With ``IngestSettings.quarantine_copy`` a copy also goes to
-  ``<out_dir>/quarantine/<relative path>`` for inspection (only regular files inside the data root are copied,
-  so a symlink that escapes the root never exports outside data).
+- Each candidate (a file whose name matches its source's patterns) is read with
+  :func:`~gfm_core.data.raster.reader.read_image` in a process pool (:mod:`~gfm_core.data.ingest.manifest_row`).
+  A file that fails is *recorded* in ``quarantine.json`` with the plain reason; it is not moved, deleted or
+  rewritten. With ``IngestSettings.quarantine_copy`` a copy also goes to ``<out_dir>/quarantine/<relative
+  path>`` for inspection (only regular files inside the data root are copied, so a symlink that escapes the
+  root never exports outside data; :mod:`~gfm_core.data.ingest.quarantine`).
 - A reader process that dies (a GDAL segfault on a hostile file, the OOM killer) costs only the files it held:
   they are retried one by one in a single-worker pool, and the file that kills it again is quarantined.
 - Paths are checked against the data root after resolving symlinks; file symlinks escaping it are quarantined
   (``read_image`` refuses them), folder symlinks that escape it are quarantined and not followed, folder
-  symlinks inside it are followed once (loop-safe).
+  symlinks inside it are followed once (loop-safe; :mod:`~gfm_core.data.ingest.walk`).
 - Exact duplicates (same sha256) are quarantined as ``exact duplicate of <path>``, keeping the first path in
   sorted order. Perceptual near-duplicates are kept and flagged in the ``near_duplicate_of`` column.
 
@@ -27,32 +28,34 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field, replace
-from fnmatch import fnmatch
-from pathlib import Path, PurePosixPath
-from typing import Any, Literal
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from PIL import Image
 
-from gfm_core.data.ingest.dedup import hamming_join, near_duplicates, perceptual_hash, phash_hex
+from gfm_core.data.ingest.dedup import flag_near_duplicates
+from gfm_core.data.ingest.manifest_row import FileOutcome, FileTask, crashed, ingest_file
+from gfm_core.data.ingest.quarantine import (
+    QUARANTINE_DIR,
+    QUARANTINE_NAME,
+    QuarantineEntry,
+    check_own_quarantine,
+    copy_quarantined,
+    remove_own_quarantine,
+)
 from gfm_core.data.ingest.sources import IngestSettings, SourceSpec
+from gfm_core.data.ingest.walk import resolve_sources, walk_source
 from gfm_core.data.ingest.workers import map_isolated
-from gfm_core.data.raster.reader import DEFAULT_MAX_PIXELS, RasterImage, read_image
-from gfm_core.errors import ConfigError, DataValidationError, RasterReadError
-from gfm_core.io import atomic_write, clean_stale_temps, durable_replace, make_temp_dir, sha256_file, write_json
+from gfm_core.errors import ConfigError, DataValidationError
+from gfm_core.io import atomic_write, clean_stale_temps, sha256_file, write_json
 
 log = logging.getLogger(__name__)
 
 MANIFEST_NAME = "manifest.parquet"
-QUARANTINE_NAME = "quarantine.json"
-QUARANTINE_DIR = "quarantine"
 MANIFEST_VERSION = 1
-_QUARANTINE_MARKER = ".gfm-quarantine"
 
 MANIFEST_SCHEMA = pa.schema(
     [
@@ -89,20 +92,6 @@ MANIFEST_SCHEMA = pa.schema(
     ]
 )
 
-
-# --------------------------------------------------------------------------------------------------- results
-
-
-@dataclass(frozen=True)
-class QuarantineEntry:
-    """A file (or folder) left out of the pile, and why. ``copy`` is its copy under ``out_dir``, if made."""
-
-    path: str
-    source: str
-    reason: str
-    copy: str | None = None
-
-
 @dataclass(frozen=True)
 class IngestReport:
     """What :func:`build_manifest` did.
@@ -138,225 +127,6 @@ class IngestReport:
         """Quarantined share of everything seen (accepted + quarantined); 0.0 for an empty pile."""
         total = self.accepted + self.quarantined
         return self.quarantined / total if total else 0.0
-
-
-@dataclass(frozen=True)
-class Offender:
-    """A downstream test image found in the pile.
-
-    Attributes:
-        test_path: the test image.
-        pile_path: the manifest row it matches.
-        kind: ``exact`` (same sha256) or ``near`` (perceptual hash within ``distance`` bits).
-        distance: Hamming distance of the perceptual hashes (0 for exact copies).
-    """
-
-    test_path: str
-    pile_path: str
-    kind: Literal["exact", "near"]
-    distance: int
-
-
-# --------------------------------------------------------------------------------------------------- walking
-
-
-@dataclass(frozen=True)
-class _Task:
-    path: str  # absolute path as walked (not resolved)
-    rel: str  # relative to the data root, POSIX
-    source: str
-    source_root: str
-    data_root: str
-    bands: tuple[int, ...] | None
-    value_range: tuple[float, float] | None
-    expected_bands: int | None
-    default_gsd: float | None
-    gsd_range: tuple[float, float] | None
-    min_size: int
-    max_pixels: int
-    max_nodata_fraction: float
-    allow_nonfinite: bool
-
-
-@dataclass(frozen=True)
-class _Outcome:
-    rel: str
-    source: str
-    row: dict[str, Any] | None = None
-    reason: str | None = None
-
-
-def _inside(path: str | Path, root: str | Path) -> bool:
-    return Path(path).is_relative_to(root)
-
-
-def _resolve_sources(
-    data_root: Path, sources: Sequence[SourceSpec], out_dir: Path
-) -> list[tuple[SourceSpec, Path]]:
-    if not sources:
-        raise ConfigError("no GeoPile sources given (use discover_geopile(data_root) or get_preset(name))")
-    names = [s.name for s in sources]
-    dupes = sorted({n for n in names if names.count(n) > 1})
-    if dupes:
-        raise ConfigError(f"source names must be unique; repeated: {dupes}")
-    out_real = Path(os.path.realpath(out_dir))
-    resolved: list[tuple[SourceSpec, Path]] = []
-    for spec in sources:
-        root = data_root / spec.root
-        real = Path(os.path.realpath(root))
-        if not _inside(real, data_root):
-            raise ConfigError(
-                f"source {spec.name!r}: root {spec.root} resolves outside the data root ({real})"
-            )
-        if not real.is_dir():
-            raise ConfigError(f"source {spec.name!r}: folder {root} not found (check the source's root)")
-        if _inside(out_real, real):
-            raise ConfigError(
-                f"out_dir {out_dir} lies inside source {spec.name!r} ({root}); its outputs would be ingested "
-                f"next time: choose an out_dir outside the sources"
-            )
-        resolved.append((spec, real))
-    for a, ra in resolved:
-        for b, rb in resolved:
-            if a.name < b.name and (_inside(ra, rb) or _inside(rb, ra)):
-                raise ConfigError(
-                    f"sources {a.name!r} and {b.name!r} overlap ({ra} and {rb}); each file is seen twice"
-                )
-    return resolved
-
-
-def _walk(
-    data_root: Path, spec: SourceSpec, skip_hidden: bool
-) -> tuple[list[tuple[str, str]], list[QuarantineEntry], int]:
-    """One source's candidate files ``(absolute path, relative path)``, folder quarantine, ignored count."""
-    patterns = tuple(p.lower() for p in spec.patterns)
-    start = data_root / spec.root
-    files: list[tuple[str, str]] = []
-    bad: list[QuarantineEntry] = []
-    ignored = 0
-    visited = {os.path.realpath(start)}
-    stack: list[tuple[str, PurePosixPath]] = [(str(start), PurePosixPath(spec.root))]
-    while stack:
-        folder, rel = stack.pop()
-        try:
-            with os.scandir(folder) as it:
-                entries = sorted(it, key=lambda e: e.name)
-        except OSError as e:
-            bad.append(
-                QuarantineEntry(
-                    str(rel), spec.name, f"cannot list the folder ({e.strerror}); nothing in it was ingested"
-                )
-            )
-            continue
-        subdirs: list[tuple[str, PurePosixPath]] = []
-        for entry in entries:
-            if skip_hidden and entry.name.startswith("."):
-                continue
-            erel = rel / entry.name
-            try:
-                is_dir = entry.is_dir()  # follows symlinks
-            except OSError:
-                is_dir = False
-            if is_dir:
-                real = os.path.realpath(entry.path)
-                if entry.is_symlink() and not _inside(real, data_root):
-                    bad.append(
-                        QuarantineEntry(
-                            str(erel),
-                            spec.name,
-                            f"folder symlink resolves outside the data root (-> {real}); not followed",
-                        )
-                    )
-                elif real not in visited:
-                    visited.add(real)
-                    subdirs.append((entry.path, erel))
-                else:
-                    log.info("%s: folder already walked through another path (%s); skipped", erel, real)
-            elif any(fnmatch(entry.name.lower(), p) for p in patterns):
-                files.append((entry.path, str(erel)))
-            else:
-                ignored += 1
-        stack.extend(reversed(subdirs))
-    return files, bad, ignored
-
-
-# --------------------------------------------------------------------------------------------------- workers
-
-
-def _ingest_file(task: _Task) -> _Outcome:
-    """Read, hash and summarise one file; every failure becomes a reason (this never raises)."""
-    try:
-        img = read_image(
-            task.path,
-            bands=task.bands,
-            value_range=task.value_range,
-            expected_bands=task.expected_bands,
-            max_pixels=task.max_pixels,
-            min_size=task.min_size,
-            data_root=task.data_root,
-            allow_nonfinite=task.allow_nonfinite,
-        )
-        if img.nodata_fraction > task.max_nodata_fraction:
-            return _Outcome(
-                task.rel,
-                task.source,
-                reason=f"nodata fraction {img.nodata_fraction:.3f} exceeds max_nodata_fraction "
-                f"{task.max_nodata_fraction:g}",
-            )
-        sha = sha256_file(task.path)
-        size = os.path.getsize(task.path)
-        values = img.array[:, img.valid].astype(np.float64)
-        info = img.info
-        if info.gsd is not None:
-            gsd, gsd_source = info.gsd, "georef"
-        elif task.default_gsd is not None:
-            gsd, gsd_source = task.default_gsd, "source_default"
-        else:
-            gsd, gsd_source = None, None
-        in_range = None
-        if gsd is not None and task.gsd_range is not None:
-            in_range = task.gsd_range[0] * 0.99 <= gsd <= task.gsd_range[1] * 1.01
-        sub = PurePosixPath(task.rel).parent
-        if task.source_root != ".":
-            sub = sub.relative_to(task.source_root)
-        row = {
-            "path": task.rel,
-            "source": task.source,
-            "class_name": sub.parts[0] if sub.parts else "",
-            "subdir": "" if str(sub) == "." else str(sub),
-            "sha256": sha,
-            "file_size": size,
-            "driver": info.driver,
-            "width": info.width,
-            "height": info.height,
-            "bands": info.count,
-            "channels": list(img.bands),
-            "dtype": info.dtype,
-            "value_range": list(img.value_range),
-            "crs": info.crs,
-            "gsd": gsd,
-            "gsd_source": gsd_source,
-            "gsd_in_range": in_range,
-            "nodata": info.nodata,
-            "nodata_fraction": img.nodata_fraction,
-            "saturated_fraction": img.saturated_fraction,
-            "valid_pixels": int(img.valid.sum()),
-            "mean": values.mean(axis=1).tolist(),
-            "std": values.std(axis=1).tolist(),
-            "phash": phash_hex(perceptual_hash(img)),
-        }
-        return _Outcome(task.rel, task.source, row=row)
-    except RasterReadError as e:
-        return _Outcome(task.rel, task.source, reason=e.reason)
-    except OSError as e:  # the file vanished or became unreadable between the checks and the hash
-        return _Outcome(task.rel, task.source, reason=f"cannot read the file ({e.strerror or e})")
-    except Exception as e:  # a reader bug must cost one file, not the run; recorded in the quarantine
-        log.exception("%s: unexpected error while ingesting", task.rel)
-        return _Outcome(task.rel, task.source, reason=f"unexpected reader error ({type(e).__name__}: {e})")
-
-
-def _crashed(task: _Task, why: str) -> _Outcome:
-    return _Outcome(task.rel, task.source, reason=why)
 
 
 # --------------------------------------------------------------------------------------------------- manifest
@@ -412,61 +182,6 @@ def load_manifest(path: str | Path) -> tuple[pa.Table, str]:
     return read_manifest(table), hashlib.sha256(data).hexdigest()
 
 
-def _table(rows: list[dict[str, Any]], meta: Mapping[str, str]) -> pa.Table:
-    table = pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA)
-    return table.replace_schema_metadata({f"gfm.{k}": v for k, v in meta.items()})
-
-
-def _copy_quarantined(
-    data_root: Path, out_dir: Path, entries: list[QuarantineEntry]
-) -> list[QuarantineEntry]:
-    """Copy quarantined regular files under the data root to ``<out_dir>/quarantine/`` (fresh each run)."""
-    final = out_dir / QUARANTINE_DIR
-    tmp = make_temp_dir(final)
-    try:
-        out = _copy_into(data_root, tmp, entries)
-        _remove_own_quarantine(final)
-        durable_replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
-
-
-def _copy_into(data_root: Path, tmp: Path, entries: list[QuarantineEntry]) -> list[QuarantineEntry]:
-    (tmp / _QUARANTINE_MARKER).write_text(
-        "copies made by gfm_core.data.ingest.manifest.build_manifest; safe to delete\n"
-    )
-    out = []
-    for e in entries:
-        src = data_root / e.path
-        real = os.path.realpath(src)
-        copy = None
-        if os.path.isfile(src) and _inside(real, data_root):
-            dst = tmp / e.path
-            try:
-                dst.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(src, dst)
-                copy = str(PurePosixPath(QUARANTINE_DIR) / e.path)
-            except OSError as err:
-                log.warning("%s: could not copy into the quarantine folder (%s)", e.path, err)
-        out.append(QuarantineEntry(e.path, e.source, e.reason, copy))
-    return out
-
-
-def _check_own_quarantine(folder: Path) -> None:
-    if folder.exists() and not (folder / _QUARANTINE_MARKER).is_file():
-        raise ConfigError(
-            f"{folder} exists but was not made by build_manifest; move it away or pick another out_dir"
-        )
-
-
-def _remove_own_quarantine(folder: Path) -> None:
-    _check_own_quarantine(folder)
-    if folder.exists():
-        shutil.rmtree(folder)
-
-
 def build_manifest(
     data_root: str | Path,
     sources: Sequence[SourceSpec],
@@ -504,25 +219,79 @@ def build_manifest(
     if overrides:
         settings = settings.model_validate({**settings.model_dump(), **overrides})
     n_workers = settings.workers if settings.workers is not None else (os.cpu_count() or 1)
+    out_dir = Path(out_dir)
+    root, resolved = _check_roots(data_root, sources, out_dir)
+
+    tasks, quarantined, ignored = _candidates(root, resolved, settings)
+    log.info("ingesting %d candidate file(s) from %d source(s) with %d worker(s)", len(tasks), len(resolved),
+             n_workers)
+    with tqdm(total=len(tasks), desc="geopile", unit="img", disable=not progress) as bar:
+        outcomes = map_isolated(ingest_file, tasks, workers=n_workers, chunk_size=settings.chunk_size,
+                                on_crash=crashed, on_done=bar.update, preload=[ingest_file.__module__])
+    rows, exact = _accept(outcomes, quarantined)
+    near = flag_near_duplicates(rows, settings.near_dup_max_hamming)
+
+    quarantined.sort(key=lambda e: (e.path, e.reason))
+    content_hash = manifest_content_hash((r["path"], r["sha256"]) for r in rows)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if settings.quarantine_copy:
+        quarantined = copy_quarantined(root, out_dir, quarantined)
+    else:
+        remove_own_quarantine(out_dir / QUARANTINE_DIR)
+    quarantine_path, manifest_path = _write(root, out_dir, resolved, settings, rows, quarantined, content_hash)
+
+    report = IngestReport(
+        manifest_path=manifest_path,
+        quarantine_path=quarantine_path,
+        content_hash=content_hash,
+        candidates=len(tasks),
+        accepted=len(rows),
+        quarantined=len(quarantined),
+        exact_duplicates=exact,
+        near_duplicates=near,
+        ignored=ignored,
+        per_source=_per_source(resolved, rows, quarantined),
+        entries=tuple(quarantined),
+    )
+    log.info(
+        "geopile: %d accepted, %d quarantined (%d exact duplicates), %d near-duplicates flagged; content %s",
+        report.accepted,
+        report.quarantined,
+        exact,
+        near,
+        content_hash[:12],
+    )
+    return report
+
+
+def _check_roots(
+    data_root: str | Path, sources: Sequence[SourceSpec], out_dir: Path
+) -> tuple[Path, list[tuple[SourceSpec, Path]]]:
+    """The real data root and the resolved sources; stale temps of a killed ingest are removed first."""
     if not Path(data_root).is_dir():
         raise ConfigError(
             f"{data_root}: data root not found (set the ingest root to the folder holding the pile)"
         )
     root = Path(os.path.realpath(data_root))
-    out_dir = Path(out_dir)
-    resolved = _resolve_sources(root, sources, out_dir)
+    resolved = resolve_sources(root, sources, out_dir)
     clean_stale_temps(out_dir)  # temps of a killed earlier ingest
-    _check_own_quarantine(out_dir / QUARANTINE_DIR)  # fail now, not after reading the whole pile
+    check_own_quarantine(out_dir / QUARANTINE_DIR)  # fail now, not after reading the whole pile
+    return root, resolved
 
-    tasks: list[_Task] = []
+
+def _candidates(
+    root: Path, resolved: Sequence[tuple[SourceSpec, Path]], settings: IngestSettings
+) -> tuple[list[FileTask], list[QuarantineEntry], int]:
+    """Every source's candidate files as reader tasks (sorted by path), folder quarantine, ignored count."""
+    tasks: list[FileTask] = []
     quarantined: list[QuarantineEntry] = []
     ignored = 0
     for spec, _ in resolved:
-        files, bad, n_ignored = _walk(root, spec, settings.skip_hidden)
+        files, bad, n_ignored = walk_source(root, spec, settings.skip_hidden)
         quarantined.extend(bad)
         ignored += n_ignored
         tasks.extend(
-            _Task(
+            FileTask(
                 path=path,
                 rel=rel,
                 source=spec.name,
@@ -541,24 +310,11 @@ def build_manifest(
             for path, rel in files
         )
     tasks.sort(key=lambda t: t.rel)
-    log.info(
-        "ingesting %d candidate file(s) from %d source(s) with %d worker(s)",
-        len(tasks),
-        len(resolved),
-        n_workers,
-    )
+    return tasks, quarantined, ignored
 
-    with tqdm(total=len(tasks), desc="geopile", unit="img", disable=not progress) as bar:
-        outcomes = map_isolated(
-            _ingest_file,
-            tasks,
-            workers=n_workers,
-            chunk_size=settings.chunk_size,
-            on_crash=_crashed,
-            on_done=bar.update,
-            preload=[__name__],
-        )
 
+def _accept(outcomes: Iterable[FileOutcome], quarantined: list[QuarantineEntry]) -> tuple[list[dict[str, Any]], int]:
+    """The manifest rows; failed files and exact duplicates are appended to ``quarantined``."""
     rows: list[dict[str, Any]] = []
     first_by_sha: dict[str, str] = {}
     exact = 0
@@ -573,29 +329,30 @@ def build_manifest(
         else:
             first_by_sha[o.row["sha256"]] = o.rel
             rows.append(o.row)
+    return rows, exact
 
-    near = 0
-    if settings.near_dup_max_hamming is not None:
-        hashes = [int(r["phash"], 16) for r in rows]
-        of, dist = near_duplicates(hashes, settings.near_dup_max_hamming)
-        for r, j, d in zip(rows, of, dist, strict=True):
-            r["near_duplicate_of"] = rows[j]["path"] if j is not None else None
-            r["near_duplicate_distance"] = d
-            near += j is not None
 
-    quarantined.sort(key=lambda e: (e.path, e.reason))
-    content_hash = manifest_content_hash((r["path"], r["sha256"]) for r in rows)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if settings.quarantine_copy:
-        quarantined = _copy_quarantined(root, out_dir, quarantined)
-    else:
-        _remove_own_quarantine(out_dir / QUARANTINE_DIR)
-
+def _per_source(
+    resolved: Sequence[tuple[SourceSpec, Path]], rows: list[dict[str, Any]], quarantined: list[QuarantineEntry]
+) -> dict[str, dict[str, int]]:
     per_source = {spec.name: {"accepted": 0, "quarantined": 0} for spec, _ in resolved}
     for r in rows:
         per_source[r["source"]]["accepted"] += 1
     for e in quarantined:
         per_source[e.source]["quarantined"] += 1
+    return per_source
+
+
+def _write(
+    root: Path,
+    out_dir: Path,
+    resolved: Sequence[tuple[SourceSpec, Path]],
+    settings: IngestSettings,
+    rows: list[dict[str, Any]],
+    quarantined: list[QuarantineEntry],
+    content_hash: str,
+) -> tuple[Path, Path]:
+    """Write ``quarantine.json``, then ``manifest.parquet`` (last: a new manifest has its quarantine beside it)."""
     quarantine_path = write_json(
         out_dir / QUARANTINE_NAME,
         {
@@ -618,112 +375,8 @@ def build_manifest(
         "quarantine_sha256": sha256_file(quarantine_path),
     }
     manifest_path = out_dir / MANIFEST_NAME
-    table = _table(rows, meta)
+    table = pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA)
+    table = table.replace_schema_metadata({f"gfm.{k}": v for k, v in meta.items()})
     with atomic_write(manifest_path) as f:
         pq.write_table(table, f, compression="zstd")
-
-    report = IngestReport(
-        manifest_path=manifest_path,
-        quarantine_path=quarantine_path,
-        content_hash=content_hash,
-        candidates=len(tasks),
-        accepted=len(rows),
-        quarantined=len(quarantined),
-        exact_duplicates=exact,
-        near_duplicates=near,
-        ignored=ignored,
-        per_source=per_source,
-        entries=tuple(quarantined),
-    )
-    log.info(
-        "geopile: %d accepted, %d quarantined (%d exact duplicates), %d near-duplicates flagged; content %s",
-        report.accepted,
-        report.quarantined,
-        exact,
-        near,
-        content_hash[:12],
-    )
-    return report
-
-
-# --------------------------------------------------------------------------------------------------- leakage
-
-
-DownstreamImage = str | Path | tuple[str | Path, ...]
-"""A downstream image: one file, or one file per band (BigEarthNet, OSCD), composed in the given order."""
-
-
-def _read_test_image(item: DownstreamImage, bands: Sequence[int] | None, value_range: tuple[float, float] | None,
-                     max_pixels: int) -> RasterImage:
-    """One test image; per-band files are read one band each and resized to the first file's grid."""
-    kw = dict(value_range=value_range, min_size=2, max_pixels=max_pixels, allow_nonfinite=True)
-    if not isinstance(item, tuple):
-        return read_image(item, bands=bands, **kw)
-    parts = [read_image(f, bands=(1,), **kw) for f in item[:3]]  # the hash averages the first three bands
-    h, w = parts[0].array.shape[1:]
-    planes, valid = [], parts[0].valid
-    for part in parts:
-        plane = part.array[0]
-        if plane.shape != (h, w):
-            plane = np.asarray(Image.fromarray(plane, mode="F").resize((w, h), Image.Resampling.BILINEAR))
-        planes.append(plane)
-    return replace(parts[0], array=np.stack(planes).astype(np.float32), valid=valid,
-                   bands=tuple(range(1, len(planes) + 1)))
-
-
-def image_label(item: DownstreamImage) -> str:
-    """How a test image is named in reports (per-band files: the files joined by ``+``)."""
-    return "+".join(str(f) for f in item) if isinstance(item, tuple) else str(item)
-
-
-def contamination_check(
-    manifest: str | Path | pa.Table,
-    test_images: Iterable[DownstreamImage],
-    *,
-    max_hamming: int = 8,
-    bands: Sequence[int] | None = None,
-    value_range: tuple[float, float] | None = None,
-    max_pixels: int = DEFAULT_MAX_PIXELS,
-) -> list[Offender]:
-    """Downstream test images that sit in the pile, as exact copies or perceptual near-duplicates.
-
-    Args:
-        manifest: a manifest path or table from :func:`build_manifest`.
-        test_images: the downstream test images (any format :func:`read_image` reads); a tuple is one image
-            stored as one file per band (hashed as their composite; each file's sha256 is compared too).
-        max_hamming: perceptual-hash distance (of 64 bits) at or under which an image counts as the same
-            picture (re-encoded, rescaled, slightly recoloured). Unrelated images are rarely under ~10.
-        bands: bands of the test images to hash (the hash averages the first three: RGB and BGR agree).
-        value_range: scaling of the test images (the hash is insensitive to brightness scaling).
-        max_pixels: largest test image accepted, in samples.
-
-    Returns:
-        Offenders sorted by test path, then distance, then pile path; empty when the pile is clean.
-
-    Raises:
-        RasterReadError: a test image cannot be read (a check that skipped it could pass wrongly).
-        DataValidationError: the manifest cannot be read.
-    """
-    table = read_manifest(manifest)
-    pile_paths = table.column("path").to_pylist()
-    pile_sha = table.column("sha256").to_pylist()
-    pile_hash = np.array([int(h, 16) for h in table.column("phash").to_pylist()], dtype=np.uint64)
-    by_sha: dict[str, list[str]] = {}
-    for p, s in zip(pile_paths, pile_sha, strict=True):
-        by_sha.setdefault(s, []).append(p)
-
-    items = list(test_images)
-    tests = [image_label(t) for t in items]
-    offenders: set[Offender] = set()
-    test_hash = np.zeros(len(tests), dtype=np.uint64)
-    for k, item in enumerate(items):
-        test_hash[k] = perceptual_hash(_read_test_image(item, bands, value_range, max_pixels))
-        for f in item if isinstance(item, tuple) else (item,):
-            for p in by_sha.get(sha256_file(f), []):
-                offenders.add(Offender(tests[k], p, "exact", 0))
-    exact_pairs = {(o.test_path, o.pile_path) for o in offenders}
-    i, j, d = hamming_join(test_hash, pile_hash, max_hamming)
-    for a, b, dist in zip(i.tolist(), j.tolist(), d.tolist(), strict=True):
-        if (tests[a], pile_paths[b]) not in exact_pairs:
-            offenders.add(Offender(tests[a], pile_paths[b], "near", dist))
-    return sorted(offenders, key=lambda o: (o.test_path, o.distance, o.pile_path))
+    return quarantine_path, manifest_path

@@ -43,7 +43,8 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from gfm_core.data.ingest.manifest import QUARANTINE_NAME, load_manifest, manifest_content_hash
+from gfm_core.data.ingest.manifest import load_manifest, manifest_content_hash
+from gfm_core.data.ingest.quarantine import QUARANTINE_NAME
 from gfm_core.data.ingest.sources import SourceSpec
 from gfm_core.errors import DataValidationError
 from gfm_core.io import durable_replace, make_temp_dir, temp_prefix, write_json
