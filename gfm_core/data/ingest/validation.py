@@ -26,7 +26,8 @@ unknown GSD (null) passes: only a known GSD can be out of range.
 A failed expectation is a result, not an exception: :func:`validate_manifest` returns a
 :class:`ValidationReport` whose :meth:`~ValidationReport.summary` names each failed rule in a sentence with
 a few offending paths (``gfm validate`` prints it and exits 1). Only a manifest or quarantine file that
-cannot be read raises :class:`~gfm_core.errors.DataValidationError`.
+cannot be read raises :class:`~gfm_core.errors.DataValidationError`. The rules and the GE runs are in
+:mod:`~gfm_core.data.ingest.expectations`.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,15 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from gfm_core.data.ingest.expectations import (
+    MAX_EXAMPLES,
+    Rule,
+    build_rules,
+    exception_message,
+    gx_context,
+    row_examples,
+    run_suite,
+)
 from gfm_core.data.ingest.manifest import load_manifest, manifest_content_hash
 from gfm_core.data.ingest.quarantine import QUARANTINE_NAME
 from gfm_core.data.ingest.sources import SourceSpec
@@ -53,8 +63,6 @@ VALIDATION_NAME = "validation.json"
 DOCS_DIR = "data_docs"
 VALIDATION_SCHEMA = "gfm.geopile.validation"
 VALIDATION_VERSION = 1
-MAX_EXAMPLES = 5
-_GSD_TOLERANCE = 0.01  # as SourceSpec.gsd_in_range and build_manifest
 _COLUMNS = ("path", "source", "sha256", "width", "height", "channels", "nodata_fraction", "gsd", "mean")
 
 
@@ -169,254 +177,6 @@ def _manifest_frame(table: pa.Table, manifest: Path) -> Any:
     return df
 
 
-# -------------------------------------------------------------------------------------------------- rules
-
-
-Sentence = Callable[[int, int, Mapping[str, Any]], str]  # (unexpected, evaluated, GE result) -> text
-Examples = Callable[[Mapping[str, Any]], list[str]]
-
-
-@dataclass(frozen=True)
-class _Rule:
-    name: str
-    frame: str  # "manifest" | "pile"
-    expectation: Any
-    sentence: Sentence
-    examples: Examples | None = None  # None = offending paths with the column's value
-
-
-def _fmt(value: Any) -> str:
-    if isinstance(value, float | np.floating):
-        return f"{float(value):.4g}"
-    return str(value)
-
-
-def _row_examples(res: Mapping[str, Any], column: str, unit: str = "") -> list[str]:
-    out: list[str] = []
-    for item in res.get("partial_unexpected_index_list") or []:
-        if isinstance(item, dict) and "path" in item:
-            value = item.get(column)
-            shown = f"{value[:12]}..." if column == "sha256" and isinstance(value, str) else _fmt(value)
-            out.append(f"{item['path']} ({column} = {shown}{unit})")
-    return out[:MAX_EXAMPLES]
-
-
-def _values(res: Mapping[str, Any]) -> str:
-    vals = sorted({_fmt(v) for v in res.get("partial_unexpected_list") or []})
-    return ", ".join(vals[:MAX_EXAMPLES]) or "?"
-
-
-def _rules(
-    df: Any,
-    sources: Sequence[SourceSpec],
-    *,
-    min_size: int,
-    max_nodata_fraction: float,
-    max_bad_fraction: float,
-    allowed_bands: Sequence[int],
-    mean_range: tuple[float, float],
-    quarantine_examples: list[str],
-    bad: tuple[int, int],
-    hashes: tuple[str, str],
-) -> list[_Rule]:
-    """The suite, one :class:`_Rule` per check, in report order."""
-    import great_expectations as gx
-
-    E = gx.expectations
-    names = sorted(s.name for s in sources)
-    allowed = sorted(int(b) for b in allowed_bands)
-    allowed_txt = " or ".join(map(str, allowed))
-
-    def between(column: str, lo: float | None, hi: float | None, **kw: Any) -> Any:
-        return E.ExpectColumnValuesToBeBetween(column=column, min_value=lo, max_value=hi, **kw)
-
-    rules = [
-        _Rule(
-            "not_empty",
-            "manifest",
-            E.ExpectTableRowCountToBeBetween(min_value=1),
-            lambda n, t, r: (
-                "the manifest lists no image (every file was quarantined, or the sources are empty)"
-            ),
-            lambda r: [],
-        ),
-        _Rule(
-            "known_source",
-            "manifest",
-            E.ExpectColumnValuesToBeInSet(column="source", value_set=names),
-            lambda n, t, r: (
-                f"{n} of {t} images come from source(s) {_values(r)} that are not configured "
-                f"(configured: {', '.join(names)})"
-            ),
-        ),
-        _Rule(
-            "allowed_bands",
-            "manifest",
-            E.ExpectColumnValuesToBeInSet(column="channels_read", value_set=allowed),
-            lambda n, t, r: (
-                f"{n} of {t} images are read with {_values(r)} band(s), but the model takes "
-                f"{allowed_txt} (set the source's `bands`)"
-            ),
-        ),
-        _Rule(
-            "min_size",
-            "manifest",
-            between("short_side", min_size, None),
-            lambda n, t, r: (
-                f"{n} of {t} images are smaller than {min_size} px on their short side (the "
-                f"training crop needs at least that)"
-            ),
-        ),
-        _Rule(
-            "max_nodata",
-            "manifest",
-            between("nodata_fraction", 0.0, max_nodata_fraction),
-            lambda n, t, r: f"{n} of {t} images have more than {max_nodata_fraction:.1%} nodata pixels",
-        ),
-    ]
-    for spec in sorted(sources, key=lambda s: s.name):
-        if spec.gsd_range is None:
-            continue
-        lo, hi = spec.gsd_range
-        rules.append(
-            _Rule(
-                f"gsd_range[{spec.name}]",
-                "manifest",
-                between(
-                    "gsd",
-                    lo * (1 - _GSD_TOLERANCE),
-                    hi * (1 + _GSD_TOLERANCE),
-                    row_condition=f'source=="{spec.name}"',  # names are [A-Za-z0-9_.-]: safe to quote
-                    condition_parser="pandas",
-                ),
-                lambda n, t, r, name=spec.name, lo=lo, hi=hi: (
-                    f"{n} of {t} {name} images have a GSD outside "
-                    f"the source's documented {lo:g}-{hi:g} m (wrong source folder, or a wrong CRS/transform)"
-                ),
-                lambda r: _row_examples(r, "gsd", " m"),
-            )
-        )
-    rules.append(
-        _Rule(
-            "unique_sha256",
-            "manifest",
-            E.ExpectColumnValuesToBeUnique(column="sha256"),
-            lambda n, t, r: (
-                f"{n} of {t} images share their bytes (sha256) with another row: exact "
-                f"duplicates weigh twice in training"
-            ),
-        )
-    )
-    m_lo, m_hi = mean_range
-    for col in (c for c in df.columns if c.startswith("mean_band")):
-        k = col.removeprefix("mean_band")
-        rules.append(
-            _Rule(
-                f"band_mean[{k}]",
-                "manifest",
-                between(col, m_lo, m_hi),
-                lambda n, t, r, k=k: (
-                    f"{n} of {t} images have a band-{k} mean outside {m_lo:g}-{m_hi:g} of "
-                    f"the scaled range (blank or saturated images, or a wrong value_range for the source)"
-                ),
-            )
-        )
-    n_bad, n_files = bad
-    share = n_bad / n_files if n_files else 0.0
-    rules.append(
-        _Rule(
-            "max_bad_fraction",
-            "pile",
-            between("bad_fraction", 0.0, max_bad_fraction),
-            lambda n, t, r: (
-                f"{n_bad} of {n_files} files ({share:.1%}) were quarantined, over the limit of "
-                f"{max_bad_fraction:.1%} (quarantine.json lists the reasons)"
-            ),
-            lambda r: quarantine_examples,
-        )
-    )
-    rules.append(
-        _Rule(
-            "quarantine_matches",
-            "pile",
-            E.ExpectColumnValuesToBeInSet(column="quarantine_matches", value_set=[True]),
-            lambda n, t, r: (
-                f"quarantine.json belongs to another manifest (its content hash "
-                f"{hashes[0][:12] or '(none)'}, this manifest's {hashes[1][:12]}): re-run ingestion"
-            ),
-            lambda r: [],
-        )
-    )
-    return rules
-
-
-# --------------------------------------------------------------------------------------------------- run
-
-
-def _context(docs_dir: Path | None) -> Any:
-    os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
-    import great_expectations as gx
-    from great_expectations.data_context.types.base import ProgressBarsConfig
-
-    ctx = gx.get_context(mode="ephemeral")
-    ctx.variables.progress_bars = ProgressBarsConfig(globally=False)
-    if docs_dir is not None:
-        ctx.update_data_docs_site(
-            site_name="local_site",
-            site_config={
-                "class_name": "SiteBuilder",
-                "show_how_to_buttons": False,
-                "store_backend": {
-                    "class_name": "TupleFilesystemStoreBackend",
-                    "base_directory": str(docs_dir),
-                },
-                "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
-            },
-        )
-    return ctx
-
-
-def _exception_message(info: Any) -> str | None:
-    """The first exception message in a GE result's ``exception_info`` (flat or keyed by metric)."""
-    if isinstance(info, dict):
-        if info.get("raised_exception"):
-            return str(info.get("exception_message"))
-        for v in info.values():
-            msg = _exception_message(v)
-            if msg:
-                return msg
-    return None
-
-
-def _run_suite(ctx: Any, name: str, frame: Any, rules: list[_Rule]) -> list[tuple[_Rule, Any]]:
-    import great_expectations as gx
-
-    suite = ctx.suites.add(gx.ExpectationSuite(name=f"geopile_{name}"))
-    for r in rules:
-        r.expectation.meta = {"rule": r.name}
-        suite.add_expectation(r.expectation)
-    batch = (
-        ctx.data_sources.add_pandas(f"geopile_{name}")
-        .add_dataframe_asset(name=name)
-        .add_batch_definition_whole_dataframe("all")
-    )
-    vd = ctx.validation_definitions.add(
-        gx.ValidationDefinition(name=f"geopile_{name}", data=batch, suite=suite)
-    )
-    result_format: dict[str, Any] = {"result_format": "SUMMARY", "partial_unexpected_count": MAX_EXAMPLES}
-    if "path" in frame.columns:
-        result_format["unexpected_index_column_names"] = ["path"]
-    cp = ctx.checkpoints.add(
-        gx.Checkpoint(name=f"geopile_{name}", validation_definitions=[vd], result_format=result_format)
-    )
-    res = cp.run(batch_parameters={"dataframe": frame})
-    by_rule = {}
-    for vr in res.run_results.values():
-        for er in vr.results:
-            by_rule[(er.expectation_config.meta or {}).get("rule")] = er
-    return [(r, by_rule[r.name]) for r in rules]
-
-
 def _swap_in(tmp: Path, final: Path) -> None:
     """Replace the folder ``final`` with ``tmp`` (the old one is removed once the new one is in place)."""
     old = None
@@ -467,70 +227,20 @@ def validate_manifest(
     q_path = Path(quarantine_path) if quarantine_path is not None else manifest_path.parent / QUARANTINE_NAME
     quarantine = _load_quarantine(q_path)
 
-    import pandas as pd
-
-    n_rows = len(df)
-    n_bad = len(quarantine["entries"])
+    n_rows, n_bad = len(df), len(quarantine["entries"])
     content = manifest_content_hash(zip(df["path"], df["sha256"], strict=True))
     q_hash = str(quarantine.get("manifest_content_hash", ""))
-    pile = pd.DataFrame(
-        {
-            "bad_fraction": [n_bad / (n_bad + n_rows) if n_bad + n_rows else 0.0],
-            "quarantined": [n_bad],
-            "accepted": [n_rows],
-            "quarantine_matches": [q_hash == content],
-        }
-    )
     q_examples = [f"{e.get('path')}: {e.get('reason')}" for e in quarantine["entries"][:MAX_EXAMPLES]]
-    rules = _rules(
-        df,
-        sources,
-        min_size=min_size,
-        max_nodata_fraction=max_nodata_fraction,
-        max_bad_fraction=max_bad_fraction,
-        allowed_bands=allowed_bands,
-        mean_range=mean_range,
-        quarantine_examples=q_examples,
-        bad=(n_bad, n_bad + n_rows),
-        hashes=(q_hash, content),
+    rules = build_rules(
+        df, sources, min_size=min_size, max_nodata_fraction=max_nodata_fraction, max_bad_fraction=max_bad_fraction,
+        allowed_bands=allowed_bands, mean_range=mean_range, quarantine_examples=q_examples,
+        bad=(n_bad, n_bad + n_rows), hashes=(q_hash, content),
     )
 
     out_dir = Path(out_dir).resolve()  # GE's docs site needs an absolute base directory
     out_dir.mkdir(parents=True, exist_ok=True)
-    docs_tmp = make_temp_dir(out_dir / DOCS_DIR) if data_docs else None
-    try:
-        ctx = _context(docs_tmp)
-        outcomes = _run_suite(ctx, "manifest", df, [r for r in rules if r.frame == "manifest"])
-        outcomes += _run_suite(ctx, "pile", pile, [r for r in rules if r.frame == "pile"])
-        docs_index = None
-        if docs_tmp is not None:
-            ctx.build_data_docs()
-            _swap_in(docs_tmp, out_dir / DOCS_DIR)
-            docs_index = out_dir / DOCS_DIR / "index.html"
-    finally:
-        if docs_tmp is not None and docs_tmp.exists():
-            shutil.rmtree(docs_tmp, ignore_errors=True)
-
-    failed: list[FailedExpectation] = []
-    records = []
-    for rule, er in outcomes:
-        cfg = er.expectation_config
-        column = cfg.kwargs.get("column")
-        records.append({"name": rule.name, "type": cfg.type, "column": column, "success": bool(er.success)})
-        if er.success:
-            continue
-        error = _exception_message(er.exception_info)
-        res = er.result or {}
-        if error:
-            sentence = f"could not be evaluated ({error})"
-            examples: list[str] = []
-        else:
-            sentence = rule.sentence(
-                int(res.get("unexpected_count") or 0), int(res.get("element_count") or 0), res
-            )
-            examples = rule.examples(res) if rule.examples else _row_examples(res, column) if column else []
-        failed.append(FailedExpectation(rule.name, sentence, tuple(examples), cfg.type, column))
-
+    outcomes, docs_index = _run(df, _pile_frame(n_bad, n_rows, q_hash == content), rules, out_dir, data_docs)
+    failed, records = _failures(outcomes)
     n_exp = len(outcomes)
     json_path = write_json(
         out_dir / VALIDATION_NAME,
@@ -544,40 +254,93 @@ def validate_manifest(
             "manifest_sha256": manifest_sha,  # the bytes judged: gfm_core.data.ingest.verdicts.require_verdicts
             "images": n_rows,
             "quarantined": n_bad,
-            "statistics": {
-                "evaluated_expectations": n_exp,
-                "successful_expectations": n_exp - len(failed),
-                "unsuccessful_expectations": len(failed),
-                "success_percent": round(100.0 * (n_exp - len(failed)) / n_exp, 2) if n_exp else 100.0,
-            },
+            "statistics": _statistics(n_exp, len(failed)),
             "parameters": {
-                "min_size": min_size,
-                "max_nodata_fraction": max_nodata_fraction,
-                "max_bad_fraction": max_bad_fraction,
-                "allowed_bands": sorted(int(b) for b in allowed_bands),
-                "mean_range": list(mean_range),
+                "min_size": min_size, "max_nodata_fraction": max_nodata_fraction, "max_bad_fraction": max_bad_fraction,
+                "allowed_bands": sorted(int(b) for b in allowed_bands), "mean_range": list(mean_range),
                 "gsd_ranges": {s.name: list(s.gsd_range) for s in sources if s.gsd_range is not None},
             },
             "expectations": records,
-            "failed": [
-                {
-                    "name": f.name,
-                    "type": f.expectation_type,
-                    "column": f.column,
-                    "sentence": f.sentence,
-                    "examples": list(f.examples),
-                }
-                for f in failed
-            ],
+            "failed": [_failed_record(f) for f in failed],
             "data_docs": f"{DOCS_DIR}/index.html" if data_docs else None,
         },
     )
-    return ValidationReport(
-        success=not failed,
-        n_expectations=n_exp,
-        failed=tuple(failed),
-        json_path=json_path,
-        docs_index=docs_index,
-        manifest_path=manifest_path,
-        images=n_rows,
+    return ValidationReport(success=not failed, n_expectations=n_exp, failed=tuple(failed), json_path=json_path,
+                            docs_index=docs_index, manifest_path=manifest_path, images=n_rows)
+
+
+def _pile_frame(n_bad: int, n_rows: int, quarantine_matches: bool) -> Any:
+    """The one-row frame of whole-pile facts the ``pile`` rules read."""
+    import pandas as pd
+
+    return pd.DataFrame(
+        {
+            "bad_fraction": [n_bad / (n_bad + n_rows) if n_bad + n_rows else 0.0],
+            "quarantined": [n_bad],
+            "accepted": [n_rows],
+            "quarantine_matches": [quarantine_matches],
+        }
     )
+
+
+def _run(
+    df: Any, pile: Any, rules: list[Rule], out_dir: Path, data_docs: bool
+) -> tuple[list[tuple[Rule, Any]], Path | None]:
+    """Run both suites (and build Data Docs into ``out_dir``): each rule's GE result, and the docs index."""
+    docs_tmp = make_temp_dir(out_dir / DOCS_DIR) if data_docs else None
+    try:
+        ctx = gx_context(docs_tmp)
+        outcomes = run_suite(ctx, "manifest", df, [r for r in rules if r.frame == "manifest"])
+        outcomes += run_suite(ctx, "pile", pile, [r for r in rules if r.frame == "pile"])
+        docs_index = None
+        if docs_tmp is not None:
+            ctx.build_data_docs()
+            _swap_in(docs_tmp, out_dir / DOCS_DIR)
+            docs_index = out_dir / DOCS_DIR / "index.html"
+    finally:
+        if docs_tmp is not None and docs_tmp.exists():
+            shutil.rmtree(docs_tmp, ignore_errors=True)
+    return outcomes, docs_index
+
+
+def _failures(outcomes: list[tuple[Rule, Any]]) -> tuple[list[FailedExpectation], list[dict[str, Any]]]:
+    """The failed rules, worded, and one record per expectation for ``validation.json``."""
+    failed: list[FailedExpectation] = []
+    records = []
+    for rule, er in outcomes:
+        cfg = er.expectation_config
+        column = cfg.kwargs.get("column")
+        records.append({"name": rule.name, "type": cfg.type, "column": column, "success": bool(er.success)})
+        if er.success:
+            continue
+        error = exception_message(er.exception_info)
+        res = er.result or {}
+        if error:
+            sentence = f"could not be evaluated ({error})"
+            examples: list[str] = []
+        else:
+            sentence = rule.sentence(
+                int(res.get("unexpected_count") or 0), int(res.get("element_count") or 0), res
+            )
+            examples = rule.examples(res) if rule.examples else row_examples(res, column) if column else []
+        failed.append(FailedExpectation(rule.name, sentence, tuple(examples), cfg.type, column))
+    return failed, records
+
+
+def _failed_record(f: FailedExpectation) -> dict[str, Any]:
+    return {
+        "name": f.name,
+        "type": f.expectation_type,
+        "column": f.column,
+        "sentence": f.sentence,
+        "examples": list(f.examples),
+    }
+
+
+def _statistics(n_exp: int, n_failed: int) -> dict[str, Any]:
+    return {
+        "evaluated_expectations": n_exp,
+        "successful_expectations": n_exp - n_failed,
+        "unsuccessful_expectations": n_failed,
+        "success_percent": round(100.0 * (n_exp - n_failed) / n_exp, 2) if n_exp else 100.0,
+    }
