@@ -14,9 +14,10 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
 from gfm_core.data.ingest.manifest import build_manifest
-from gfm_core.data.ingest.shards import ShardDataset, write_shards
+from gfm_core.data.ingest.shards import write_shards
 from gfm_core.data.ingest.sources import IngestSettings, folder_source
 from gfm_core.data.pretrain.masking import MaskGenerator
+from gfm_core.data.pretrain.shard_dataset import ShardDataset
 from gfm_core.data.pretrain.stream import (
     IMAGENET_MEAN,
     IMAGENET_STD,

@@ -31,8 +31,8 @@ import numpy as np
 import torch
 from torchvision.transforms.v2 import functional as TF
 
-from gfm_core.data.ingest.shards import ShardDataset
 from gfm_core.data.pretrain.masking import MaskGenerator
+from gfm_core.data.pretrain.shard_dataset import ShardDataset
 from gfm_core.errors import ConfigError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
