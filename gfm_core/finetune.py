@@ -497,7 +497,8 @@ def finetune(
     Raises:
         ConfigError, CheckpointError, DatasetNotFoundError, DataValidationError: bad config, weights or data.
     """
-    from gfm_core.data.tasks.dataset import TaskDataset, label_subset, list_task
+    from gfm_core.data.tasks.dataset import TaskDataset, label_subset
+    from gfm_core.data.tasks.layouts import list_task
     from gfm_core.training.backends import TorchBackend, auto_device
     from gfm_core.training.checkpoint import seed_everything
     from gfm_core.training.loop import LoopCfg, fit

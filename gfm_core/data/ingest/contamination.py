@@ -21,6 +21,7 @@ from gfm_core.data.ingest.dedup import hamming_join, perceptual_hash
 from gfm_core.data.ingest.manifest import read_manifest
 from gfm_core.data.raster.header import DEFAULT_MAX_PIXELS
 from gfm_core.data.raster.reader import RasterImage, read_image
+from gfm_core.data.tasks.layouts import list_task, task_splits
 from gfm_core.errors import GfmError
 from gfm_core.io import sha256_file
 
@@ -204,8 +205,6 @@ def contamination_check(
 
 
 def _images(task: TaskCfg, split: str) -> list[DownstreamImage]:
-    from gfm_core.data.tasks.dataset import list_task
-
     found: dict[str, DownstreamImage] = {}
     for ref in list_task(task, split).refs:
         for key in _IMAGE_KEYS:
@@ -216,8 +215,6 @@ def _images(task: TaskCfg, split: str) -> list[DownstreamImage]:
 
 
 def _check_task(table: pa.Table, task: TaskCfg) -> TaskCheck:
-    from gfm_core.data.tasks.dataset import task_splits
-
     root = str(task.root)
     if not Path(task.root).is_dir():
         return TaskCheck(task.name, root, "failed", problem=(
