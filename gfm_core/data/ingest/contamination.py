@@ -160,9 +160,10 @@ def contamination_check(
     """Downstream test images that sit in the pile, as exact copies or perceptual near-duplicates.
 
     Args:
-        manifest: a manifest path or table from :func:`build_manifest`.
-        test_images: the downstream test images (any format :func:`read_image` reads); a tuple is one image
-            stored as one file per band (hashed as their composite; each file's sha256 is compared too).
+        manifest: a manifest path or table from :func:`~gfm_core.data.ingest.manifest.build_manifest`.
+        test_images: the downstream test images (any format :func:`~gfm_core.data.raster.reader.read_image`
+            reads); a tuple is one image stored as one file per band (hashed as their composite; each file's
+            sha256 is compared too).
         max_hamming: perceptual-hash distance (of 64 bits) at or under which an image counts as the same
             picture (re-encoded, rescaled, slightly recoloured). Unrelated images are rarely under ~10.
         bands: bands of the test images to hash (the hash averages the first three: RGB and BGR agree).

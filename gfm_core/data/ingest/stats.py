@@ -7,12 +7,13 @@ scaled to ``[0, 1]``) and its valid-pixel count ``n``. Pooling them is exact:
 
 so the statistics equal those of all valid pixels of a source taken together, without re-reading any image.
 
-A per-source, per-band contrast stretch (:class:`Stretch`) maps the ``p_lo`` and ``p_hi`` percentiles of a
-source's valid pixels to 0 and 1 (e.g. 2-98 %: uint16 Landsat DNs fill a tenth of the dtype's range, and 8-bit
-training shards would keep about 25 grey levels of it). The percentiles come from a deterministic sample: up to
-``STRETCH_MAX_IMAGES`` images of the source, evenly spaced in path order, and up to ``STRETCH_MAX_PIXELS``
-evenly spaced valid pixels of each (exact for small sources; an estimate for GeoPile-sized ones). The same
-stretch is applied when the shards are written and when a downstream task reads the same source.
+A per-source, per-band contrast stretch (:class:`~gfm_core.data.raster.stretch.Stretch`) maps the ``p_lo`` and
+``p_hi`` percentiles of a source's valid pixels to 0 and 1 (e.g. 2-98 %: uint16 Landsat DNs fill a tenth of the
+dtype's range, and 8-bit training shards would keep about 25 grey levels of it). The percentiles come from a
+deterministic sample: up to ``STRETCH_MAX_IMAGES`` images of the source, evenly spaced in path order, and up to
+``STRETCH_MAX_PIXELS`` evenly spaced valid pixels of each (exact for small sources; an estimate for
+GeoPile-sized ones). The same stretch is applied when the shards are written and when a downstream task reads
+the same source.
 
 The artifact records the manifest's content hash, so a model's normalisation can be traced to the pile it came
 from, and contains nothing run-specific (no timestamps): the same manifest always gives the same bytes.

@@ -232,8 +232,8 @@ def open_raster(path: Path) -> DatasetReader:
 def inspect_image(path: str | Path, *, data_root: str | Path | None = None) -> RasterInfo:
     """Read only the header of an image (fast: no pixels are decoded).
 
-    Policy checks (size, sample count, dtype, bands) are left to :func:`read_image`; this only fails when the
-    path is unusable or the file is not a raster GDAL can open.
+    Policy checks (size, sample count, dtype, bands) are left to :func:`~gfm_core.data.raster.reader.read_image`;
+    this only fails when the path is unusable or the file is not a raster GDAL can open.
 
     Raises:
         RasterReadError: see :func:`check_path`, or the file is not a readable raster.
