@@ -4,13 +4,13 @@ Both paths apply GFM's pretraining view, RandomResizedCrop(192, scale=(0.67, 1),
 horizontal flip -> float in [0, 1] -> ImageNet normalisation (torchvision.transforms.v2), to the same images,
 in the same process, batched by a DataLoader, in alternating repeated runs:
 
-- ``shards``: uint8 pixels read from the memory-mapped Arrow shards (:class:`gfm_core.data.shards.
+- ``shards``: uint8 pixels read from the memory-mapped Arrow shards (:class:`gfm_core.data.pretrain.shard_dataset.
   ShardDataset`): v2 RandomResizedCrop and flip on the uint8 tensor, then the training code's
   ``NormaliseToFloat``, which equals v2 ToDtype + Normalize to 1e-6 in one pass; no decoding.
 - ``imagefolder``: ``torchvision.datasets.ImageFolder`` with its PIL loader (open, decode the JPEG, RGB) and
   the standard v2 recipe: RandomResizedCrop and flip on the PIL image (PIL resize), ToImage, ToDtype,
   Normalize.
-- ``shards+mask`` (information): the full pretraining sample, :class:`~gfm_core.data.pretrain_data.
+- ``shards+mask`` (information): the full pretraining sample, :class:`~gfm_core.data.pretrain.stream.
   PretrainStream`, which adds the per-sample seeded crop draw and the SimMIM mask.
 
 Usage (from the repository root)::
@@ -145,11 +145,12 @@ def main() -> None:
     from torchvision.datasets import ImageFolder
     from torchvision.transforms import v2
 
-    from gfm_core.data.geopile import build_manifest
-    from gfm_core.data.masking import MaskGenerator
-    from gfm_core.data.pretrain_data import IMAGENET_MEAN, IMAGENET_STD, NormaliseToFloat, PretrainStream
-    from gfm_core.data.shards import ShardDataset, write_shards
-    from gfm_core.data.sources import IngestSettings, folder_source
+    from gfm_core.data.ingest.manifest import build_manifest
+    from gfm_core.data.ingest.shards import write_shards
+    from gfm_core.data.ingest.sources import IngestSettings, folder_source
+    from gfm_core.data.pretrain.masking import MaskGenerator
+    from gfm_core.data.pretrain.shard_dataset import ShardDataset
+    from gfm_core.data.pretrain.stream import IMAGENET_MEAN, IMAGENET_STD, NormaliseToFloat, PretrainStream
 
     torch.set_num_threads(args.threads)
     img_size, scale, ratio = 192, (0.67, 1.0), (3 / 4, 4 / 3)

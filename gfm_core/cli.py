@@ -7,6 +7,7 @@ function in :mod:`gfm_core.stages`, and prints where its outputs are. Known erro
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
@@ -92,7 +93,15 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
 def _cmd_promote(args: argparse.Namespace) -> None:
     from gfm_core import stages
 
-    res = stages.run_promote(_params(args))
+    params = _params(args)
+    from gfm_core import tracking
+
+    if params.tracking.enabled:
+        tracking.configure(params.tracking)
+    with tracking.stage_run("promote", params.promote.model_dump(mode="json")) if params.tracking.enabled \
+            else contextlib.nullcontext():  # the gate logs its evidence into this run
+        res = stages.run_promote(params)  # (refuses when tracking is off)
+        tracking.log_metrics(res.tracked_metrics())
     state = "promoted" if res.promoted else "refused"
     print(f"models:/{res.model_name}/{res.version}: {state} (ARP {res.candidate_arp:+.2f}; "
           f"champion before: {res.champion_version or 'none'})")

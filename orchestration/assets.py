@@ -21,6 +21,7 @@ from gfm_core import stages
 from gfm_core.config import Params
 from gfm_core.errors import ConfigError
 from gfm_core.io import sha256_file
+from gfm_core.stages.pretrain import pretrain_artifacts
 from orchestration.resources import GfmParams, MlflowTracking, PretrainLauncher, stage_errors
 
 EAGER = dg.AutomationCondition.eager()
@@ -66,7 +67,7 @@ def demo_data(context: dg.AssetExecutionContext, gfm: GfmParams, mlflow: MlflowT
         params = mlflow.apply(gfm.load())
         with mlflow.stage(context, params, "demo_data", params.demo_data) as run_id:
             res = stages.run_demo_data(params)
-            _track(res.metrics(), res.artifacts())
+            _track(res.tracked_metrics(), res.tracked_files())
     return dg.MaterializeResult(metadata={
         "root": dg.MetadataValue.path(str(res.root)),
         "pile_images": sum(res.pile_counts.values()),
@@ -85,7 +86,7 @@ def geopile_manifest(context: dg.AssetExecutionContext, gfm: GfmParams,
         params = mlflow.apply(gfm.load())
         with mlflow.stage(context, params, "ingest", params.ingest) as run_id:
             res = stages.run_ingest(params, progress=False)
-            _track(res.metrics(), res.artifacts())
+            _track(res.tracked_metrics(), res.tracked_files())
     return dg.MaterializeResult(
         metadata={
             "manifest": dg.MetadataValue.path(str(res.manifest)),
@@ -110,7 +111,7 @@ def great_expectations_suite(context: dg.AssetCheckExecutionContext, gfm: GfmPar
         params = mlflow.apply(gfm.load())
         with mlflow.stage(context, params, "validate", params.validation) as run_id:
             res = stages.run_validate(params)
-            _track(res.metrics(), res.artifacts())
+            _track(res.tracked_metrics(), res.tracked_files())
     return dg.AssetCheckResult(
         passed=res.success,
         metadata={
@@ -132,7 +133,7 @@ def geopile_shards(context: dg.AssetExecutionContext, gfm: GfmParams,
         params = mlflow.apply(gfm.load())
         with mlflow.stage(context, params, "shards", params.ingest) as run_id:
             res = stages.run_shards(params, progress=False)
-            _track(res.metrics(), res.artifacts())
+            _track(res.tracked_metrics(), res.tracked_files())
     return dg.MaterializeResult(
         metadata={"shards": dg.MetadataValue.path(str(res.shard_dir)), "images": res.images,
                   "files": res.shards, "megabytes": round(res.bytes / 1e6, 1), "rebuilt": res.rebuilt,
@@ -177,10 +178,7 @@ def _pretrain(context: dg.AssetExecutionContext, gfm: GfmParams, mlflow: MlflowT
         with mlflow.stage(context, params, name, section) as run_id:
             res = launcher.pretrain(context, gfm, ablation, mlflow_run_id=run_id, params=params)
             _log_start(context, res.summary)
-            _track(files={"summary": section.out_dir / "summary.json", "metrics": section.out_dir / "metrics.csv",
-                          "sidecar": res.backbone.with_suffix(".json"),
-                          "reconstructions": section.out_dir / "reconstructions.png",
-                          "learning": section.out_dir / "learning.png"})
+            _track(files=pretrain_artifacts(section.out_dir))
     return res, run_id, params
 
 
@@ -265,12 +263,10 @@ def build_downstream_assets(params: Params) -> list[Any]:
             params = mlflow.apply(gfm.load())
             with mlflow.stage(context, params, f"finetune_{task}", params.finetune) as run_id:
                 runs = stages.run_finetune(params, tasks=[task])
-                for r in runs:
-                    tag = f"{r.model}.seed{r.seed}."
-                    for h in r.history:
-                        _track({f"{tag}{k}": v for k, v in h.items() if k != "step"}, step=int(h["step"]))
-                    _track({f"{tag}{k}": v for k, v in r.metrics.items()},
-                           {"result": r.result_json}, artifact_path=f"{r.model}/seed_{r.seed}")
+                if run_id is not None:
+                    from gfm_core.stages.finetune import log_runs  # torch: loaded when the asset runs
+
+                    log_runs(runs)
         rows = [{"model": r.model, "seed": r.seed, r.headline: r.score, "steps": r.steps, "test_samples":
                  r.test_samples} for r in runs]
         return dg.MaterializeResult(metadata={"runs": len(runs), "results": _table(rows), **mlflow.links(run_id)})
@@ -283,7 +279,7 @@ def build_downstream_assets(params: Params) -> list[Any]:
             params = mlflow.apply(gfm.load())
             with mlflow.stage(context, params, "evaluate", params.evaluate) as run_id:
                 report = stages.run_evaluate(params)
-                _track({f"arp.{m}": v for m, v in report.arp.items()}, dict(report.paths))
+                _track(report.tracked_metrics(), report.tracked_files())
         cis = [{"model": m, "task": t, "diff": c.diff, "lo": c.lo, "hi": c.hi} for m, d in report.ci.items()
                for t, c in d.items()]
         return dg.MaterializeResult(metadata={
@@ -303,8 +299,9 @@ def build_downstream_assets(params: Params) -> list[Any]:
                        mlflow: MlflowTracking) -> dg.MaterializeResult:
         with stage_errors():
             params = mlflow.apply(gfm.load())
-            with mlflow.stage(context, params, "promote", own_run=False):
+            with mlflow.stage(context, params, "promote", params.promote):
                 res = stages.run_promote(params, tags={"gfm.dagster_run_id": context.run.run_id})
+                _track(res.tracked_metrics(), res.tracked_files())
         from gfm_core import tracking
 
         url = tracking.model_version_url(res.model_name, res.version, mlflow.ui_url)

@@ -83,11 +83,10 @@ class MlflowTracking(dg.ConfigurableResource):
     def stage(
         self, context: dg.AssetExecutionContext | dg.AssetCheckExecutionContext, params: Params, name: str,
         section: Any = None,
-        *, own_run: bool = True,
     ) -> Iterator[str | None]:
-        """The Dagster run's parent MLflow run and, with ``own_run``, a nested stage run; yields the stage run id.
+        """The Dagster run's parent MLflow run and, nested in it, the stage run ``name`` recording ``section``
+        (the names of :data:`gfm_core.stages.STAGES`, as ``gfm demo`` uses them); yields the stage run id.
 
-        ``own_run=False`` only enters the parent (for stage functions that open their own run, e.g. promote).
         Yields None when ``tracking.enabled`` is false.
         """
         if not params.tracking.enabled:
@@ -100,10 +99,7 @@ class MlflowTracking(dg.ConfigurableResource):
         tags = {"dagster.run_id": run_id, "dagster.job": job}
         key = context.run.tags.get(PIPELINE_TAG)
         title = f"dagster pipeline {key[:8]}" if key else f"dagster {job} {run_id[:8]}"
-        with tracking.pipeline_run(key or run_id, title, {} if key else tags) as parent:
-            if not own_run:
-                yield parent
-                return
+        with tracking.pipeline_run(key or run_id, title, {} if key else tags):
             key = (context.check_specs[0].asset_key if isinstance(context, dg.AssetCheckExecutionContext)
                    else context.asset_key)
             stage_tags = {**tags, "dagster.asset": key.to_user_string()}

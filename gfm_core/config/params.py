@@ -74,7 +74,7 @@ class Params(Section):
     def _with_pile_stretch(self, task: TaskCfg) -> TaskCfg:
         if task.stretch_source is None:
             return task
-        from gfm_core.data.stats import load_stretches
+        from gfm_core.data.ingest.stats import load_stretches
 
         path = self.ingest.out_dir / "norm_stats.json"
         stretches = load_stretches(path) if path.is_file() else {}

@@ -2,7 +2,7 @@
 
 Training losses fall for a model that memorises its crops as well as for one that learns, and a masked L1 of
 0.5 means nothing without a reference. :class:`HoldoutProbe` keeps fixed views of held-out images (never
-drawn by training; :meth:`~gfm_core.data.pretrain_data.PretrainStream.holdout_samples`) with fixed masks and
+drawn by training; :meth:`~gfm_core.data.pretrain.stream.PretrainStream.holdout_samples`) with fixed masks and
 reports, at every logged step:
 
 - ``mim_holdout``: the student's masked L1 on them (eval mode), and ``mim_trivial_holdout``: the masked L1 of

@@ -97,11 +97,11 @@ class Report:
         """The mean of ``task/metric`` for ``model`` (the task's headline metric by default)."""
         return self.mean[model][f"{task}/{metric or self.headlines[task]}"]
 
-    def metrics(self) -> dict[str, float]:
+    def tracked_metrics(self) -> dict[str, float]:
         """What the evaluation stage logs (MLflow, Dagster): ``arp.<model>``."""
         return {f"arp.{m}": v for m, v in self.arp.items()}
 
-    def artifacts(self) -> dict[str, Path]:
+    def tracked_files(self) -> dict[str, Path]:
         """The files the evaluation stage's tracked run keeps (the written report)."""
         return dict(self.paths)
 

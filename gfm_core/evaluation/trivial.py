@@ -31,7 +31,7 @@ Predict = Callable[[dict[str, Any]], Tensor]
 
 
 def _batches(task: TaskCfg, split: str) -> tuple[Any, DataLoader]:
-    from gfm_core.data.task_datasets import TaskDataset
+    from gfm_core.data.tasks.dataset import TaskDataset
 
     probe = TaskDataset(task, split, mean=(0.0,), std=(1.0,), cache=False)
     c = probe.channels

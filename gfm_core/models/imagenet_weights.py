@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from gfm_core.data.packages import PINS, package_file
+from gfm_core.demo.packages import PINS, package_file
 from gfm_core.errors import CheckpointError
 from gfm_core.io import load_weights, save_weights, sha256_file
 

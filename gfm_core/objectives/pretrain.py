@@ -118,7 +118,7 @@ class ContinualPretrain(nn.Module):
         projected = self.projector(feature)
         target = None
         if self.alpha > 0:
-            target = batch.get("teacher_target")  # precomputed (gfm_core.data.teacher_pool), else run live
+            target = batch.get("teacher_target")  # precomputed (gfm_core.data.pretrain.teacher_pool), else run live
             if target is None and self.teacher is not None:
                 target = self.teacher(self.teacher.preprocess(x, self.mean, self.std))
         parts = gfm_loss(pred, x, mask_pixels, projected, target, w_mim=self.w_mim, alpha=self.alpha)

@@ -68,7 +68,7 @@ class Run:
 
 def _data_identity(params: Params) -> dict[str, Any]:
     """What a finished run's reuse depends on besides its settings: the shards (pile and stretch) and teacher bytes."""
-    from gfm_core.data.shards import load_shard_index
+    from gfm_core.data.ingest.shards import load_shard_index
     from gfm_core.io import sha256_file
 
     index = load_shard_index(params.ingest.out_dir / "shards")
@@ -271,7 +271,7 @@ def _count_flops(params: Params, b: int, s: int) -> tuple[dict[str, float], floa
     """FLOPs of one training step of each variant, and of the teacher on one view (torch's FLOP counter)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from gfm_core.data.masking import MaskGenerator
+    from gfm_core.data.pretrain.masking import MaskGenerator
     from gfm_core.models.backbones import create_teacher
     from gfm_core.objectives import build_continual_pretrain
 

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from gfm_core.config import EvalSetCfg
-from gfm_core.data.raster import read_image
+from gfm_core.data.raster.reader import read_image
 from gfm_core.errors import DataValidationError
 from gfm_core.science.stats import BlockCounts
 

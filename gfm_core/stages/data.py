@@ -27,18 +27,18 @@ class DemoDataStageResult:
     pile_counts: dict[str, int]
     task_counts: dict[str, dict[str, int]]
 
-    def metrics(self) -> dict[str, float]:
+    def tracked_metrics(self) -> dict[str, float]:
         """What the stage logs (MLflow, Dagster): the same names whoever runs it."""
         return {"pile_images": sum(self.pile_counts.values())}
 
-    def artifacts(self) -> dict[str, Path]:
+    def tracked_files(self) -> dict[str, Path]:
         """The files the stage's tracked run keeps."""
         return {"manifest": self.root / "manifest.json"}
 
 
 def run_demo_data(params: Params) -> DemoDataStageResult:
     """Build the embedded demo GeoPile and tasks, and export the real ImageNet demo teacher next to them."""
-    from gfm_core.data.demo import build_demo_data
+    from gfm_core.demo.build import build_demo_data
     from gfm_core.models.imagenet_weights import export_efficientnet_lite0
 
     res = build_demo_data(params.demo_data)
@@ -65,12 +65,12 @@ class IngestResult:
     bad_fraction: float
     per_source: dict[str, dict[str, int]]
 
-    def metrics(self) -> dict[str, float]:
+    def tracked_metrics(self) -> dict[str, float]:
         """What the stage logs (MLflow, Dagster): the same names whoever runs it."""
         return {"accepted": self.accepted, "quarantined": self.quarantined, "quarantine_rate": self.bad_fraction,
                 "near_duplicates": self.near_duplicates}
 
-    def artifacts(self) -> dict[str, Path]:
+    def tracked_files(self) -> dict[str, Path]:
         """The files the stage's tracked run keeps."""
         return {"quarantine": self.quarantine, "stats": self.stats}
 
@@ -81,8 +81,8 @@ def run_ingest(params: Params, *, progress: bool = True) -> IngestResult:
     Raises:
         DataValidationError: more than ``ingest.max_bad_fraction`` of the files were quarantined.
     """
-    from gfm_core.data.geopile import build_manifest
-    from gfm_core.data.stats import compute_norm_stats, write_norm_stats
+    from gfm_core.data.ingest.manifest import build_manifest
+    from gfm_core.data.ingest.stats import compute_norm_stats, write_norm_stats
 
     cfg = params.ingest
     report = build_manifest(
@@ -113,10 +113,10 @@ def run_contamination_check(params: Params, table: Any, manifest_sha256: str) ->
     """Val and test images of every downstream task checked against the manifest; ``contamination.json``.
 
     ``table`` is the manifest parsed from the bytes whose sha256 is ``manifest_sha256`` (the verdict's binding).
-    Returns the :class:`~gfm_core.data.contamination.ContaminationReport`.
+    Returns the :class:`~gfm_core.data.ingest.contamination.ContaminationReport`.
     """
-    from gfm_core.data.contamination import check_tasks
-    from gfm_core.data.verdicts import manifest_binding, verdict_paths
+    from gfm_core.data.ingest.contamination import check_tasks
+    from gfm_core.data.ingest.verdicts import manifest_binding, verdict_paths
 
     report = check_tasks(table, params.finetune.tasks, params.validation.contamination_exclude)
     content = table.schema.metadata.get(b"gfm.content_hash", b"").decode() if table.schema.metadata else ""
@@ -136,11 +136,11 @@ class ValidateResult:
     docs: Path | None
     summary: str
 
-    def metrics(self) -> dict[str, float]:
+    def tracked_metrics(self) -> dict[str, float]:
         """What the stage logs (MLflow, Dagster): the same names whoever runs it."""
         return {"passed": float(self.success), "failed_expectations": len(self.failed)}
 
-    def artifacts(self) -> dict[str, Path]:
+    def tracked_files(self) -> dict[str, Path]:
         """The files the stage's tracked run keeps."""
         return {"results": self.json}
 
@@ -149,11 +149,11 @@ def run_validate(params: Params) -> ValidateResult:
     """Check the manifest against the ``validate`` rules and the downstream tasks (a failed rule is a result).
 
     Both verdicts (``validation.json``, ``contamination.json``) are removed first and written only when their
-    check completes, each bound to the manifest bytes it read (:mod:`gfm_core.data.verdicts`).
+    check completes, each bound to the manifest bytes it read (:mod:`gfm_core.data.ingest.verdicts`).
     """
-    from gfm_core.data.geopile import load_manifest
-    from gfm_core.data.validation import validate_manifest
-    from gfm_core.data.verdicts import verdict_paths
+    from gfm_core.data.ingest.manifest import load_manifest
+    from gfm_core.data.ingest.validation import validate_manifest
+    from gfm_core.data.ingest.verdicts import verdict_paths
 
     cfg, ing = params.validation, params.ingest
     for old in verdict_paths(ing.out_dir):
@@ -198,11 +198,11 @@ class ShardsResult:
     rebuilt: bool
     content_hash: str
 
-    def metrics(self) -> dict[str, float]:
+    def tracked_metrics(self) -> dict[str, float]:
         """What the stage logs (MLflow, Dagster): the same names whoever runs it."""
         return {"images": self.images, "shards": self.shards, "bytes": self.bytes}
 
-    def artifacts(self) -> dict[str, Path]:
+    def tracked_files(self) -> dict[str, Path]:
         """The files the stage's tracked run keeps."""
         return {}
 
@@ -213,12 +213,12 @@ def run_shards(params: Params, *, progress: bool = True) -> ShardsResult:
     Raises:
         DataValidationError: the pile did not pass ``gfm validate``, or was re-ingested since (run it again).
     """
-    from gfm_core.data.shards import write_shards
-    from gfm_core.data.verdicts import require_verdicts
+    from gfm_core.data.ingest.shards import write_shards
+    from gfm_core.data.ingest.verdicts import require_verdicts
 
     ing = params.ingest
     judged = require_verdicts(ing.out_dir)
-    from gfm_core.data.stats import load_stretches
+    from gfm_core.data.ingest.stats import load_stretches
 
     rep = write_shards(
         ing.out_dir / "manifest.parquet", ing.out_dir / "shards", data_root=ing.root, shard_size=ing.shard_size,

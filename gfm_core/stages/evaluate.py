@@ -34,11 +34,11 @@ class PromoteResult:
     candidate_arp: float
     champion_version: str | None
 
-    def metrics(self) -> dict[str, float]:
+    def tracked_metrics(self) -> dict[str, float]:
         """What the stage logs (MLflow, Dagster): the same names whoever runs it."""
         return {"arp": self.candidate_arp, "promoted": float(self.promoted)}
 
-    def artifacts(self) -> dict[str, Path]:
+    def tracked_files(self) -> dict[str, Path]:
         """The files the stage's tracked run keeps (the gate's evidence is logged by the gate itself)."""
         return {}
 
@@ -99,6 +99,9 @@ def run_promote(params: Params, *, report: Any = None, tags: dict[str, str] | No
     if not params.tracking.enabled:
         raise ConfigError("tracking.enabled is false: promotion needs the MLflow registry")
     tracking.configure(params.tracking)
+    if tracking.runs.import_mlflow().active_run() is None:
+        raise ConfigError("promotion runs inside an MLflow run that keeps the gate's evidence: open one first "
+                          "(tracking.stage_run('promote', ...)), as gfm promote, gfm demo and the Dagster asset do")
     report = report if report is not None else run_evaluate(params)
     spec = params.model(cfg.candidate)
     if spec.path is None or spec.kind != "export":

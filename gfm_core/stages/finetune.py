@@ -58,7 +58,8 @@ def _datasets(cfg: FinetuneCfg, task: TaskCfg, spec: BackboneSpec, loaded: Loade
     Raises:
         ConfigError: the task reads another number of bands than the backbone takes.
     """
-    from gfm_core.data.task_datasets import TaskDataset, label_subset, list_task
+    from gfm_core.data.tasks.dataset import TaskDataset, label_subset
+    from gfm_core.data.tasks.layouts import list_task
 
     n_train = len(list_task(task, "train").refs)
     subset = label_subset(n_train, task.label_fraction, cfg.subset_seed if cfg.subset_seed is not None else seed)

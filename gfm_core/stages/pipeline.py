@@ -45,8 +45,8 @@ def _log(params: Params, result: Any) -> None:
     if params.tracking.enabled:
         from gfm_core import tracking
 
-        tracking.log_metrics(result.metrics())
-        tracking.log_artifacts(result.artifacts())
+        tracking.log_metrics(result.tracked_metrics())
+        tracking.log_artifacts(result.tracked_files())
 
 
 def _data_stages(params: Params) -> Iterator[str]:

@@ -2,7 +2,7 @@
 
 :func:`run_pretrain` (the foundation model, or one of ``pretrain.ablations`` into its own folder) builds the
 objective (:mod:`gfm_core.objectives`), the view stream
-(:mod:`gfm_core.data.pretrain_data`, with the optional teacher pool), the held-out probe
+(:mod:`gfm_core.data.pretrain.stream`, with the optional teacher pool), the held-out probe
 (:mod:`gfm_core.evaluation.holdout`) and the loop settings, runs :func:`gfm_core.training.loop.fit`, and exports
 the student backbone with its provenance.
 """
@@ -45,11 +45,11 @@ class PretrainResult:
     start_reason: str = ""  # why it resumed or started fresh
     set_aside: Path | None = None  # where a fresh start moved the earlier run's checkpoints
 
-    def metrics(self) -> dict[str, float]:
+    def tracked_metrics(self) -> dict[str, float]:
         """What the stage logs at its end (per-step metrics go to MLflow while it trains)."""
         return {}
 
-    def artifacts(self) -> dict[str, Path]:
+    def tracked_files(self) -> dict[str, Path]:
         """The files the stage's tracked run keeps."""
         return pretrain_artifacts(self.backbone.parent)
 
@@ -269,10 +269,10 @@ def pretrain_stream(params: Params, objective: Any, device: str) -> Any:
     """
     import torch
 
-    from gfm_core.data.masking import MaskGenerator
-    from gfm_core.data.pretrain_data import PretrainStream
-    from gfm_core.data.teacher_pool import load_or_build_pool, pool_key
-    from gfm_core.data.verdicts import require_verdicts
+    from gfm_core.data.ingest.verdicts import require_verdicts
+    from gfm_core.data.pretrain.masking import MaskGenerator
+    from gfm_core.data.pretrain.stream import PretrainStream
+    from gfm_core.data.pretrain.teacher_pool import load_or_build_pool, pool_key
 
     cfg = params.pretrain
     shard_dir = params.ingest.out_dir / "shards"

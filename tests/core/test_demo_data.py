@@ -19,9 +19,9 @@ import rasterio.windows
 from PIL import Image
 
 from gfm_core.config import DemoDataCfg
-from gfm_core.data.demo import DemoDataResult, build_demo_data
-from gfm_core.data.demo_pile import chip_windows
-from gfm_core.data.packages import package_dir, package_file
+from gfm_core.demo.build import DemoDataResult, build_demo_data
+from gfm_core.demo.packages import package_dir, package_file
+from gfm_core.demo.pile import chip_windows
 from gfm_core.errors import DataValidationError, MissingDependencyError
 from gfm_core.io import sha256_file
 

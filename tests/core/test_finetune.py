@@ -11,7 +11,7 @@ import timm
 import torch
 from safetensors.torch import save_file
 
-from gfm_core import stages
+from gfm_core import stages, tracking
 from gfm_core.config import (
     BackboneSpec,
     DemoDataCfg,
@@ -21,8 +21,8 @@ from gfm_core.config import (
     TaskCfg,
     parse_params,
 )
-from gfm_core.data.demo import build_demo_data
-from gfm_core.data.task_datasets import TaskDataset
+from gfm_core.data.tasks.dataset import TaskDataset
+from gfm_core.demo.build import build_demo_data
 from gfm_core.errors import CheckpointError, ConfigError
 from gfm_core.evaluation.metrics import build_metrics
 from gfm_core.evaluation.report import evaluate_results, run_evaluation
@@ -347,7 +347,10 @@ def test_promotion_binds_to_the_backbone_bytes_that_were_fine_tuned(tmp_path, de
         run_finetune_task(params, "scene", "gfm", 0, resume=True)
     client = mlflow.MlflowClient(tracking_uri=params.tracking.uri, registry_uri=params.tracking.uri)
     try:
-        stale = stages.run_promote(params)
+        with pytest.raises(ConfigError, match="promotion runs inside an MLflow run"):
+            stages.run_promote(params)
+        with tracking.stage_run("promote", {}):
+            stale = stages.run_promote(params)
         assert not stale.promoted
         assert any(f"holds backbone sha256 {new}, but the evaluation judged fine-tuning results of sha256 {old}" in r
                    and "re-run `gfm finetune --model gfm` and `gfm evaluate`" in r for r in stale.reasons)
@@ -360,7 +363,8 @@ def test_promotion_binds_to_the_backbone_bytes_that_were_fine_tuned(tmp_path, de
                            r"`gfm finetune --model gfm`"):
             run_evaluation(params)
         run_finetune_task(params, "scene", "gfm", 0)
-        fresh = stages.run_promote(params)
+        with tracking.stage_run("promote", {}):
+            fresh = stages.run_promote(params)
         assert fresh.promoted, fresh.reasons
         assert client.get_model_version("gfm-foundation", fresh.version).tags["gfm.weights_sha256"] == new
     finally:

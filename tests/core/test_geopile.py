@@ -19,10 +19,10 @@ from helpers.rasters import make_geotiff, make_photo, pattern, to_dtype
 from PIL import Image
 from pydantic import ValidationError
 
-from gfm_core.data.dedup import hamming_join, near_duplicates, perceptual_hash
-from gfm_core.data.geopile import MANIFEST_SCHEMA, build_manifest, contamination_check, manifest_content_hash
-from gfm_core.data.raster import read_image
-from gfm_core.data.sources import (
+from gfm_core.data.ingest.contamination import contamination_check
+from gfm_core.data.ingest.dedup import hamming_join, near_duplicates, perceptual_hash
+from gfm_core.data.ingest.manifest import MANIFEST_SCHEMA, build_manifest, manifest_content_hash
+from gfm_core.data.ingest.sources import (
     PRESETS,
     IngestSettings,
     SourceSpec,
@@ -30,8 +30,9 @@ from gfm_core.data.sources import (
     folder_source,
     get_preset,
 )
-from gfm_core.data.stats import compute_norm_stats, load_norm_stats, write_norm_stats
-from gfm_core.data.workers import map_isolated
+from gfm_core.data.ingest.stats import compute_norm_stats, load_norm_stats, write_norm_stats
+from gfm_core.data.ingest.workers import map_isolated
+from gfm_core.data.raster.reader import read_image
 from gfm_core.errors import ConfigError, DataValidationError
 
 G = "GeoPileV0"
@@ -383,8 +384,8 @@ def test_config_errors_are_raised_not_quarantined(pile, tmp_path):
 
 _FAILING_RUN = """
 import resource, signal, sys
-from gfm_core.data.geopile import build_manifest
-from gfm_core.data.sources import IngestSettings, folder_source
+from gfm_core.data.ingest.manifest import build_manifest
+from gfm_core.data.ingest.sources import IngestSettings, folder_source
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead of killing us
 limit = int(sys.argv[3])
 resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))

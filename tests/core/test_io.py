@@ -11,8 +11,8 @@ import torch
 from helpers.rasters import make_geotiff
 from helpers.registry import tiny_backbone
 
-from gfm_core.data.geopile import build_manifest
-from gfm_core.data.sources import IngestSettings, folder_source
+from gfm_core.data.ingest.manifest import build_manifest
+from gfm_core.data.ingest.sources import IngestSettings, folder_source
 from gfm_core.errors import CheckpointError
 from gfm_core.io import atomic_write, load_weights, save_weights, sha256_file, write_json
 from gfm_core.models.weights import load_backbone

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from gfm_core.data.masking import MaskGenerator
+from gfm_core.data.pretrain.masking import MaskGenerator
 from gfm_core.errors import ConfigError
 
 

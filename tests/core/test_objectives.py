@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from gfm_core.config import PretrainCfg, StudentCfg, TeacherCfg
-from gfm_core.data.masking import MaskGenerator
+from gfm_core.data.pretrain.masking import MaskGenerator
 from gfm_core.errors import ConfigError
 from gfm_core.io import sha256_file
 from gfm_core.models.backbones import create_student, create_teacher, stage_map, teacher_inputs

@@ -13,9 +13,12 @@ from torch.utils.data import DataLoader
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
-from gfm_core.data.geopile import build_manifest
-from gfm_core.data.masking import MaskGenerator
-from gfm_core.data.pretrain_data import (
+from gfm_core.data.ingest.manifest import build_manifest
+from gfm_core.data.ingest.shards import write_shards
+from gfm_core.data.ingest.sources import IngestSettings, folder_source
+from gfm_core.data.pretrain.masking import MaskGenerator
+from gfm_core.data.pretrain.shard_dataset import ShardDataset
+from gfm_core.data.pretrain.stream import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     NormaliseToFloat,
@@ -24,9 +27,7 @@ from gfm_core.data.pretrain_data import (
     random_resized_crop,
     sample_seed,
 )
-from gfm_core.data.shards import ShardDataset, write_shards
-from gfm_core.data.sources import IngestSettings, folder_source
-from gfm_core.data.teacher_pool import load_or_build_pool
+from gfm_core.data.pretrain.teacher_pool import load_or_build_pool
 from gfm_core.errors import ConfigError
 
 SOURCES = [folder_source("big", "big"), folder_source("small", "small")]

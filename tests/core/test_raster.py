@@ -14,7 +14,8 @@ import rasterio
 from affine import Affine
 from helpers.rasters import make_geotiff, make_photo, pattern, to_dtype
 
-from gfm_core.data.raster import inspect_image, read_image
+from gfm_core.data.raster.header import inspect_image
+from gfm_core.data.raster.reader import read_image
 from gfm_core.errors import ConfigError, RasterReadError
 
 

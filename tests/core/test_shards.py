@@ -15,18 +15,13 @@ import torch
 from helpers.rasters import make_geotiff, make_photo
 from rasterio.errors import NotGeoreferencedWarning
 
-from gfm_core.data.geopile import build_manifest
-from gfm_core.data.raster import read_image
-from gfm_core.data.shards import (
-    INDEX_NAME,
-    ShardDataset,
-    load_shard_index,
-    rank_partition,
-    shard_geometry,
-    write_shards,
-)
-from gfm_core.data.sources import IngestSettings, folder_source
-from gfm_core.data.stats import Stretch
+from gfm_core.data.ingest.manifest import build_manifest
+from gfm_core.data.ingest.shard_file import shard_geometry
+from gfm_core.data.ingest.shards import INDEX_NAME, load_shard_index, write_shards
+from gfm_core.data.ingest.sources import IngestSettings, folder_source
+from gfm_core.data.pretrain.shard_dataset import ShardDataset, rank_partition
+from gfm_core.data.raster.reader import read_image
+from gfm_core.data.raster.stretch import Stretch
 from gfm_core.errors import ConfigError, DataValidationError
 
 SIZE = 32  # shard_size of these tests

@@ -11,15 +11,10 @@ import torch
 from helpers.rasters import make_geotiff, make_photo
 
 from gfm_core.config import TaskCfg
-from gfm_core.data.task_datasets import (
-    BEN19,
-    OSCD_IMAGES,
-    OSCD_LABELS,
-    DatasetNotFoundError,
-    TaskDataset,
-    label_subset,
-    list_task,
-)
+from gfm_core.data.tasks.bigearthnet import BEN19
+from gfm_core.data.tasks.dataset import TaskDataset, label_subset
+from gfm_core.data.tasks.index import DatasetNotFoundError
+from gfm_core.data.tasks.layouts import OSCD_IMAGES, OSCD_LABELS, list_task
 from gfm_core.errors import ConfigError, DataValidationError
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)

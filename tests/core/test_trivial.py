@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from test_finetune import _task, demo_tasks  # noqa: F401 (fixture)
 
-from gfm_core.data.task_datasets import TaskDataset
+from gfm_core.data.tasks.dataset import TaskDataset
 from gfm_core.evaluation.trivial import TRIVIAL, trivial_scores
 
 

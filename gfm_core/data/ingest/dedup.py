@@ -1,13 +1,14 @@
-"""Duplicate detection: a numpy pHash (bit-identical to ``imagehash.phash``) and fast Hamming joins."""
+"""Duplicate detection: a numpy pHash (bit-identical to ``imagehash.phash``), fast Hamming joins, row flags."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 from PIL import Image
 
-from gfm_core.data.raster import RasterImage
+from gfm_core.data.raster.reader import RasterImage
 
 _HASH_SIZE = 8
 _HASH_IMG = 32  # imagehash.phash: hash_size * highfreq_factor(4)
@@ -116,3 +117,16 @@ def near_duplicates(hashes: Sequence[int], max_d: int) -> tuple[list[int | None]
         if cands:
             out[idx], dist[idx] = min(cands)
     return out, dist
+
+
+def flag_near_duplicates(rows: list[dict[str, Any]], max_hamming: int | None) -> int:
+    """Fill the ``near_duplicate_*`` columns of manifest ``rows`` (unless ``max_hamming`` is None); returns how many."""
+    near = 0
+    if max_hamming is not None:
+        hashes = [int(r["phash"], 16) for r in rows]
+        of, dist = near_duplicates(hashes, max_hamming)
+        for r, j, d in zip(rows, of, dist, strict=True):
+            r["near_duplicate_of"] = rows[j]["path"] if j is not None else None
+            r["near_duplicate_distance"] = d
+            near += j is not None
+    return near

@@ -1,7 +1,7 @@
 """Pretraining samples: crops drawn on the fly from the pile's shards, a SimMIM mask each.
 
 Each sample is ``{"image": [C, S, S] float32 normalised, "mask": [h, w] bool, 1 = masked}`` (plus
-``"teacher_target": [D]`` when the stream reads a :class:`~gfm_core.data.teacher_pool.TeacherPool`). Its
+``"teacher_target": [D]`` when the stream reads a :class:`~gfm_core.data.pretrain.teacher_pool.TeacherPool`). Its
 randomness (image, crop, flip, mask) depends only on ``(seed, epoch, index)``, so a resumed run, any number of
 loader workers or ranks draw exactly the samples an uninterrupted run would, and two pretraining variants with
 the same seed see the same crops and masks (common random numbers).
@@ -31,8 +31,8 @@ import numpy as np
 import torch
 from torchvision.transforms.v2 import functional as TF
 
-from gfm_core.data.masking import MaskGenerator
-from gfm_core.data.shards import ShardDataset
+from gfm_core.data.pretrain.masking import MaskGenerator
+from gfm_core.data.pretrain.shard_dataset import ShardDataset
 from gfm_core.errors import ConfigError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -195,7 +195,7 @@ class PretrainStream:
     """The training stream over a shard folder (a map-style dataset; see the module docstring).
 
     Args:
-        shard_dir: folder written by :func:`~gfm_core.data.shards.write_shards`.
+        shard_dir: folder written by :func:`~gfm_core.data.ingest.shards.write_shards`.
         img_size: output edge in pixels (paper 192).
         mask: the mask generator (its input size must equal ``img_size``).
         crop_scale, crop_ratio: RandomResizedCrop ranges (paper (0.67, 1), (3/4, 4/3)).

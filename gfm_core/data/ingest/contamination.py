@@ -7,19 +7,46 @@ that yields no image fails the check with the reason: a check that compared noth
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Collection, Iterable, Sequence
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import pyarrow as pa
+from PIL import Image
 
 from gfm_core.config import TaskCfg
-from gfm_core.data.geopile import DownstreamImage, contamination_check
+from gfm_core.data.ingest.dedup import hamming_join, perceptual_hash
+from gfm_core.data.ingest.manifest import read_manifest
+from gfm_core.data.raster.header import DEFAULT_MAX_PIXELS
+from gfm_core.data.raster.reader import RasterImage, read_image
+from gfm_core.data.tasks.layouts import list_task, task_splits
 from gfm_core.errors import GfmError
+from gfm_core.io import sha256_file
 
 CHECKED_SPLITS = ("val", "test")
 _IMAGE_KEYS = ("image", "A", "B", "lr", "hr")  # labels, masks and change maps are not pictures of the pile
+
+DownstreamImage = str | Path | tuple[str | Path, ...]
+"""A downstream image: one file, or one file per band (BigEarthNet, OSCD), composed in the given order."""
+
+
+@dataclass(frozen=True)
+class Offender:
+    """A downstream test image found in the pile.
+
+    Attributes:
+        test_path: the test image.
+        pile_path: the manifest row it matches.
+        kind: ``exact`` (same sha256) or ``near`` (perceptual hash within ``distance`` bits).
+        distance: Hamming distance of the perceptual hashes (0 for exact copies).
+    """
+
+    test_path: str
+    pile_path: str
+    kind: Literal["exact", "near"]
+    distance: int
 
 
 @dataclass(frozen=True)
@@ -95,9 +122,90 @@ class ContaminationReport:
         return "\n".join(lines)
 
 
-def _images(task: TaskCfg, split: str) -> list[DownstreamImage]:
-    from gfm_core.data.task_datasets import list_task
+# ---------------------------------------------------------------------------------------------- one image set
 
+
+def _read_test_image(item: DownstreamImage, bands: Sequence[int] | None, value_range: tuple[float, float] | None,
+                     max_pixels: int) -> RasterImage:
+    """One test image; per-band files are read one band each and resized to the first file's grid."""
+    kw = dict(value_range=value_range, min_size=2, max_pixels=max_pixels, allow_nonfinite=True)
+    if not isinstance(item, tuple):
+        return read_image(item, bands=bands, **kw)
+    parts = [read_image(f, bands=(1,), **kw) for f in item[:3]]  # the hash averages the first three bands
+    h, w = parts[0].array.shape[1:]
+    planes, valid = [], parts[0].valid
+    for part in parts:
+        plane = part.array[0]
+        if plane.shape != (h, w):
+            plane = np.asarray(Image.fromarray(plane, mode="F").resize((w, h), Image.Resampling.BILINEAR))
+        planes.append(plane)
+    return replace(parts[0], array=np.stack(planes).astype(np.float32), valid=valid,
+                   bands=tuple(range(1, len(planes) + 1)))
+
+
+def image_label(item: DownstreamImage) -> str:
+    """How a test image is named in reports (per-band files: the files joined by ``+``)."""
+    return "+".join(str(f) for f in item) if isinstance(item, tuple) else str(item)
+
+
+def contamination_check(
+    manifest: str | Path | pa.Table,
+    test_images: Iterable[DownstreamImage],
+    *,
+    max_hamming: int = 8,
+    bands: Sequence[int] | None = None,
+    value_range: tuple[float, float] | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> list[Offender]:
+    """Downstream test images that sit in the pile, as exact copies or perceptual near-duplicates.
+
+    Args:
+        manifest: a manifest path or table from :func:`~gfm_core.data.ingest.manifest.build_manifest`.
+        test_images: the downstream test images (any format :func:`~gfm_core.data.raster.reader.read_image`
+            reads); a tuple is one image stored as one file per band (hashed as their composite; each file's
+            sha256 is compared too).
+        max_hamming: perceptual-hash distance (of 64 bits) at or under which an image counts as the same
+            picture (re-encoded, rescaled, slightly recoloured). Unrelated images are rarely under ~10.
+        bands: bands of the test images to hash (the hash averages the first three: RGB and BGR agree).
+        value_range: scaling of the test images (the hash is insensitive to brightness scaling).
+        max_pixels: largest test image accepted, in samples.
+
+    Returns:
+        Offenders sorted by test path, then distance, then pile path; empty when the pile is clean.
+
+    Raises:
+        RasterReadError: a test image cannot be read (a check that skipped it could pass wrongly).
+        DataValidationError: the manifest cannot be read.
+    """
+    table = read_manifest(manifest)
+    pile_paths = table.column("path").to_pylist()
+    pile_sha = table.column("sha256").to_pylist()
+    pile_hash = np.array([int(h, 16) for h in table.column("phash").to_pylist()], dtype=np.uint64)
+    by_sha: dict[str, list[str]] = {}
+    for p, s in zip(pile_paths, pile_sha, strict=True):
+        by_sha.setdefault(s, []).append(p)
+
+    items = list(test_images)
+    tests = [image_label(t) for t in items]
+    offenders: set[Offender] = set()
+    test_hash = np.zeros(len(tests), dtype=np.uint64)
+    for k, item in enumerate(items):
+        test_hash[k] = perceptual_hash(_read_test_image(item, bands, value_range, max_pixels))
+        for f in item if isinstance(item, tuple) else (item,):
+            for p in by_sha.get(sha256_file(f), []):
+                offenders.add(Offender(tests[k], p, "exact", 0))
+    exact_pairs = {(o.test_path, o.pile_path) for o in offenders}
+    i, j, d = hamming_join(test_hash, pile_hash, max_hamming)
+    for a, b, dist in zip(i.tolist(), j.tolist(), d.tolist(), strict=True):
+        if (tests[a], pile_paths[b]) not in exact_pairs:
+            offenders.add(Offender(tests[a], pile_paths[b], "near", dist))
+    return sorted(offenders, key=lambda o: (o.test_path, o.distance, o.pile_path))
+
+
+# ------------------------------------------------------------------------------------------------ every task
+
+
+def _images(task: TaskCfg, split: str) -> list[DownstreamImage]:
     found: dict[str, DownstreamImage] = {}
     for ref in list_task(task, split).refs:
         for key in _IMAGE_KEYS:
@@ -108,8 +216,6 @@ def _images(task: TaskCfg, split: str) -> list[DownstreamImage]:
 
 
 def _check_task(table: pa.Table, task: TaskCfg) -> TaskCheck:
-    from gfm_core.data.task_datasets import task_splits
-
     root = str(task.root)
     if not Path(task.root).is_dir():
         return TaskCheck(task.name, root, "failed", problem=(

@@ -38,7 +38,7 @@ from rasterio.crs import CRS
 from rasterio.errors import NotGeoreferencedWarning
 
 from gfm_core.config import DemoDataCfg
-from gfm_core.data.nc_landsat import GSD_M, NODATA, RGB, NCScene, TilePlan, write_geotiff
+from gfm_core.demo.nc_landsat import GSD_M, NODATA, RGB, NCScene, TilePlan, write_geotiff
 from gfm_core.errors import DataValidationError
 
 PILE_MIN_VALID = 0.9  # share of valid pixels a pile crop or chip needs

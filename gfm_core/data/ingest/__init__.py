@@ -1,0 +1,1 @@
+"""GeoPile ingestion: sources, the manifest and its quarantine, statistics, validation verdicts and shards."""

@@ -1,0 +1,1 @@
+"""Pretraining input: crops streamed from the shards, SimMIM masks, and the frozen teacher's target pool."""

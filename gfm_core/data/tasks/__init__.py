@@ -1,0 +1,1 @@
+"""Downstream task datasets read from local folders, in the layouts users already have."""
