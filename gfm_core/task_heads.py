@@ -35,6 +35,7 @@ class HeadSpec:
         columns: the metrics shown in the report's table, in order.
         layouts: the folder layouts a task of this head can be read from.
         dirs: the ``folders`` layout's default ``<split>/<dir>/`` names (images first, the label last).
+        files: the sample's file keys read from those folders, in the same order.
     """
 
     name: str
@@ -43,6 +44,7 @@ class HeadSpec:
     columns: tuple[str, ...]
     layouts: tuple[str, ...]
     dirs: tuple[str, ...] = ()
+    files: tuple[str, ...] = ()
 
 
 #: Every head, by name. Explicit on purpose (STYLE.md): an unknown name fails listing these keys.
@@ -51,10 +53,10 @@ HEADS: dict[str, HeadSpec] = {
     for spec in (
         HeadSpec("classification", "label", "acc", ("acc",), ("ucmerced", "resisc45", "eurosat")),
         HeadSpec("multilabel", "label", "mAP", ("mAP",), ("bigearthnet",)),
-        HeadSpec("segmentation", "mask", "mIoU", ("mIoU",), ("folders",), ("images", "masks")),
+        HeadSpec("segmentation", "mask", "mIoU", ("mIoU",), ("folders",), ("images", "masks"), ("image", "mask")),
         HeadSpec("change", "mask", "F1", ("precision", "recall", "F1"), ("levircd", "oscd", "folders"),
-                 ("A", "B", "label")),
-        HeadSpec("superres", "target", "PSNR", ("PSNR", "SSIM"), ("folders",), ("lr", "hr")),
+                 ("A", "B", "label"), ("A", "B", "label")),
+        HeadSpec("superres", "target", "PSNR", ("PSNR", "SSIM"), ("folders",), ("lr", "hr"), ("lr", "hr")),
     )
 }
 

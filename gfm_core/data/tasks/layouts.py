@@ -48,11 +48,11 @@ from gfm_core.data.tasks.index import (
     split_lines,
 )
 from gfm_core.errors import ConfigError, DataValidationError, RasterReadError
+from gfm_core.task_heads import get_head
 
 OSCD_IMAGES = "Onera Satellite Change Detection dataset - Images"
 OSCD_LABELS = "Onera Satellite Change Detection dataset - {} Labels"
 EUROSAT_DIR = Path("ds/images/remote_sensing/otherDatasets/sentinel_2/tif")
-DEFAULT_DIRS = {"segmentation": ("images", "masks"), "change": ("A", "B", "label"), "superres": ("lr", "hr")}
 
 
 # ------------------------------------------------------------------------------------------------ layouts
@@ -153,12 +153,13 @@ def list_folders(cfg: TaskCfg, split: str) -> TaskIndex:
     """
     check_split(cfg, split)
     root = need_dir(cfg.root, "dataset root", cfg)
-    dirs = cfg.dirs or DEFAULT_DIRS[cfg.head]
-    expected = len(DEFAULT_DIRS[cfg.head])
+    spec = get_head(cfg.head)
+    dirs = cfg.dirs or spec.dirs
+    expected = len(spec.dirs)
     if len(dirs) != expected:
         raise ConfigError(
             f"task {cfg.name!r}: dirs {list(dirs)} must name {expected} folders for a {cfg.head} task "
-            f"(default {list(DEFAULT_DIRS[cfg.head])})"
+            f"(default {list(spec.dirs)})"
         )
     folders = [root / d.format(split=split) if "{split}" in d else root / split / d for d in dirs]
     indexes = [
@@ -167,11 +168,10 @@ def list_folders(cfg: TaskCfg, split: str) -> TaskIndex:
     stems = sorted(indexes[0], key=natural_key)
     if not stems:
         raise DatasetNotFoundError(folders[0] / "*", f"{split} images", cfg)
-    keys = {"segmentation": ("image", "mask"), "change": ("A", "B", "label"), "superres": ("lr", "hr")}
     refs = []
     for stem in stems:
         files: dict[str, Path | tuple[Path, ...]] = {}
-        for key, folder, index in zip(keys[cfg.head], folders, indexes, strict=True):
+        for key, folder, index in zip(spec.files, folders, indexes, strict=True):
             if stem not in index:
                 raise DatasetNotFoundError(
                     folder / f"{stem}.*",
@@ -239,7 +239,8 @@ def _raster_size(path: Path) -> tuple[int, int]:
 
 def _tile_refs(refs: list[SampleRef], cfg: TaskCfg) -> list[SampleRef]:
     tile = int(cfg.tile_size or 0)
-    key = {"segmentation": "mask", "change": "label", "superres": "hr"}.get(cfg.head, "image")
+    files = get_head(cfg.head).files
+    key = files[-1] if files else "image"  # tiles are cut on the label's grid
     if cfg.head == "superres" and tile % cfg.scale:
         raise ConfigError(f"task {cfg.name!r}: tile_size {tile} must be divisible by scale {cfg.scale}")
     out = []
