@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import itertools
 
 import yaml
 
@@ -34,7 +35,7 @@ def test_every_stage_has_its_dagster_asset_in_order(repo_root, tmp_path):
     def ancestors(a: str) -> set[str]:
         return set().union(*({p} | ancestors(p) for p in upstream.get(a, set()))) if upstream.get(a) else set()
 
-    for before, after in zip(order, order[1:], strict=False):
+    for before, after in itertools.pairwise(order):
         assert before in ancestors(after), (before, after)
 
 
