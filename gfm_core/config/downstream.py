@@ -166,8 +166,11 @@ class FinetuneCfg(Section):
     eval_batch_size: int = Field(128, ge=1)
     grad_accum: int = Field(1, ge=1)
     epochs: int = Field(100, ge=1)
-    warmup_fraction: float = Field(0.2, ge=0, lt=1, description="paper: 20 of 100 epochs")
+    warmup_epochs: int = Field(20, ge=0, description="paper: 20 of 100 epochs (the same share of a max_steps run)")
     max_steps: int | None = Field(None, ge=1, description="stop after this many optimizer steps")
+    lr_scaling: Literal["linear", "none"] = Field(
+        "linear", description="linear: lrs x global batch / 512 (the paper's rule); none: as written"
+    )
     base_lr: float = Field(1e-4, gt=0)
     warmup_lr: float = Field(1e-7, ge=0)
     min_lr: float = Field(1e-5, ge=0)
@@ -194,6 +197,8 @@ class FinetuneCfg(Section):
             dupes = sorted({n for n in names if names.count(n) > 1})
             if dupes:
                 raise ValueError(f"finetune.{label}: duplicate names {dupes}")
+        if self.warmup_epochs >= self.epochs:
+            raise ValueError(f"warmup_epochs {self.warmup_epochs} must be < epochs {self.epochs}")
         if len(set(self.seeds)) != len(self.seeds):
             raise ValueError(f"finetune.seeds: duplicates in {list(self.seeds)}")
         return self

@@ -157,6 +157,3 @@ class PretrainCfg(Section):
         except ValidationError as e:
             raise ConfigError(_format_error(f"pretrain.ablations.{name}", e)) from None
 
-    def lr_factor(self, global_batch: int) -> float:
-        """What ``base_lr``, ``warmup_lr`` and ``min_lr`` are multiplied by (``lr_scaling``)."""
-        return global_batch / 512 if self.lr_scaling == "linear" else 1.0

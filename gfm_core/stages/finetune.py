@@ -83,7 +83,7 @@ def _loop_cfg(cfg: FinetuneCfg, task: TaskCfg, n_train: int, batch: int, world: 
         ConfigError: the training set gives no full optimizer step.
     """
     from gfm_core.training.loop import LoopCfg
-    from gfm_core.training.schedule import scale_lr
+    from gfm_core.training.setup import schedule
 
     steps_per_epoch = n_train // world // batch // cfg.grad_accum
     if steps_per_epoch < 1:
@@ -91,17 +91,12 @@ def _loop_cfg(cfg: FinetuneCfg, task: TaskCfg, n_train: int, batch: int, world: 
             f"task {task.name!r}: {n_train} training samples give no full step of batch {batch} x "
             f"grad_accum {cfg.grad_accum} x {world} rank(s)"
         )
-    epochs = task.epochs or cfg.epochs
-    limit = max_steps or task.max_steps or cfg.max_steps
-    total = epochs * steps_per_epoch if limit is None else min(epochs * steps_per_epoch, limit)
-    global_batch = batch * cfg.grad_accum * world
+    plan = schedule(cfg, steps_per_epoch=steps_per_epoch, epochs=task.epochs or cfg.epochs,
+                    limit=max_steps or task.max_steps or cfg.max_steps, global_batch=batch * cfg.grad_accum * world)
     return LoopCfg(
-        total_steps=total, out_dir=out_dir, grad_accum=cfg.grad_accum, base_lr=scale_lr(cfg.base_lr, global_batch),
-        warmup_lr=scale_lr(cfg.warmup_lr, global_batch), min_lr=scale_lr(cfg.min_lr, global_batch),
-        warmup_steps=round(total * cfg.warmup_fraction), betas=cfg.betas, clip_grad=cfg.clip_grad,
-        log_every=min(cfg.log_every, total), checkpoint_every=total, keep_checkpoints=1, seed=seed, resume=resume,
+        **plan, out_dir=out_dir, checkpoint_every=plan["total_steps"], keep_checkpoints=1, seed=seed, resume=resume,
         discard_old=True,  # one end-of-run checkpoint per run; the product is the result JSON
-        progress=progress, fused_optimizer=cfg.backend == "torch",
+        progress=progress,
     )
 
 

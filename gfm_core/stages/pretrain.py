@@ -342,6 +342,7 @@ def _pretrain_loop_cfg(
     """The fit() settings of a pretraining: schedule in steps, learning rates after ``lr_scaling``, and the run's
     fingerprint (``data_hash``: the pile's content hash)."""
     from gfm_core.training.loop import LoopCfg
+    from gfm_core.training.setup import schedule
 
     cfg = params.pretrain
     global_batch = cfg.batch_size * cfg.grad_accum * world
@@ -351,16 +352,11 @@ def _pretrain_loop_cfg(
             f"pretrain.batch_size {cfg.batch_size} x grad_accum {cfg.grad_accum} x {world} rank(s) = {global_batch} "
             f"exceeds the {views} views per epoch of the pile under {params.ingest.root} (set samples_per_epoch)"
         )
-    full = cfg.epochs * steps_per_epoch
-    limit = max_steps or cfg.max_steps
-    total = min(full, limit) if limit else full
-    k = cfg.lr_factor(global_batch)
+    plan = schedule(cfg, steps_per_epoch=steps_per_epoch, epochs=cfg.epochs, limit=max_steps or cfg.max_steps,
+                    global_batch=global_batch)
     loop_cfg = LoopCfg(
-        total_steps=total, out_dir=cfg.out_dir, grad_accum=cfg.grad_accum, base_lr=cfg.base_lr * k,
-        warmup_lr=cfg.warmup_lr * k, min_lr=cfg.min_lr * k, warmup_steps=round(total * cfg.warmup_epochs / cfg.epochs),
-        betas=cfg.betas, clip_grad=cfg.clip_grad, log_every=min(cfg.log_every, total),
-        checkpoint_every=cfg.checkpoint_every, seed=cfg.seed, resume=resume,
-        fingerprint=pretrain_fingerprint(cfg, data_hash, total), fused_optimizer=cfg.backend == "torch",
+        **plan, out_dir=cfg.out_dir, checkpoint_every=cfg.checkpoint_every, seed=cfg.seed, resume=resume,
+        fingerprint=pretrain_fingerprint(cfg, data_hash, plan["total_steps"]),
     )
     return loop_cfg, steps_per_epoch
 

@@ -73,7 +73,7 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True, kw_only=True)
 class LoopCfg:
-    """Settings of :func:`fit`. Learning rates are final values: apply ``scale_lr`` before building this.
+    """Settings of :func:`fit`. Learning rates are final values (:func:`gfm_core.training.setup.schedule`).
 
     ``resume=True`` continues from the newest complete checkpoint under ``out_dir`` when there is one and its
     fingerprint equals ``fingerprint``; ``resume="unfinished"`` continues only an interrupted run (a finished

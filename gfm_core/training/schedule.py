@@ -1,8 +1,8 @@
 """Learning-rate schedule: linear warm-up, then cosine decay, evaluated per optimizer step.
 
 The paper's recipe (GFM, from SimMIM) is AdamW with ``base_lr = 2e-4``, ``warmup_lr = 1e-6`` and
-``min_lr = 1e-5``, each multiplied by ``global_batch / 512`` (:func:`scale_lr`), 10 warm-up epochs out of
-100, stepped per iteration.
+``min_lr = 1e-5``, each multiplied by ``global_batch / 512`` (:func:`gfm_core.training.setup.schedule`), 10
+warm-up epochs out of 100, stepped per iteration.
 
 SimMIM builds timm's ``CosineLRScheduler`` with ``warmup_prefix=False``: its cosine is evaluated at
 ``step/total_steps`` over *all* steps, so the lr drops right after warm-up. :func:`lr_at` runs the cosine over
@@ -52,10 +52,3 @@ def lr_at(
         return base_lr
     progress = min(1.0, (step - warmup_steps) / decay_steps)
     return min_lr + 0.5 * (base_lr - min_lr) * (1.0 + math.cos(math.pi * progress))
-
-
-def scale_lr(lr: float, global_batch: int) -> float:
-    """SimMIM/GFM linear scaling: ``lr * global_batch / 512`` (global batch = micro x accum x world)."""
-    if global_batch < 1:
-        raise ValueError(f"global_batch must be >= 1, got {global_batch}")
-    return lr * global_batch / REFERENCE_BATCH

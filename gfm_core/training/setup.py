@@ -1,5 +1,10 @@
 """The setup every training run shares, pretraining and fine-tuning alike: the execution backend named by the
-config section and the per-epoch data loader over this rank's share of a seeded permutation."""
+config section, the per-epoch data loader over this rank's share of a seeded permutation, and the schedule.
+
+Both sections (``pretrain``, ``finetune``) name these settings alike: ``backend``, ``precision``, ``zero_stage``,
+``epochs``, ``warmup_epochs``, ``max_steps``, ``lr_scaling``, ``base_lr``/``warmup_lr``/``min_lr``, ``betas``,
+``clip_grad``, ``grad_accum``, ``log_every``.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +14,8 @@ from typing import Any, Protocol
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from gfm_core.training.schedule import REFERENCE_BATCH
+
 
 class RunSection(Protocol):
     """What a config section (``pretrain``, ``finetune``) says about how its runs execute."""
@@ -16,6 +23,34 @@ class RunSection(Protocol):
     backend: str
     precision: str
     zero_stage: int
+    epochs: int
+    warmup_epochs: int
+    lr_scaling: str
+    base_lr: float
+    warmup_lr: float
+    min_lr: float
+    betas: tuple[float, float]
+    clip_grad: float | None
+    grad_accum: int
+    log_every: int
+
+
+def schedule(cfg: RunSection, *, steps_per_epoch: int, epochs: int, limit: int | None, global_batch: int
+             ) -> dict[str, Any]:
+    """The schedule part of a :class:`~gfm_core.training.loop.LoopCfg`.
+
+    ``epochs`` of ``steps_per_epoch`` optimizer steps, capped at ``limit``; warm-up for the section's share
+    ``warmup_epochs / epochs`` of them (the same share when capped); learning rates times
+    ``global_batch / 512`` under ``lr_scaling: linear``.
+    """
+    full = epochs * steps_per_epoch
+    total = min(full, limit) if limit else full
+    k = global_batch / REFERENCE_BATCH if cfg.lr_scaling == "linear" else 1.0
+    return dict(
+        total_steps=total, warmup_steps=round(total * cfg.warmup_epochs / cfg.epochs), base_lr=cfg.base_lr * k,
+        warmup_lr=cfg.warmup_lr * k, min_lr=cfg.min_lr * k, betas=cfg.betas, clip_grad=cfg.clip_grad,
+        grad_accum=cfg.grad_accum, log_every=min(cfg.log_every, total), fused_optimizer=cfg.backend == "torch",
+    )
 
 
 def make_backend(cfg: RunSection, device: str, micro_batch: int) -> Any:

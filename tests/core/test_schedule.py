@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from gfm_core.training.schedule import lr_at, scale_lr
+from gfm_core.training.schedule import lr_at
 
 KW = dict(total_steps=100, warmup_steps=10, base_lr=1e-3, warmup_lr=1e-5, min_lr=1e-4)
 
@@ -50,10 +50,15 @@ def test_invalid_arguments_raise(step, kw):
         lr_at(step, **{**KW, **kw})
 
 
-def test_scale_lr_paper_values():
-    # GFM: 2e-4 x 1024/512 = 4e-4 peak; warm-up start 2e-6; floor 2e-5
-    assert scale_lr(2e-4, 1024) == pytest.approx(4e-4)
-    assert scale_lr(1e-6, 1024) == pytest.approx(2e-6)
-    assert scale_lr(1e-5, 2048) == pytest.approx(4e-5)
-    with pytest.raises(ValueError):
-        scale_lr(1e-3, 0)
+def test_schedule_scales_lrs_and_warms_up_the_sections_share():
+    from gfm_core.config import FinetuneCfg, PretrainCfg
+    from gfm_core.training.setup import schedule
+
+    paper = schedule(PretrainCfg(), steps_per_epoch=10, epochs=100, limit=None, global_batch=1024)
+    assert paper["base_lr"] == pytest.approx(4e-4) and paper["warmup_lr"] == pytest.approx(2e-6)
+    assert paper["min_lr"] == pytest.approx(2e-5) and (paper["total_steps"], paper["warmup_steps"]) == (1000, 100)
+    capped = schedule(FinetuneCfg(), steps_per_epoch=10, epochs=100, limit=60, global_batch=16)
+    assert (capped["total_steps"], capped["warmup_steps"]) == (60, 12)  # 20 of 100 epochs: 20 % of 60 steps
+    assert capped["base_lr"] == pytest.approx(1e-4 * 16 / 512)
+    flat = schedule(PretrainCfg(lr_scaling="none"), steps_per_epoch=10, epochs=100, limit=None, global_batch=64)
+    assert flat["base_lr"] == 2e-4

@@ -183,7 +183,8 @@ def test_dvc_repro_cache_rerun_push_pull(repo_root, tmp_path, moto_s3):
     params = yaml.safe_load((repo / "params.yaml").read_text())
     params["presets"]["demo"]["pretrain"].update(batch_size=4, max_steps=4, log_every=2, checkpoint_every=2,
                                                  teacher_pool=32, holdout_crops=8)
-    params["presets"]["demo"]["finetune"].update(seeds=[0], epochs=1, log_every=2)  # 5 tasks x 3 models x 1
+    params["presets"]["demo"]["finetune"].update(seeds=[0], epochs=1, warmup_epochs=0,  # 5 tasks x 3 models x 1
+                                                 log_every=2)
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
     env = {

@@ -35,7 +35,7 @@ def write_params(repo_root: Path, tmp: Path, *, tasks: tuple[str, ...] = ("scene
     # the models' weights are derived from the pretrain section above (its export, teacher, student, ablations)
     ft["models"] = [m for m in raw["finetune"]["models"] if m["name"] in models]
     ft["ablations"] = [a for a in raw["pretrain"]["ablations"] if a in models]
-    ft.update(seeds=[0], epochs=1, max_steps=2, out_dir=str(tmp / "finetune"))
+    ft.update(seeds=[0], epochs=1, warmup_epochs=0, max_steps=2, out_dir=str(tmp / "finetune"))
     demo["evaluate"].update(n_bootstrap=50, out_dir=str(tmp / "evaluate"))
     demo["evaluate"]["arp_exclude"] = {t: why for t, why in demo["evaluate"].get("arp_exclude", {}).items()
                                        if t in tasks}
