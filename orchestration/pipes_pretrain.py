@@ -25,20 +25,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from gfm_core.config import Params, load_params
-
-
-def with_teacher(params: Params, checkpoint: str | Path | None, arch: str | None = None) -> Params:
-    """``params`` with ``pretrain.teacher.checkpoint`` (and ``arch``) replaced; unchanged when both are None."""
-    if checkpoint is None and arch is None:
-        return params
-    update: dict[str, Any] = {}
-    if checkpoint is not None:
-        update["checkpoint"] = Path(checkpoint)
-    if arch is not None:
-        update["arch"] = arch
-    teacher = params.pretrain.teacher.model_copy(update=update)
-    return params.model_copy(update={"pretrain": params.pretrain.model_copy(update={"teacher": teacher})})
+from gfm_core.config import Params, load_params, teacher_overrides
 
 
 class PipesReporter:
@@ -94,7 +81,8 @@ def _pretrain(params: Params, args: argparse.Namespace, callbacks: Sequence[Any]
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point on every rank."""
     args = build_parser().parse_args(argv)
-    params = with_teacher(load_params(args.params, preset=args.preset), args.teacher_checkpoint, args.teacher_arch)
+    params = load_params(args.params, preset=args.preset,
+                         overrides=teacher_overrides(args.teacher_checkpoint, args.teacher_arch))
     from dagster_pipes import PipesEnvVarParamsLoader, open_dagster_pipes
 
     if os.environ.get("RANK", "0") != "0" or not PipesEnvVarParamsLoader().is_dagster_pipes_process():

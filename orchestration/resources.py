@@ -21,9 +21,8 @@ import dagster as dg
 from pydantic import Field
 
 from gfm_core import stages
-from gfm_core.config import Params, load_params
+from gfm_core.config import Params, load_params, teacher_overrides
 from gfm_core.errors import GfmError
-from orchestration.pipes_pretrain import with_teacher
 
 #: Run tags a retraining run carries (set by the teacher sensor): the teacher to pretrain with.
 TEACHER_FILE_TAG = "gfm/teacher_file"
@@ -46,8 +45,8 @@ class GfmParams(dg.ConfigurableResource):
 
     def load(self) -> Params:
         """The validated params (a bad key fails here, naming the file and the key)."""
-        params = load_params(self.params_path, preset=self.preset)
-        return with_teacher(params, self.teacher_checkpoint, self.teacher_arch)
+        return load_params(self.params_path, preset=self.preset,
+                           overrides=teacher_overrides(self.teacher_checkpoint, self.teacher_arch))
 
     def for_run(self, tags: Mapping[str, str]) -> GfmParams:
         """This resource with the teacher a run's tags name (``gfm/teacher_file``, ``gfm/teacher_arch``)."""

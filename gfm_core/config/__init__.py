@@ -11,7 +11,7 @@ holds the whole file, its presets and the loaders.
 from gfm_core.config.base import Section
 from gfm_core.config.data import DemoDataCfg, IngestCfg, ValidateCfg
 from gfm_core.config.downstream import BackboneSpec, EvaluateCfg, FinetuneCfg, TaskCfg, TaskLayout, derive_models
-from gfm_core.config.params import Params, load_params, parse_params
+from gfm_core.config.params import Params, load_params, parse_params, teacher_overrides
 from gfm_core.config.pretrain import PretrainCfg, StudentCfg, TeacherCfg
 from gfm_core.config.registry import PromoteCfg, RetrainCfg, TrackingCfg
 from gfm_core.config.science import EvalSetCfg, ScienceCfg
@@ -38,4 +38,5 @@ __all__ = [
     "derive_models",
     "load_params",
     "parse_params",
+    "teacher_overrides",
 ]

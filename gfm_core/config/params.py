@@ -150,8 +150,13 @@ def _preset_overrides(presets: dict[str, Any], name: str, source: str, seen: tup
     return _deep_merge(_preset_overrides(presets, base, source, (*seen, name)), overrides)
 
 
-def parse_params(raw: dict[str, Any], *, source: str = "params", preset: str | None = None) -> Params:
-    """Validate a raw mapping, applying ``preset`` (or the mapping's own ``preset`` key)."""
+def parse_params(raw: dict[str, Any], *, source: str = "params", preset: str | None = None,
+                 overrides: dict[str, Any] | None = None) -> Params:
+    """Validate a raw mapping, applying ``preset`` (or the mapping's own ``preset`` key), then ``overrides``.
+
+    ``overrides`` are params data too (e.g. :func:`teacher_overrides`), merged before validation, so everything
+    derived from them (the ``imagenet`` model from the teacher) follows.
+    """
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: expected a mapping at the top level, got {type(raw).__name__}")
     name = preset if preset is not None else raw.get("preset")
@@ -162,6 +167,8 @@ def parse_params(raw: dict[str, Any], *, source: str = "params", preset: str | N
             valid = ", ".join(sorted(presets)) or "(none defined)"
             raise ConfigError(f"{source}: preset: unknown preset {name!r}; valid presets: {valid}")
         merged = _deep_merge(raw, _preset_overrides(presets, name, source))
+    if overrides:
+        merged = _deep_merge(merged, overrides)
     merged["preset"] = name or None
     try:
         return Params.model_validate(merged)
@@ -169,8 +176,15 @@ def parse_params(raw: dict[str, Any], *, source: str = "params", preset: str | N
         raise ConfigError(_format_error(source + (f" (preset {name!r})" if name else ""), e)) from None
 
 
-def load_params(path: str | Path = "params.yaml", preset: str | None = None) -> Params:
-    """Load and validate ``params.yaml``; errors name the file, the key and the problem."""
+def teacher_overrides(checkpoint: str | Path | None = None, arch: str | None = None) -> dict[str, Any]:
+    """Overrides that swap the pretraining teacher (a retraining run on a newly released one); {} for none."""
+    teacher = {k: str(v) for k, v in (("checkpoint", checkpoint), ("arch", arch)) if v is not None}
+    return {"pretrain": {"teacher": teacher}} if teacher else {}
+
+
+def load_params(path: str | Path = "params.yaml", preset: str | None = None,
+                overrides: dict[str, Any] | None = None) -> Params:
+    """Load and validate ``params.yaml`` (``preset``, then ``overrides``); errors name the file, key and problem."""
     path = Path(path)
     try:
         raw = yaml.safe_load(path.read_text())
@@ -178,4 +192,4 @@ def load_params(path: str | Path = "params.yaml", preset: str | None = None) -> 
         raise ConfigError(f"{path}: params file not found (pass --params PATH)") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
-    return parse_params(raw or {}, source=str(path), preset=preset)
+    return parse_params(raw or {}, source=str(path), preset=preset, overrides=overrides)

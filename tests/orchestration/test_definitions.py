@@ -63,6 +63,8 @@ def test_resources_swap_teacher_and_tracking(repo_root, tmp_path):
     assert gfm.for_run({}) is gfm
     new = gfm.for_run({"gfm/teacher_file": "/w/t.safetensors", "gfm/teacher_arch": "resnet50"}).load()
     assert new.pretrain.teacher.checkpoint == Path("/w/t.safetensors") and new.pretrain.teacher.arch == "resnet50"
+    # the ImageNet baseline is the teacher in force: it follows the override (params data, validated again)
+    assert (new.model("imagenet").path, new.model("imagenet").arch) == (Path("/w/t.safetensors"), "resnet50")
     assert gfm.load().pretrain.teacher.arch == "tf_efficientnet_lite0"
     server = MlflowTracking(tracking_uri="http://127.0.0.1:5999", experiment="other").apply(gfm.load())
     assert (server.tracking.uri, server.tracking.experiment) == ("http://127.0.0.1:5999", "other")
