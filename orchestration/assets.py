@@ -63,6 +63,7 @@ def _track(metrics: dict[str, Any] | None = None, files: dict[str, Any] | None =
 @dg.asset(group_name="data", kinds={"python"},
           description="Embedded demo GeoPile, tasks and ImageNet teacher from real imagery")
 def demo_data(context: dg.AssetExecutionContext, gfm: GfmParams, mlflow: MlflowTracking) -> dg.MaterializeResult:
+    """Build the demo data (:func:`gfm_core.stages.run_demo_data`); report what it holds."""
     with stage_errors():
         params = mlflow.apply(gfm.load())
         with mlflow.stage(context, params, "demo_data", params.demo_data) as run_id:
@@ -82,6 +83,7 @@ def demo_data(context: dg.AssetExecutionContext, gfm: GfmParams, mlflow: MlflowT
           description="GeoPile manifest (ingest): every image read once, bad files quarantined, normalisation stats")
 def geopile_manifest(context: dg.AssetExecutionContext, gfm: GfmParams,
                      mlflow: MlflowTracking) -> dg.MaterializeResult:
+    """Ingest the pile (:func:`gfm_core.stages.run_ingest`); the data version is the manifest's content hash."""
     with stage_errors():
         params = mlflow.apply(gfm.load())
         with mlflow.stage(context, params, "ingest", params.ingest) as run_id:
@@ -107,6 +109,7 @@ def geopile_manifest(context: dg.AssetExecutionContext, gfm: GfmParams,
                 description="great-expectations suite on the manifest (validate); failing blocks everything below")
 def great_expectations_suite(context: dg.AssetCheckExecutionContext, gfm: GfmParams,
                              mlflow: MlflowTracking) -> dg.AssetCheckResult:
+    """Validate the manifest (:func:`gfm_core.stages.run_validate`); a failure blocks every asset below."""
     with stage_errors():
         params = mlflow.apply(gfm.load())
         with mlflow.stage(context, params, "validate", params.validation) as run_id:
@@ -129,6 +132,7 @@ def great_expectations_suite(context: dg.AssetCheckExecutionContext, gfm: GfmPar
           description="Training shards (uint8 Arrow) of the validated pile")
 def geopile_shards(context: dg.AssetExecutionContext, gfm: GfmParams,
                    mlflow: MlflowTracking) -> dg.MaterializeResult:
+    """Write the training shards (:func:`gfm_core.stages.run_shards`), versioned by the pile's content hash."""
     with stage_errors():
         params = mlflow.apply(gfm.load())
         with mlflow.stage(context, params, "shards", params.ingest) as run_id:
@@ -208,6 +212,7 @@ PRETRAIN_POOL = "gfm_pretrain"
           description="Foundation model: GFM teacher-student continual pretraining (the student backbone)")
 def foundation_model(context: dg.AssetExecutionContext, gfm: GfmParams, mlflow: MlflowTracking,
                      launcher: PretrainLauncher) -> dg.MaterializeResult:
+    """Pretrain the student through the launcher; report the loss curve, pictures and final metrics."""
     res, run_id, params = _pretrain(context, gfm, mlflow, launcher)
     finals = {f"final_{k}": float(v) for k, v in res.summary.items() if isinstance(v, float)}
     teacher = params.pretrain.teacher
@@ -231,6 +236,7 @@ def foundation_model(context: dg.AssetExecutionContext, gfm: GfmParams, mlflow: 
           description="The paper's pretraining ablations (MIM-only, distill-only) at the same budget")
 def ablation_models(context: dg.AssetExecutionContext, gfm: GfmParams, mlflow: MlflowTracking,
                     launcher: PretrainLauncher) -> dg.MaterializeResult:
+    """Pretrain each of ``finetune.ablations`` in turn, one MLflow stage run each."""
     rows = []
     with stage_errors():
         names = gfm.load().finetune.ablations

@@ -105,6 +105,7 @@ def reap_dead_runs(instance: dg.DagsterInstance) -> list[str]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Materialise every asset, one job at a time in stage order; return 1 at the first failed run, else 0."""
     p = argparse.ArgumentParser(prog="python -m orchestration.materialize", description=__doc__.splitlines()[0])
     p.add_argument("--params", default=os.environ.get("GFM_PARAMS", "params.yaml"))
     p.add_argument("--preset", default=os.environ.get("GFM_PRESET"))

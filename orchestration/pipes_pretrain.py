@@ -35,15 +35,18 @@ class PipesReporter:
         self.pipes = pipes
 
     def on_log(self, step: int, metrics: dict[str, float]) -> None:
+        """Send the step's finite metrics as a log line and a custom message."""
         clean = {k: float(v) for k, v in metrics.items() if math.isfinite(v)}
         self.pipes.log.info(f"step {step}: " + ", ".join(f"{k}={v:.4g}" for k, v in clean.items()))
         self.pipes.report_custom_message({"step": step, "metrics": clean})
 
     def on_checkpoint(self, step: int, path: Path) -> None:
+        """Log where the step's checkpoint was written."""
         self.pipes.log.info(f"checkpoint at step {step}: {path}")
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The command line of this module (the launcher passes ``--params`` and the overrides)."""
     p = argparse.ArgumentParser(prog="python -m orchestration.pipes_pretrain", description=__doc__.splitlines()[0])
     p.add_argument("--params", type=Path, default=Path("params.yaml"))
     p.add_argument("--preset", default=None)

@@ -18,6 +18,7 @@ class ScienceConfig(dg.Config):
 @dg.asset(deps=[demo_data], group_name="science", kinds={"pytorch"},
           description="The paper's claims tested at small scale: variants x seeds, dense probes, verdicts")
 def science_report(context: dg.AssetExecutionContext, config: ScienceConfig, gfm: GfmParams) -> dg.MaterializeResult:
+    """Run the science experiment with the ``config.preset`` preset; report the verdicts."""
     from gfm_core.science.experiment import run_science  # torch loads in the run, not with the definitions
 
     with stage_errors():

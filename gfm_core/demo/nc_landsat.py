@@ -113,6 +113,7 @@ class Tile:
 
     @property
     def id(self) -> str:
+        """``"<row>_<col>"`` (zero-padded): the tile's name in file and patch names."""
         return f"{self.row:02d}_{self.col:02d}"
 
     @property
@@ -122,6 +123,7 @@ class Tile:
         return slice(self.row * s, (self.row + 1) * s), slice(self.col * s, (self.col + 1) * s)
 
     def transform(self, scene_transform: Affine) -> Affine:
+        """The tile's geotransform within the scene whose transform is ``scene_transform``."""
         return scene_transform @ Affine.translation(self.col * self.size, self.row * self.size)
 
 
@@ -135,6 +137,7 @@ class TilePlan:
     block_tiles: int
 
     def by_split(self, split: str) -> list[Tile]:
+        """The kept tiles of ``split``, in plan order."""
         return [t for t in self.tiles if t.split == split]
 
     def split_area(self, split: str, shape: tuple[int, int]) -> np.ndarray:

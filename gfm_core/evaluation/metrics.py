@@ -96,14 +96,17 @@ class ClassificationMetrics(TaskMetrics):
         self.acc = MulticlassAccuracy(num_classes=num_classes, average="micro", top_k=1)
 
     def update(self, pred: Tensor, target: Tensor) -> None:
+        """Add a batch; keep whether each sample's top-1 class is right (``correct``)."""
         self.acc.update(pred, target)
         self._add(correct=(pred.argmax(1) == target).to(torch.float64))
 
     def compute(self) -> dict[str, float]:
+        """``{"acc"}``: top-1 accuracy in percent."""
         return {"acc": 100 * float(self.acc.compute())}
 
     @staticmethod
     def from_stats(sel: Mapping[str, np.ndarray]) -> dict[str, float]:
+        """Top-1 accuracy (percent) of the samples in ``sel``."""
         return {"acc": 100 * float(np.mean(sel["correct"]))}
 
 
@@ -119,15 +122,18 @@ class MultilabelMetrics(TaskMetrics):
         self.ap = MultilabelAveragePrecision(num_labels=num_labels, average="micro")
 
     def update(self, pred: Tensor, target: Tensor) -> None:
+        """Add a batch; keep each sample's scores and 0/1 targets (AP does not split into per-sample parts)."""
         target = target.long()
         self.ap.update(pred, target)
         self._add(scores=pred.float(), targets=target)
 
     def compute(self) -> dict[str, float]:
+        """``{"mAP"}``: micro-averaged AP in percent."""
         return {"mAP": 100 * float(self.ap.compute())}
 
     @staticmethod
     def from_stats(sel: Mapping[str, np.ndarray]) -> dict[str, float]:
+        """Micro-averaged AP (percent) of the samples in ``sel``."""
         ap = multilabel_average_precision(
             torch.from_numpy(np.ascontiguousarray(sel["scores"])),
             torch.from_numpy(np.ascontiguousarray(sel["targets"])),
@@ -154,11 +160,13 @@ class SegmentationMetrics(TaskMetrics):
         )
 
     def update(self, pred: Tensor, target: Tensor) -> None:
+        """Add a batch; keep each sample's confusion matrix (``confmat``)."""
         self.miou.update(pred, target)
         self.per_class.update(pred, target)
         self._add(confmat=confusion_matrices(pred, target, self.num_classes, self.ignore_index))
 
     def compute(self) -> dict[str, float]:
+        """``{"mIoU", "iou_<k>"}`` in percent; ``iou_<k>`` only for classes in the targets or predictions."""
         out = {"mIoU": 100 * float(self.miou.compute())}
         union = self.per_sample()["confmat"].sum(0)
         present = (union.sum(0) + union.sum(1)) > 0
@@ -169,6 +177,7 @@ class SegmentationMetrics(TaskMetrics):
 
     @staticmethod
     def from_stats(sel: Mapping[str, np.ndarray]) -> dict[str, float]:
+        """mIoU and per-class IoU (percent) from the summed confusion matrices in ``sel``."""
         cm = sel["confmat"].sum(0).astype(np.float64)
         tp = np.diag(cm)
         union = cm.sum(0) + cm.sum(1) - tp
@@ -202,6 +211,7 @@ class ChangeMetrics(TaskMetrics):
         self.p, self.r, self.f1 = BinaryPrecision(), BinaryRecall(), BinaryF1Score()
 
     def update(self, pred: Tensor, target: Tensor) -> None:
+        """Add a batch; keep each sample's change-pixel ``tp``, ``fp`` and ``fn`` counts."""
         for m in (self.p, self.r, self.f1):
             m.update(pred, target)
         b = pred.shape[0]
@@ -209,6 +219,7 @@ class ChangeMetrics(TaskMetrics):
         self._add(tp=(p & t).sum(1), fp=(p & ~t).sum(1), fn=(~p & t).sum(1))
 
     def compute(self) -> dict[str, float]:
+        """``{"precision", "recall", "F1"}`` of the change class, in percent."""
         return {
             "precision": 100 * float(self.p.compute()),
             "recall": 100 * float(self.r.compute()),
@@ -217,6 +228,7 @@ class ChangeMetrics(TaskMetrics):
 
     @staticmethod
     def from_stats(sel: Mapping[str, np.ndarray]) -> dict[str, float]:
+        """Precision, recall and F1 (percent) from the summed pixel counts in ``sel`` (0 where undefined)."""
         tp, fp, fn = (float(np.sum(sel[k])) for k in ("tp", "fp", "fn"))
         return {
             "precision": 100 * _ratio(tp, tp + fp),
@@ -237,6 +249,7 @@ class SuperResMetrics(TaskMetrics):
         self.ssim = StructuralSimilarityIndexMeasure(data_range=1.0)
 
     def update(self, pred: Tensor, target: Tensor) -> None:
+        """Add a batch; keep each image's ``psnr`` and ``ssim``."""
         pred, target = pred.float(), target.float()
         self.psnr.update(pred, target)
         self.ssim.update(pred, target)
@@ -246,6 +259,7 @@ class SuperResMetrics(TaskMetrics):
         )
 
     def compute(self) -> dict[str, float]:
+        """``{"PSNR", "SSIM"}``: means over the images (PSNR in dB)."""
         return {"PSNR": float(self.psnr.compute()), "SSIM": float(self.ssim.compute())}
 
 

@@ -55,6 +55,7 @@ class FinetuneResult:
         return self.backbone.get("sha256")
 
     def to_json(self) -> dict[str, Any]:
+        """The fields as JSON-ready values (paths as strings)."""
         d = asdict(self)
         for k in ("out_dir", "result_json", "scores"):
             d[k] = str(d[k])
@@ -62,6 +63,7 @@ class FinetuneResult:
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> FinetuneResult:
+        """The result :meth:`to_json` wrote."""
         d = dict(d)
         for k in ("out_dir", "result_json", "scores"):
             d[k] = Path(d[k])

@@ -1,0 +1,1 @@
+"""Backbones (timm student and teacher, local weights only), SimMIM pieces and the task heads."""

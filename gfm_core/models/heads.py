@@ -102,6 +102,7 @@ class FPNDecoder(nn.Module):
         self.fuse = ConvNormAct(dim * len(channels), dim, 1)
 
     def forward(self, feats: Sequence[Tensor]) -> Tensor:
+        """Fuse the levels into one ``[B, dim, h_0, w_0]`` map."""
         lat = [conv(f) for conv, f in zip(self.lateral, feats, strict=True)]
         for i in range(len(lat) - 1, 0, -1):
             lat[i - 1] = lat[i - 1] + F.interpolate(lat[i], size=lat[i - 1].shape[-2:], mode="nearest")
@@ -169,6 +170,7 @@ class ClassificationHead(TaskHead):
         self.fc = nn.Linear(self.channels[-1], num_outputs)
 
     def forward(self, feats: Sequence[Tensor], image: Tensor) -> Tensor:
+        """Logits ``[B, num_outputs]`` from the last level."""
         return self.fc(self.drop(feats[-1].mean(dim=(2, 3))))
 
     def loss(self, out: Tensor, target: Tensor) -> dict[str, Tensor]:
@@ -222,6 +224,7 @@ class SegmentationHead(TaskHead):
         self.classifier = nn.Conv2d(decoder_dim, num_outputs, 1)
 
     def forward(self, feats: Sequence[Tensor], image: Tensor) -> Tensor:
+        """Logits ``[B, K, H, W]`` at ``image``'s size."""
         logits = self.classifier(self.drop(self.decoder(feats)))
         return F.interpolate(logits, size=image.shape[-2:], mode="bilinear", align_corners=False)
 
@@ -291,6 +294,11 @@ class SuperResHead(TaskHead):
         self.shuffle = nn.PixelShuffle(self.stride)
 
     def forward(self, feats: Sequence[Tensor], image: Tensor) -> Tensor:
+        """``image`` plus the predicted residual: ``[B, C, H, W]``, normalised.
+
+        Raises:
+            ConfigError: ``image`` has a different number of bands than the head predicts.
+        """
         if image.shape[1] != self.num_outputs:
             raise ConfigError(
                 f"superres head predicts {self.num_outputs} bands but the input has {image.shape[1]}"
@@ -339,6 +347,11 @@ class TaskModel(nn.Module):
         self.backbone, self.head, self.task = backbone, head, task
 
     def forward(self, image: Tensor) -> Tensor:
+        """The head's output for ``image: [B, C, H, W]`` (a pair ``[B, 2, C, H, W]`` for a siamese head).
+
+        Raises:
+            DataValidationError: ``image`` has the wrong rank, or not the backbone's number of bands.
+        """
         c = self.backbone.in_chans
         if self.head.siamese:
             if image.dim() != 5 or image.shape[1] != 2:

@@ -31,6 +31,7 @@ class Finetune(nn.Module):
         self.target = get_head(self.head).target
 
     def forward(self, batch: Mapping[str, Any]) -> dict[str, Tensor]:
+        """The head's ``{"loss", <parts>}`` on ``batch["image"]`` against the task's target."""
         return self.model.head.loss(self.model(batch["image"]), batch[self.target])
 
     @torch.no_grad()

@@ -117,9 +117,11 @@ class MlflowCallback:
     """``fit`` callback: every logged step's metrics go to the active MLflow run."""
 
     def on_log(self, step: int, metrics: dict[str, float]) -> None:
+        """Log the step's finite metrics."""
         import_mlflow().log_metrics({k: v for k, v in metrics.items() if math.isfinite(v)}, step=step)
 
     def on_checkpoint(self, step: int, path: Path) -> None:
+        """Tag the run with the last checkpoint's path and step."""
         import_mlflow().set_tags({"gfm.last_checkpoint": str(path), "gfm.last_checkpoint_step": str(step)})
 
 

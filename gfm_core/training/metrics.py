@@ -35,15 +35,18 @@ class LogWindow:
         self.restart_clock()
 
     def restart_clock(self) -> None:
+        """Start timing ``images_per_s`` from now (after time that should not count, such as a checkpoint)."""
         self.t0 = time.perf_counter()
 
     def add(self, components: dict[str, float], samples: int) -> None:
+        """Add one micro-batch's loss components and its number of samples."""
         for k, v in components.items():
             self.sums[k] = self.sums.get(k, 0.0) + v
         self.micro += 1
         self.samples += samples
 
     def add_grad_norm(self, norm: float | None) -> None:
+        """Record an optimizer step's grad norm (``None`` off the accumulation boundary, and NaN, are skipped)."""
         if norm is not None and not math.isnan(norm):
             self.grad_norms.append(norm)
 

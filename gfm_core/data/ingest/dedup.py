@@ -40,6 +40,7 @@ def perceptual_hash(image: RasterImage) -> int:
 
 
 def phash_hex(h: int) -> str:
+    """The 16-digit hex form of a perceptual hash (as ``imagehash`` prints it)."""
     return f"{h:016x}"
 
 

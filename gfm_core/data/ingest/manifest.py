@@ -94,12 +94,12 @@ MANIFEST_SCHEMA = pa.schema(
 
 @dataclass(frozen=True)
 class IngestReport:
-    """What :func:`build_manifest` did.
+    r"""What :func:`build_manifest` did.
 
     Attributes:
         manifest_path: the written ``manifest.parquet``.
         quarantine_path: the written ``quarantine.json``.
-        content_hash: sha256 of the manifest's sorted ``path\\tsha256`` lines (the pile's lineage id).
+        content_hash: sha256 of the manifest's sorted ``path\tsha256`` lines (the pile's lineage id).
         candidates: files that matched a source's patterns.
         accepted: rows in the manifest.
         quarantined: entries in the quarantine (files and folders).

@@ -61,6 +61,11 @@ class NormaliseToFloat:
         self._scale = {torch.uint8: 1.0 / (255.0 * self.std), torch.float32: 1.0 / self.std}
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """A new normalised float32 tensor (``x`` is never modified).
+
+        Raises:
+            TypeError: ``x`` is neither uint8 nor float32.
+        """
         scale = self._scale.get(x.dtype)
         if scale is None:
             raise TypeError(f"expected a uint8 or float32 image, got {x.dtype}")

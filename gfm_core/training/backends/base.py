@@ -23,17 +23,34 @@ class Backend(Protocol):
     precision: str
 
     @property
-    def rank(self) -> int: ...  # global rank of this process
+    def rank(self) -> int:
+        """Global rank of this process."""
+        ...
+
     @property
-    def world_size(self) -> int: ...
+    def world_size(self) -> int:
+        """Number of processes (1 without ``torchrun``)."""
+        ...
+
     @property
-    def device(self) -> torch.device: ...
+    def device(self) -> torch.device:
+        """The device this rank trains on."""
+        ...
+
     @property
-    def is_main(self) -> bool: ...  # rank 0: writes files, calls callbacks
+    def is_main(self) -> bool:
+        """Rank 0: writes files, calls callbacks."""
+        ...
+
     @property
-    def module(self) -> nn.Module: ...  # the unwrapped objective
+    def module(self) -> nn.Module:
+        """The unwrapped objective."""
+        ...
+
     @property
-    def optimizer(self) -> torch.optim.Optimizer: ...  # the torch optimizer whose param_groups carry the lr
+    def optimizer(self) -> torch.optim.Optimizer:
+        """The torch optimizer whose ``param_groups`` carry the lr."""
+        ...
 
     def prepare(
         self,
@@ -42,15 +59,41 @@ class Backend(Protocol):
         *,
         grad_accum: int = 1,
         clip_grad: float | None = None,
-    ) -> None: ...
-    def forward(self, batch: Any) -> dict[str, Any]: ...
-    def backward(self, loss: torch.Tensor) -> None: ...
-    def step(self) -> float | None: ...
-    def state_dict(self) -> dict[str, torch.Tensor]: ...
-    def save_checkpoint(self, directory: Path, tag: str, client_state: dict[str, Any]) -> None: ...
-    def load_checkpoint(self, directory: Path, tag: str) -> dict[str, Any]: ...
-    def barrier(self) -> None: ...
-    def all_reduce_mean(self, tensor: torch.Tensor) -> torch.Tensor: ...
+    ) -> None:
+        """Take ``model`` and ``optimizer`` onto the device (and wrap them); call once before training."""
+        ...
+
+    def forward(self, batch: Any) -> dict[str, Any]:
+        """Move ``batch`` to the device and return the objective's ``{"loss", <parts>}``."""
+        ...
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Backpropagate ``loss`` of one micro-batch (scaled for gradient accumulation)."""
+        ...
+
+    def step(self) -> float | None:
+        """Step the optimizer on the accumulation boundary; return the grad norm there, else ``None``."""
+        ...
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The objective's full weights, on the CPU."""
+        ...
+
+    def save_checkpoint(self, directory: Path, tag: str, client_state: dict[str, Any]) -> None:
+        """Write the training state (weights, optimizer, ``client_state``) under ``directory`` as ``tag``."""
+        ...
+
+    def load_checkpoint(self, directory: Path, tag: str) -> dict[str, Any]:
+        """Restore what :meth:`save_checkpoint` wrote as ``tag``; return its ``client_state``."""
+        ...
+
+    def barrier(self) -> None:
+        """Wait for every rank."""
+        ...
+
+    def all_reduce_mean(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Mean of ``tensor`` over ranks, on the CPU."""
+        ...
 
 
 def check_precision(precision: str, device: torch.device) -> None:
@@ -88,18 +131,22 @@ class Distributed:
 
     @property
     def rank(self) -> int:
+        """Global rank of this process (``RANK``)."""
         return self._rank
 
     @property
     def world_size(self) -> int:
+        """Number of processes (``WORLD_SIZE``)."""
         return self._world
 
     @property
     def device(self) -> torch.device:
+        """The device this rank trains on."""
         return self._device
 
     @property
     def is_main(self) -> bool:
+        """Rank 0: writes files, calls callbacks."""
         return self._rank == 0
 
     def barrier(self) -> None:

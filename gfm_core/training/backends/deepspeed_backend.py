@@ -170,10 +170,12 @@ class DeepSpeedBackend(Distributed):
 
     @property
     def module(self) -> nn.Module:
+        """The objective inside the engine (after :meth:`prepare`)."""
         return self.engine.module  # type: ignore[no-any-return]
 
     @property
     def optimizer(self) -> torch.optim.Optimizer:
+        """The torch AdamW the engine steps (after :meth:`prepare`)."""
         if self._optimizer is None:
             raise RuntimeError("DeepSpeedBackend.prepare() has not been called")
         return self._optimizer

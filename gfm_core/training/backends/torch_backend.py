@@ -53,12 +53,14 @@ class TorchBackend(Distributed):
 
     @property
     def module(self) -> nn.Module:
+        """The unwrapped objective (after :meth:`prepare`)."""
         if self._module is None:
             raise RuntimeError("TorchBackend.prepare() has not been called")
         return self._module
 
     @property
     def optimizer(self) -> torch.optim.Optimizer:
+        """The optimizer given to :meth:`prepare`."""
         if self._optimizer is None:
             raise RuntimeError("TorchBackend.prepare() has not been called")
         return self._optimizer
