@@ -47,3 +47,21 @@ def test_gfm_demo_opens_a_run_per_stage_of_the_list(repo_root):
     named = list(dict.fromkeys(name for _, name in calls))  # in source order (the ablations reuse "pretrain")
     assert named == [s.name for s in STAGES]
     assert stage("validate").section == "validation"
+
+
+def test_dvc_deps_cover_the_code_each_stage_runs(repo_root):
+    """A change to any module a stage imports (even inside a function) invalidates that stage's DVC cache."""
+    from gfm_core import stages
+    from tests.helpers.house import closure, import_graph, modules
+
+    mods = modules(repo_root)
+    graph = import_graph(mods)
+    spec = yaml.safe_load((repo_root / "dvc.yaml").read_text())["stages"]
+    for s in STAGES:
+        if not s.dvc:
+            continue
+        deps = [d.rstrip("/") for d in spec[s.name].get("do", spec[s.name])["deps"]]
+        entry = f"gfm_core.stages.{stages._HOMES[f'run_{s.name}']}"
+        files = sorted(str(mods[m].path.relative_to(repo_root)) for m in closure(graph, entry))
+        uncovered = [f for f in files if not any(f == d or f.startswith(d + "/") for d in deps)]
+        assert uncovered == [], f"dvc.yaml stage {s.name}: add deps for {uncovered}"

@@ -117,3 +117,18 @@ def long_functions(mods: dict[str, Module], limit: int) -> list[tuple[str, int]]
                 if n > limit:
                     out.append((f"{name}.{node.name}", n))
     return out
+
+
+def closure(graph: dict[str, set[str]], start: str) -> set[str]:
+    """Every module importing ``start`` runs: its imports, transitively, with the packages above each (their
+    ``__init__`` runs first)."""
+    seen: set[str] = set()
+    todo = [start]
+    while todo:
+        name = todo.pop()
+        if name in seen or name not in graph:
+            continue
+        seen.add(name)
+        parents = [name.rsplit(".", k)[0] for k in range(1, name.count(".") + 1)]
+        todo.extend([*graph[name], *parents])
+    return seen
