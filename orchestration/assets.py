@@ -66,7 +66,7 @@ def demo_data(context: dg.AssetExecutionContext, gfm: GfmParams, mlflow: MlflowT
     """Build the demo data (:func:`gfm_core.stages.run_demo_data`); report what it holds."""
     with stage_errors():
         params = mlflow.apply(gfm.load())
-        with mlflow.stage(context, params, "demo_data", params.demo_data) as run_id:
+        with mlflow.stage(context, params, "demo_data") as run_id:
             res = stages.run_demo_data(params)
             _track(res.tracked_metrics(), res.tracked_files())
     return dg.MaterializeResult(metadata={
@@ -86,7 +86,7 @@ def geopile_manifest(context: dg.AssetExecutionContext, gfm: GfmParams,
     """Ingest the pile (:func:`gfm_core.stages.run_ingest`); the data version is the manifest's content hash."""
     with stage_errors():
         params = mlflow.apply(gfm.load())
-        with mlflow.stage(context, params, "ingest", params.ingest) as run_id:
+        with mlflow.stage(context, params, "ingest") as run_id:
             res = stages.run_ingest(params, progress=False)
             _track(res.tracked_metrics(), res.tracked_files())
     return dg.MaterializeResult(
@@ -112,7 +112,7 @@ def great_expectations_suite(context: dg.AssetCheckExecutionContext, gfm: GfmPar
     """Validate the manifest (:func:`gfm_core.stages.run_validate`); a failure blocks every asset below."""
     with stage_errors():
         params = mlflow.apply(gfm.load())
-        with mlflow.stage(context, params, "validate", params.validation) as run_id:
+        with mlflow.stage(context, params, "validate") as run_id:
             res = stages.run_validate(params)
             _track(res.tracked_metrics(), res.tracked_files())
     return dg.AssetCheckResult(
@@ -135,7 +135,7 @@ def geopile_shards(context: dg.AssetExecutionContext, gfm: GfmParams,
     """Write the training shards (:func:`gfm_core.stages.run_shards`), versioned by the pile's content hash."""
     with stage_errors():
         params = mlflow.apply(gfm.load())
-        with mlflow.stage(context, params, "shards", params.ingest) as run_id:
+        with mlflow.stage(context, params, "shards") as run_id:
             res = stages.run_shards(params, progress=False)
             _track(res.tracked_metrics(), res.tracked_files())
     return dg.MaterializeResult(
@@ -179,7 +179,7 @@ def _pretrain(context: dg.AssetExecutionContext, gfm: GfmParams, mlflow: MlflowT
         params = mlflow.apply(gfm.load())
         section = params.pretrain.ablation(ablation) if ablation else params.pretrain
         name = f"pretrain_{ablation}" if ablation else "pretrain"
-        with mlflow.stage(context, params, name, section) as run_id:
+        with mlflow.stage(context, params, "pretrain", name, section) as run_id:
             res = launcher.pretrain(context, gfm, ablation, mlflow_run_id=run_id, params=params)
             _log_start(context, res.summary)
             _track(files=pretrain_artifacts(section.out_dir))
@@ -267,7 +267,7 @@ def build_downstream_assets(params: Params) -> list[Any]:
         task = context.partition_key
         with stage_errors():
             params = mlflow.apply(gfm.load())
-            with mlflow.stage(context, params, f"finetune_{task}", params.finetune) as run_id:
+            with mlflow.stage(context, params, "finetune", f"finetune_{task}") as run_id:
                 runs = stages.run_finetune(params, tasks=[task])
                 if run_id is not None:
                     from gfm_core.stages.finetune import log_runs  # torch: loaded when the asset runs
@@ -283,7 +283,7 @@ def build_downstream_assets(params: Params) -> list[Any]:
                           mlflow: MlflowTracking) -> dg.MaterializeResult:
         with stage_errors():
             params = mlflow.apply(gfm.load())
-            with mlflow.stage(context, params, "evaluate", params.evaluate) as run_id:
+            with mlflow.stage(context, params, "evaluate") as run_id:
                 report = stages.run_evaluate(params)
                 _track(report.tracked_metrics(), report.tracked_files())
         cis = [{"model": m, "task": t, "diff": c.diff, "lo": c.lo, "hi": c.hi} for m, d in report.ci.items()
@@ -305,7 +305,7 @@ def build_downstream_assets(params: Params) -> list[Any]:
                        mlflow: MlflowTracking) -> dg.MaterializeResult:
         with stage_errors():
             params = mlflow.apply(gfm.load())
-            with mlflow.stage(context, params, "promote", params.promote):
+            with mlflow.stage(context, params, "promote"):
                 res = stages.run_promote(params, tags={"gfm.dagster_run_id": context.run.run_id})
                 _track(res.tracked_metrics(), res.tracked_files())
         from gfm_core import tracking

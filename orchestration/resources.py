@@ -81,13 +81,15 @@ class MlflowTracking(dg.ConfigurableResource):
     @contextlib.contextmanager
     def stage(
         self, context: dg.AssetExecutionContext | dg.AssetCheckExecutionContext, params: Params, name: str,
-        section: Any = None,
+        run_name: str | None = None, section: Any = None,
     ) -> Iterator[str | None]:
-        """The Dagster run's parent MLflow run and, nested in it, the stage run ``name`` recording ``section``
-        (the names of :data:`gfm_core.stages.STAGES`, as ``gfm demo`` uses them); yields the stage run id.
+        """The Dagster run's parent MLflow run and, nested in it, the run of stage ``name`` (a name of
+        :data:`gfm_core.stages.STAGES`; ``run_name`` for a partition or an ablation) recording its params section
+        (or ``section``), as ``gfm demo`` names them; yields the stage run id.
 
         Yields None when ``tracking.enabled`` is false.
         """
+        section = section if section is not None else getattr(params, stages.stage(name).section)
         if not params.tracking.enabled:
             yield None
             return
@@ -105,7 +107,7 @@ class MlflowTracking(dg.ConfigurableResource):
             if context.has_partition_key:
                 stage_tags["dagster.partition"] = context.partition_key
             dump = section.model_dump(mode="json") if hasattr(section, "model_dump") else dict(section or {})
-            with tracking.stage_run(name, dump, stage_tags) as stage_run_id:
+            with tracking.stage_run(run_name or name, dump, stage_tags) as stage_run_id:
                 yield stage_run_id
 
     def links(self, run_id: str | None) -> dict[str, Any]:

@@ -46,6 +46,11 @@ def test_gfm_demo_opens_a_run_per_stage_of_the_list(repo_root):
                    and getattr(c.func, "id", "") == "_tracked" and isinstance(c.args[1], ast.Constant))
     named = list(dict.fromkeys(name for _, name in calls))  # in source order (the ablations reuse "pretrain")
     assert named == [s.name for s in STAGES]
+    # the Dagster assets name their MLflow runs through the same list (MlflowTracking.stage looks names up)
+    tree = ast.parse((repo_root / "orchestration" / "assets.py").read_text())
+    calls = sorted((c.lineno, c.args[2].value) for c in ast.walk(tree) if isinstance(c, ast.Call)
+                   and getattr(c.func, "attr", "") == "stage" and isinstance(c.args[2], ast.Constant))
+    assert list(dict.fromkeys(name for _, name in calls)) == [s.name for s in STAGES]
     assert stage("validate").section == "validation"
 
 
