@@ -4,18 +4,24 @@ config section and the per-epoch data loader over this rank's share of a seeded 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from torch.utils.data import DataLoader, Dataset
+
+if TYPE_CHECKING:  # the backends load only when one is made
+    from gfm_core.training.backends import Precision
 
 
 class RunSection(Protocol):
     """What a config section (``pretrain``, ``finetune``) says about how its runs execute."""
 
-    backend: str
-    precision: str
-    zero_stage: int
+    @property
+    def backend(self) -> str: ...
+    @property
+    def precision(self) -> Precision: ...
+    @property
+    def zero_stage(self) -> int: ...
 
 
 def make_backend(cfg: RunSection, device: str, micro_batch: int) -> Any:
