@@ -24,17 +24,12 @@ from torch import Tensor, nn
 
 from gfm_core.config import StudentCfg, TeacherCfg
 from gfm_core.errors import ConfigError
-from gfm_core.models.weights import check_arch, load_timm_weights
+from gfm_core.models.weights import check_arch, load_timm_weights, pretrained_cfg
 
 
 def is_swin(model: nn.Module) -> TypeGuard[SwinTransformer]:
     """True for timm's (v1) ``SwinTransformer``, whose stage features include the following patch merging."""
     return isinstance(model, SwinTransformer)
-
-
-def pretrained_cfg(model: nn.Module) -> dict[str, Any]:
-    """``model.pretrained_cfg``: the dict timm sets on every model it builds (typed; torch types it as a module)."""
-    return cast(dict[str, Any], model.pretrained_cfg)
 
 
 def swin_stages(model: SwinTransformer) -> Sequence[SwinTransformerStage]:

@@ -16,7 +16,8 @@ from timm.models.swin_transformer import SwinTransformer, SwinTransformerBlock, 
 from torch import Tensor, nn
 
 from gfm_core.errors import ConfigError
-from gfm_core.models.backbones import is_swin, pretrained_cfg, swin_stages
+from gfm_core.models.backbones import is_swin, swin_stages
+from gfm_core.models.weights import pretrained_cfg
 
 
 def _patch_embed(encoder: SwinTransformer) -> PatchEmbed:
