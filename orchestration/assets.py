@@ -42,7 +42,7 @@ def _image(key: str, path: Path, max_bytes: int = 1 << 20) -> dict[str, dg.Metad
     """A PNG as metadata: its path, and the picture itself (inline markdown) when it is small enough."""
     if not path.is_file():
         return {}
-    out = {key: dg.MetadataValue.path(str(path))}
+    out: dict[str, dg.MetadataValue] = {key: dg.MetadataValue.path(str(path))}
     if path.stat().st_size <= max_bytes:
         data = base64.b64encode(path.read_bytes()).decode()
         out[f"{key}_image"] = dg.MetadataValue.md(f"![{key}](data:image/png;base64,{data})")

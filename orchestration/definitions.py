@@ -8,7 +8,7 @@ own), ``GFM_LAUNCHER`` (``in_process`` | ``subprocess`` | ``torchrun`` | ``deeps
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, cast
 
 import dagster as dg
 
@@ -30,7 +30,7 @@ from orchestration.sensors import build_retrain_schedule, build_teacher_sensor
 
 def default_resources(params_path: str = "params.yaml", preset: str | None = None) -> dict[str, Any]:
     """The resources of the embedded default: params file, MLflow from params, launcher from the environment."""
-    launcher = PretrainLauncher(mode=os.environ.get("GFM_LAUNCHER", "in_process"),
+    launcher = PretrainLauncher(mode=cast(Any, os.environ.get("GFM_LAUNCHER", "in_process")),  # pydantic checks it
                                 nproc_per_node=int(os.environ.get("GFM_NPROC", "1")))
     return {"gfm": GfmParams(params_path=params_path, preset=preset), "mlflow": MlflowTracking(),
             "launcher": launcher}

@@ -48,7 +48,11 @@ def _run(defs: dg.Definitions, job: str, instance: dg.DagsterInstance, tags: dic
     if not res.success:
         for event in res.get_step_failure_events():
             data = event.step_failure_data
-            why = data.user_failure_data.description if data.user_failure_data else data.error.message
+            if data.user_failure_data:
+                why = data.user_failure_data.description
+            else:
+                assert data.error is not None  # dagster records the error of a step that raised
+                why = data.error.message
             print(f"[dagster] {label}: {event.step_key} failed: {why}", file=sys.stderr)
         return False
     for check in res.get_asset_check_evaluations():
@@ -60,6 +64,7 @@ def _run(defs: dg.Definitions, job: str, instance: dg.DagsterInstance, tags: dic
                 return False
     for mat in res.get_asset_materialization_events():
         meta = mat.materialization.metadata
+        assert mat.asset_key is not None  # a materialization event names its asset
         key = mat.asset_key.to_user_string()
         if key == "evaluation_report":
             arps = {k.removeprefix("arp_"): v.value for k, v in meta.items() if k.startswith("arp_")}
@@ -116,9 +121,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     instance = dg.DagsterInstance.get() if os.environ.get("DAGSTER_HOME") else dg.DagsterInstance.ephemeral()
     reap_dead_runs(instance)
     tags = {PIPELINE_TAG: uuid.uuid4().hex}
-    runs = [("gfm_foundation", None, DATA), ("observe_teacher", None, None), ("gfm_foundation", None, MODELS)]
-    runs += [("gfm_finetune", k, None)
-             for k in defs.resolve_job_def("gfm_finetune").partitions_def.get_partition_keys()]
+    runs: list[tuple[str, str | None, Sequence[str] | None]] = [
+        ("gfm_foundation", None, DATA), ("observe_teacher", None, None), ("gfm_foundation", None, MODELS)]
+    finetune_partitions = defs.resolve_job_def("gfm_finetune").partitions_def
+    assert finetune_partitions is not None  # gfm_finetune is partitioned by task
+    runs += [("gfm_finetune", k, None) for k in finetune_partitions.get_partition_keys()]
     runs += [("gfm_evaluate_and_promote", None, None)]
     for job, partition, assets in runs:
         if not _run(defs, job, instance, tags, args.log_level, partition, assets):

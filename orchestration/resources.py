@@ -101,9 +101,9 @@ class MlflowTracking(dg.ConfigurableResource):
         key = context.run.tags.get(PIPELINE_TAG)
         title = f"dagster pipeline {key[:8]}" if key else f"dagster {job} {run_id[:8]}"
         with tracking.pipeline_run(key or run_id, title, {} if key else tags):
-            key = (context.check_specs[0].asset_key if isinstance(context, dg.AssetCheckExecutionContext)
-                   else context.asset_key)
-            stage_tags = {**tags, "dagster.asset": key.to_user_string()}
+            asset_key = (context.check_specs[0].asset_key if isinstance(context, dg.AssetCheckExecutionContext)
+                         else context.asset_key)
+            stage_tags = {**tags, "dagster.asset": asset_key.to_user_string()}
             if context.has_partition_key:
                 stage_tags["dagster.partition"] = context.partition_key
             dump = section.model_dump(mode="json") if hasattr(section, "model_dump") else dict(section or {})

@@ -28,7 +28,7 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import rasterio
@@ -127,7 +127,9 @@ def landsat8_rasters(folder: Path) -> list[Raster]:
                 bands.append(src.read(1))
                 crs, transform = src.crs, src.transform
         arr = np.stack(bands)
-        out.append(Raster(f"LC08_{row}_rgb", f"p224r{row[-2:]}", arr, (arr > 0).all(0), crs, transform, 0, 30.0))
+        assert transform is not None  # set by every band read above
+        valid = cast(np.ndarray, (arr > 0).all(0))
+        out.append(Raster(f"LC08_{row}_rgb", f"p224r{row[-2:]}", arr, valid, crs, transform, 0, 30.0))
     north, south = out
     overlap = north.transform.f - np.arange(north.valid.shape[0]) * 30.0 - 15.0 <= south.transform.f
     out[0] = replace(north, valid=north.valid & ~overlap[:, None])  # row 77's rows that row 78 also covers
@@ -162,7 +164,7 @@ def area_average(r: Raster, factor: int, subdir: str | None = None) -> Raster:
     c, h, w = r.array.shape
     hh, ww = h // factor, w // factor
     blocks = r.array[:, : hh * factor, : ww * factor].reshape(c, hh, factor, ww, factor)
-    valid = r.valid[: hh * factor, : ww * factor].reshape(hh, factor, ww, factor).all(axis=(1, 3))
+    valid = cast(np.ndarray, r.valid[: hh * factor, : ww * factor].reshape(hh, factor, ww, factor).all(axis=(1, 3)))
     mean = blocks.astype(np.float64).mean(axis=(2, 4))
     if np.issubdtype(r.array.dtype, np.integer):
         mean = np.rint(mean)
@@ -190,7 +192,8 @@ def write_chips(source: str, rasters: list[Raster], out: Path, cfg: DemoDataCfg)
     """Cut every raster into chips (:func:`chip_windows`) and write the mostly valid ones as GeoTIFFs."""
     subdirs: dict[str, int] = {}
     for r in rasters:
-        for row, col, h, w in chip_windows(*r.valid.shape, cfg.pile_chip_size):
+        shape = cast(tuple[int, int], r.valid.shape)  # valid is [H, W]
+        for row, col, h, w in chip_windows(*shape, cfg.pile_chip_size):
             if min(h, w) < cfg.pile_min_chip or r.valid[row : row + h, col : col + w].mean() < PILE_MIN_VALID:
                 continue
             chip = r.array[:, row : row + h, col : col + w]

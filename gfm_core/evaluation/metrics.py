@@ -22,7 +22,8 @@ image, then averaged (SSIM: Gaussian window 11, sigma 1.5).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from typing import cast
 
 import numpy as np
 import torch
@@ -255,12 +256,12 @@ class SuperResMetrics(TaskMetrics):
         self.ssim.update(pred, target)
         self._add(
             psnr=peak_signal_noise_ratio(pred, target, data_range=1.0, dim=(1, 2, 3), reduction="none"),
-            ssim=structural_similarity_index_measure(pred, target, data_range=1.0, reduction="none"),
+            ssim=cast(Tensor, structural_similarity_index_measure(pred, target, data_range=1.0, reduction="none")),
         )
 
     def compute(self) -> dict[str, float]:
         """``{"PSNR", "SSIM"}``: means over the images (PSNR in dB)."""
-        return {"PSNR": float(self.psnr.compute()), "SSIM": float(self.ssim.compute())}
+        return {"PSNR": float(self.psnr.compute()), "SSIM": float(cast(Tensor, self.ssim.compute()))}
 
 
 def build_metrics(head: str, num_outputs: int, ignore_index: int | None = 255) -> TaskMetrics:
@@ -269,7 +270,8 @@ def build_metrics(head: str, num_outputs: int, ignore_index: int | None = 255) -
     Raises:
         ConfigError: unknown head (the message lists the valid ones).
     """
-    return METRICS.get(head)(num_outputs, ignore_index)
+    metrics: Callable[[int, int | None], TaskMetrics] = METRICS.get(head)  # subclasses take these two
+    return metrics(num_outputs, ignore_index)
 
 
 def _ratio(num: float, den: float) -> float:

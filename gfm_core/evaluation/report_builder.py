@@ -206,9 +206,9 @@ def _check_same_backbone(by_key: ByKey, pooled: Mapping[str, Sequence[str]]) -> 
     for model, by_sha in groups.items():
         if len(by_sha) > 1:
             lines = []
-            for sha, runs in by_sha.items():
+            for sha, sha_runs in by_sha.items():
                 name = f"sha256 {sha}" if sha else "unrecorded backbone (written before backbone hashes)"
-                files = ", ".join(str(r.source or f"{r.task}/{r.model}/seed_{r.seed}") for r in runs)
+                files = ", ".join(str(r.source or f"{r.task}/{r.model}/seed_{r.seed}") for r in sha_runs)
                 lines.append(f"  {name}: {files}")
             raise DataValidationError(
                 f"model {model}: its fine-tuning results started from different backbone bytes, so they "

@@ -14,22 +14,27 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard, cast
 
 import timm
 import torch
 import torch.nn.functional as F
-from timm.models.swin_transformer import SwinTransformer
+from timm.models.swin_transformer import SwinTransformer, SwinTransformerStage
 from torch import Tensor, nn
 
 from gfm_core.config import StudentCfg, TeacherCfg
 from gfm_core.errors import ConfigError
-from gfm_core.models.weights import check_arch, load_timm_weights
+from gfm_core.models.weights import check_arch, load_timm_weights, pretrained_cfg
 
 
-def is_swin(model: nn.Module) -> bool:
+def is_swin(model: nn.Module) -> TypeGuard[SwinTransformer]:
     """True for timm's (v1) ``SwinTransformer``, whose stage features include the following patch merging."""
     return isinstance(model, SwinTransformer)
+
+
+def swin_stages(model: SwinTransformer) -> Sequence[SwinTransformerStage]:
+    """``model.layers`` (an ``nn.Sequential`` of stages), typed as the sequence of stages it holds."""
+    return cast(Sequence[SwinTransformerStage], model.layers)
 
 
 def create_student(cfg: StudentCfg) -> nn.Module:
@@ -148,7 +153,7 @@ def set_fused_attention(model: nn.Module, enabled: bool = True) -> int:
     switched = 0
     for module in model.modules():
         if isinstance(getattr(module, "fused_attn", None), bool):
-            module.fused_attn = bool(enabled)
+            cast(Any, module).fused_attn = bool(enabled)
             switched += 1
     return switched
 
@@ -181,7 +186,7 @@ def create_teacher(cfg: TeacherCfg, **overrides: Any) -> FrozenTeacher:
     model = load_timm_weights(
         cfg.arch, cfg.checkpoint, field="teacher.checkpoint", arch_field="teacher.arch", **kwargs
     )
-    pcfg = model.pretrained_cfg
+    pcfg = pretrained_cfg(model)
     if cfg.img_size is not None:
         input_size = (cfg.img_size, cfg.img_size)
     else:
@@ -201,7 +206,7 @@ def stage_map(model: nn.Module, x: Tensor, stage: int) -> Tensor:
         ConfigError: stage out of range, or a model without ``forward_intermediates``.
     """
     if is_swin(model):
-        layers = model.layers
+        layers = swin_stages(model)
         _check_stage(stage, len(layers), type(model).__name__)
         t = model.patch_embed(x)  # NHWC
         for i in range(stage):
@@ -216,7 +221,7 @@ def stage_map(model: nn.Module, x: Tensor, stage: int) -> Tensor:
     num_stages = len(getattr(model, "feature_info", []) or []) or None
     if num_stages is not None:
         _check_stage(stage, num_stages, type(model).__name__)
-    (out,) = model.forward_intermediates(x, indices=[stage - 1], intermediates_only=True)
+    (out,) = cast(Any, model).forward_intermediates(x, indices=[stage - 1], intermediates_only=True)
     if out.dim() != 4:
         raise ConfigError(
             f"{type(model).__name__} stage {stage}: expected an NCHW map, got {tuple(out.shape)}"
@@ -240,7 +245,7 @@ def feature_dim(model: nn.Module, stage: int, img_size: int | tuple[int, int]) -
     """Channels of :func:`stage_features`, found by one no-grad forward of a zero image in eval mode."""
     size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
     param = next(model.parameters())
-    in_chans = int(getattr(model, "in_chans", None) or model.pretrained_cfg.get("input_size", (3,))[0])
+    in_chans = int(getattr(model, "in_chans", None) or pretrained_cfg(model).get("input_size", (3,))[0])
     was_training = model.training
     model.eval()
     try:
@@ -281,7 +286,7 @@ def teacher_inputs(
     if tuple(x.shape[-2:]) != tuple(size):
         x = F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=True)
     if tuple(src_mean) != tuple(dst_mean) or tuple(src_std) != tuple(dst_std):
-        kw = dict(device=x.device, dtype=x.dtype)
+        kw: dict[str, Any] = dict(device=x.device, dtype=x.dtype)
         s_mean = torch.tensor(src_mean, **kw).view(1, -1, 1, 1)
         s_std = torch.tensor(src_std, **kw).view(1, -1, 1, 1)
         d_mean = torch.tensor(dst_mean, **kw).view(1, -1, 1, 1)

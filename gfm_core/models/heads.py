@@ -23,8 +23,8 @@ Each head also owns its objective (``loss(out, target) -> {"loss", <parts>}``) a
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -58,7 +58,7 @@ class FeatureAdapter(nn.Module):
         if not indices:
             raise ConfigError(f"{type(model).__name__}: no feature level with a stride >= {min_reduction}")
         if hasattr(model, "prune_intermediate_layers"):
-            model.prune_intermediate_layers(indices, prune_norm=False, prune_head=True)
+            cast(Any, model).prune_intermediate_layers(indices, prune_norm=False, prune_head=True)
         self.model = model
         self.indices = indices
         self.channels = [int(info[i]["num_chs"]) for i in indices]
@@ -67,7 +67,7 @@ class FeatureAdapter(nn.Module):
 
     def forward(self, x: Tensor) -> list[Tensor]:
         """``x: [B, C, H, W]`` -> one ``[B, C_i, H / r_i, W / r_i]`` map per level (timm pads odd grids)."""
-        feats = self.model.forward_intermediates(
+        feats = cast(Any, self.model).forward_intermediates(
             x, indices=self.indices, norm=True, stop_early=True, intermediates_only=True
         )
         return list(feats)
@@ -271,6 +271,8 @@ class SuperResHead(TaskHead):
     """
 
     head = "superres"
+    mean: Tensor
+    std: Tensor
 
     def __init__(
         self,
@@ -290,6 +292,7 @@ class SuperResHead(TaskHead):
         self.decoder = FPNDecoder(self.channels, decoder_dim)
         self.to_pixels = nn.Conv2d(decoder_dim, num_outputs * self.stride**2, 3, padding=1)
         nn.init.zeros_(self.to_pixels.weight)  # start as the identity (the upsampled input)
+        assert self.to_pixels.bias is not None  # nn.Conv2d(bias=True)
         nn.init.zeros_(self.to_pixels.bias)
         self.shuffle = nn.PixelShuffle(self.stride)
 
@@ -382,7 +385,7 @@ def build_task_model(
     Raises:
         ConfigError: unknown task, or a backbone without timm's intermediate-feature API.
     """
-    cls = head_class(task)
+    cls: Callable[..., TaskHead] = head_class(task)  # every registered head takes the head kwargs
     adapter = backbone if isinstance(backbone, FeatureAdapter) else FeatureAdapter(backbone)
     head = cls(adapter.channels, adapter.reductions, num_outputs, decoder_dim=decoder_dim, **head_kwargs)
     return TaskModel(adapter, head, task)

@@ -92,7 +92,9 @@ def export_efficientnet_lite0(path: str | Path) -> Path:
 
     state = load_efficientnet_lite0_state_dict()
     source = source_weights_path()
-    pcfg = timm.models.get_pretrained_cfg(ARCH).to_dict()
+    arch_cfg = timm.models.get_pretrained_cfg(ARCH)
+    assert arch_cfg is not None  # ARCH is one of timm's registered models
+    pcfg = arch_cfg.to_dict()
     meta = {
         "arch": ARCH,
         "source_package": PINS[PACKAGE],

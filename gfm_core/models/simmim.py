@@ -7,36 +7,48 @@ NCHW map for the convolutional decoder.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import torch
-from timm.layers import trunc_normal_
+from timm.layers import PatchEmbed, trunc_normal_
 from timm.models import checkpoint_seq
+from timm.models.swin_transformer import SwinTransformer, SwinTransformerBlock, SwinTransformerStage
 from torch import Tensor, nn
 
 from gfm_core.errors import ConfigError
-from gfm_core.models.backbones import is_swin
+from gfm_core.models.backbones import is_swin, swin_stages
+from gfm_core.models.weights import pretrained_cfg
 
 
-def swin_timm_kwargs(encoder: nn.Module) -> dict[str, Any]:
+def _patch_embed(encoder: SwinTransformer) -> PatchEmbed:
+    """``encoder.patch_embed``, typed (timm types it as a plain ``nn.Module``)."""
+    return cast(PatchEmbed, encoder.patch_embed)
+
+
+def _first_block(stage: SwinTransformerStage) -> SwinTransformerBlock:
+    return cast(SwinTransformerBlock, stage.blocks[0])
+
+
+def swin_timm_kwargs(encoder: SwinTransformer) -> dict[str, Any]:
     """Geometry kwargs that rebuild ``encoder`` with ``timm.create_model(arch, **kwargs)`` (headless)."""
-    pe = encoder.patch_embed
+    pe = _patch_embed(encoder)
+    stages = swin_stages(encoder)
     img = tuple(int(v) for v in pe.img_size)
     patch = tuple(int(v) for v in pe.patch_size)
-    window = encoder.layers[0].blocks[0].window_size
+    window = _first_block(stages[0]).window_size
     return dict(
         img_size=img[0] if img[0] == img[1] else img,
         patch_size=patch[0] if patch[0] == patch[1] else patch,
         in_chans=int(pe.proj.in_channels),
         embed_dim=int(pe.proj.out_channels),
-        depths=tuple(len(layer.blocks) for layer in encoder.layers),
-        num_heads=tuple(int(layer.blocks[0].attn.num_heads) for layer in encoder.layers),
+        depths=tuple(len(layer.blocks) for layer in stages),
+        num_heads=tuple(int(_first_block(layer).attn.num_heads) for layer in stages),
         window_size=int(window[0]) if window[0] == window[1] else tuple(window),
         num_classes=0,
     )
 
 
-def _run_blocks(stage: nn.Module, x: Tensor) -> Tensor:
+def _run_blocks(stage: SwinTransformerStage, x: Tensor) -> Tensor:
     """Run a timm ``SwinTransformerStage``'s blocks without its leading downsample (honours checkpointing)."""
     if getattr(stage, "grad_checkpointing", False) and not torch.jit.is_scripting():
         return checkpoint_seq(stage.blocks, x)
@@ -68,46 +80,46 @@ class MaskedSwin(nn.Module):
             raise ConfigError(
                 f"MaskedSwin needs a timm SwinTransformer (student.arch swin_*), got {type(encoder).__name__}"
             )
-        num_stages = len(encoder.layers)
+        num_stages = len(swin_stages(encoder))
         if not 1 <= feature_stage <= num_stages:
             raise ConfigError(f"feature_stage {feature_stage} is out of range for a {num_stages}-stage Swin")
-        self.encoder = encoder
+        self.encoder: SwinTransformer = encoder
         self.feature_stage = feature_stage
-        self.embed_dim = int(encoder.patch_embed.proj.out_channels)
+        self.embed_dim = int(_patch_embed(encoder).proj.out_channels)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, 1, self.embed_dim))
         trunc_normal_(self.mask_token, std=0.02)
-        self.arch = arch or encoder.pretrained_cfg["architecture"]
+        self.arch: str = arch or pretrained_cfg(encoder)["architecture"]
         self.timm_kwargs = dict(timm_kwargs) if timm_kwargs is not None else swin_timm_kwargs(encoder)
 
     @property
     def patch_size(self) -> int:
         """Pixels per token edge (the mask's token -> pixel factor)."""
-        return int(self.encoder.patch_embed.patch_size[0])
+        return int(_patch_embed(self.encoder).patch_size[0])
 
     @property
     def grid_size(self) -> tuple[int, int]:
         """Token grid ``(h, w)`` that masks must have."""
-        return tuple(int(v) for v in self.encoder.patch_embed.grid_size)
+        return cast(tuple[int, int], tuple(int(v) for v in _patch_embed(self.encoder).grid_size))
 
     @property
     def img_size(self) -> tuple[int, int]:
         """Input ``(H, W)`` in pixels."""
-        return tuple(int(v) for v in self.encoder.patch_embed.img_size)
+        return cast(tuple[int, int], tuple(int(v) for v in _patch_embed(self.encoder).img_size))
 
     @property
     def in_chans(self) -> int:
         """Input channels."""
-        return int(self.encoder.patch_embed.proj.in_channels)
+        return int(_patch_embed(self.encoder).proj.in_channels)
 
     @property
     def out_stride(self) -> int:
         """Pixels per cell of the final map (32 for Swin with patch 4 and 4 stages)."""
-        return self.patch_size * 2 ** (len(self.encoder.layers) - 1)
+        return self.patch_size * 2 ** (len(swin_stages(self.encoder)) - 1)
 
     @property
     def stage_dim(self) -> int:
         """Channels of the distilled stage feature (1024 for Swin-B stage 3 incl. merge)."""
-        layers = self.encoder.layers
+        layers = swin_stages(self.encoder)
         if self.feature_stage < len(layers):
             return int(layers[self.feature_stage].downsample.out_dim)
         return int(self.encoder.num_features)
@@ -129,7 +141,7 @@ class MaskedSwin(nn.Module):
             ``feature_stage`` including its patch merging (no norm), and the last stage's output after the
             final norm.
         """
-        t = self.encoder.patch_embed(x)  # [B, h, w, C] NHWC
+        t = _patch_embed(self.encoder)(x)  # [B, h, w, C] NHWC
         if mask is not None:
             if tuple(mask.shape[-2:]) != tuple(t.shape[1:3]) or mask.shape[0] != t.shape[0]:
                 raise ValueError(
@@ -138,7 +150,7 @@ class MaskedSwin(nn.Module):
                 )
             w = mask.unsqueeze(-1).type_as(t)
             t = t * (1.0 - w) + self.mask_token.type_as(t) * w
-        layers = self.encoder.layers
+        layers = swin_stages(self.encoder)
         for i in range(self.feature_stage):
             t = layers[i](t)
         if self.feature_stage < len(layers):

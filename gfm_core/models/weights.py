@@ -10,7 +10,7 @@ import logging
 import re
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import timm
 from torch import nn
@@ -82,12 +82,17 @@ def load_timm_weights(
     return model
 
 
+def pretrained_cfg(model: nn.Module) -> dict[str, Any]:
+    """``model.pretrained_cfg``: the dict timm sets on every model it builds (typed; torch types it as a module)."""
+    return cast(dict[str, Any], model.pretrained_cfg)
+
+
 _LOAD_MSG = re.compile(r"^(Missing|Unexpected) keys \((.*)\) (?:discovered|found) while loading", re.S)
 
 
 def _load_problems(report: list[str], model: nn.Module, *, replaced_head: bool) -> list[str]:
     """Turn timm's load messages into problems; a new classifier's missing keys are expected."""
-    classifiers = model.pretrained_cfg.get("classifier") or ()
+    classifiers = pretrained_cfg(model).get("classifier") or ()
     prefixes = tuple(f"{c}." for c in ((classifiers,) if isinstance(classifiers, str) else classifiers))
     problems = []
     for msg in report:

@@ -23,6 +23,7 @@ from gfm_core.io import save_weights, sha256_file, sidecar_path, write_json
 from gfm_core.losses import gfm_loss
 from gfm_core.models.backbones import FrozenTeacher, create_student, create_teacher, set_fused_attention
 from gfm_core.models.simmim import MaskedSwin, PixelShuffleDecoder, make_projector
+from gfm_core.models.weights import pretrained_cfg
 from gfm_core.training.optim import is_no_decay
 
 STUDENT_FEATURE_STAGE = 3
@@ -186,7 +187,7 @@ def build_continual_pretrain(
         arch=cfg.student.arch,
         timm_kwargs=cfg.student.timm_kwargs(),
     )
-    pcfg = encoder.pretrained_cfg
+    pcfg = pretrained_cfg(encoder)
     mean = tuple(mean if mean is not None else pcfg["mean"])
     std = tuple(std if std is not None else pcfg["std"])
     if len(mean) != cfg.student.in_chans or len(std) != cfg.student.in_chans:

@@ -128,7 +128,8 @@ def save_evidence(evaluation: Evaluation, out_dir: str | Path) -> Path:
     for task, ev in evaluation.evidence.items():
         for seed, stats in ev.stats.items():
             buf = io.BytesIO()
-            np.savez(buf, **{k: np.asarray(v) for k, v in stats.items()})
+            arrays: dict[str, Any] = {k: np.asarray(v) for k, v in stats.items()}
+            np.savez(buf, **arrays)
             write_bytes(out / task / f"seed_{seed}.npz", buf.getvalue())
         tasks[task] = {"head": ev.head, "headline": ev.headline, "ids": list(ev.ids), "seeds": sorted(ev.stats)}
     write_json(out / EVIDENCE_FILE, {

@@ -48,7 +48,7 @@ def scan_teachers(
     """
     from gfm_core.io import sha256_file
 
-    out = {}
+    out: dict[str, TeacherFile] = {}
     for path, st in teacher_stats(folder, patterns).items():
         if stable is not None and list(stable.get(path, ())) != st:
             continue

@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -130,7 +130,7 @@ def timm_encoder(model: torch.nn.Module, levels: tuple[int, ...]) -> Encoder:
     model.eval()
 
     def encode(x: torch.Tensor) -> list[torch.Tensor]:
-        return list(model.forward_intermediates(x, indices=list(levels), intermediates_only=True))
+        return list(cast(Any, model).forward_intermediates(x, indices=list(levels), intermediates_only=True))
 
     return encode
 
@@ -154,7 +154,8 @@ def student_norm(params: Params) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """The student's input normalisation: its arch's pretrained mean/std, as pretraining uses."""
     import timm
 
-    pcfg = timm.models.get_pretrained_cfg(params.pretrain.student.arch)
+    # None (an unknown arch) fails here as before, on the attribute access
+    pcfg = cast(timm.models.PretrainedCfg, timm.models.get_pretrained_cfg(params.pretrain.student.arch))
     return tuple(pcfg.mean), tuple(pcfg.std)
 
 
@@ -191,7 +192,7 @@ def probe_everything(params: Params, runs: list[Run], sets: list[DenseSet]) -> S
     cfg = params.science
     tile = params.pretrain.student.img_size
     mean, std = student_norm(params)
-    kw = dict(weight_decay=cfg.probe_weight_decay, iters=cfg.probe_iters)
+    kw: dict[str, Any] = dict(weight_decay=cfg.probe_weight_decay, iters=cfg.probe_iters)
     teacher = teacher_encoder(params)
     scores = Scores()
     for ds in sets:

@@ -19,6 +19,7 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import torch
@@ -113,7 +114,7 @@ def _downsample(image: np.ndarray, valid: np.ndarray, labels: np.ndarray, f: int
     c, h, w = image.shape
     hh, ww = h // f, w // f
     img = image[:, : hh * f, : ww * f].reshape(c, hh, f, ww, f).mean((2, 4)).astype(np.float32)
-    ok = valid[: hh * f, : ww * f].reshape(hh, f, ww, f).all((1, 3))
+    ok = cast(np.ndarray, valid[: hh * f, : ww * f].reshape(hh, f, ww, f).all((1, 3)))
     lab = labels[: hh * f, : ww * f].reshape(hh, f, ww, f).transpose(0, 2, 1, 3).reshape(hh, ww, f * f)
     k = int(lab.max()) + 2
     counts = np.stack([(lab == v).sum(-1) for v in range(-1, k - 1)], -1)
@@ -153,7 +154,8 @@ def load_dense_set(cfg: EvalSetCfg, folds: int, seed: int = 0) -> DenseSet:
         images = [np.clip((a - lo[:, None, None]) / span, 0, 1).astype(np.float32) for a in images]
     rng = np.random.default_rng(seed)
     cols: dict[str, list[np.ndarray]] = {k: [] for k in ("image", "row", "col", "label", "block")}
-    block_image, block_origin = [], []
+    block_image: list[int] = []
+    block_origin: list[tuple[int, int]] = []
     b, m = cfg.block_size, cfg.margin
     if 2 * m >= b:
         raise DataValidationError(f"evaluation set {cfg.name!r}: margin {m} leaves nothing of {b} px blocks")
@@ -230,11 +232,11 @@ def encoder_features(
         if out is None:
             out = np.zeros((len(ds.px_image), sum(lv.shape[1] for lv in levels)), np.float32)
         for t in np.unique(tile_of):  # one grid_sample per tile: every level at its pixels' centres
-            k = np.flatnonzero(tile_of == t)
-            gy = torch.from_numpy(((rows[k] % tile) + 0.5) / tile * 2 - 1).float()  # [-1, 1], align_corners=False
-            gx = torch.from_numpy(((cols[k] % tile) + 0.5) / tile * 2 - 1).float()
+            px = np.flatnonzero(tile_of == t)
+            gy = torch.from_numpy(((rows[px] % tile) + 0.5) / tile * 2 - 1).float()  # [-1, 1], align_corners=False
+            gx = torch.from_numpy(((cols[px] % tile) + 0.5) / tile * 2 - 1).float()
             grid = torch.stack([gx, gy], -1).view(1, -1, 1, 2)
-            out[sel[k]] = torch.cat([F.grid_sample(lv[t : t + 1], grid, mode="bilinear", align_corners=False)
+            out[sel[px]] = torch.cat([F.grid_sample(lv[t : t + 1], grid, mode="bilinear", align_corners=False)
                                      [0, :, :, 0].T for lv in levels], 1).numpy()
     assert out is not None
     return out

@@ -90,6 +90,9 @@ def analyse(params: Params, runs: list[Any], sets: list[Any], scores: Any) -> di
     seeds = list(cfg.seeds)
     h4_frac, h4_budget, cost = _h4_fraction(runs, cfg)
     hyps: dict[str, dict[str, Any]] = {h: {"statement": t, "sets": {}} for h, (t, _, _) in HYPOTHESES.items()}
+    sensitivity: dict[str, dict[str, Any]]
+    family: dict[tuple[str, str], float]
+    sens_family: dict[tuple[str, str], float]
     tables, relevance, curves, sensitivity, design, tiles = {}, {}, {}, {}, {}, {}
     family, sens_family = {}, {}
     for ds in sets:

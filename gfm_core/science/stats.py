@@ -21,8 +21,9 @@ excludes is ``untestable`` and is not part of the family. The minimal detectable
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 
@@ -167,7 +168,10 @@ def paired_bootstrap(
     return Comparison(float(np.mean(per_seed)), (float(lo), float(hi)), se, p, per_seed, Z_POWER * se)
 
 
-def holm(p_values: Mapping[str, float]) -> dict[str, float]:
+K = TypeVar("K", bound=Hashable)
+
+
+def holm(p_values: Mapping[K, float]) -> dict[K, float]:
     """Holm's step-down adjusted p-values (monotone, capped at 1) of a family of tests."""
     order = sorted(p_values, key=lambda k: p_values[k])
     m, running, out = len(order), 0.0, {}

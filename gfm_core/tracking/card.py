@@ -33,8 +33,8 @@ def model_card(backbone: Path, params: Params | None = None, metrics: Mapping[st
     }
     if params is not None:
         card["bands"] = {
-            s.name: {"bands": list(s.bands) if getattr(s, "bands", None) else "all (RGB)",
-                     "gsd_m": list(s.gsd_range) if getattr(s, "gsd_range", None) else "unknown"}
+            s.name: {"bands": list(s.bands) if s.bands else "all (RGB)",
+                     "gsd_m": list(s.gsd_range) if s.gsd_range else "unknown"}
             for s in params.ingest.pile_sources()
         }
         stats = params.ingest.out_dir / "norm_stats.json"

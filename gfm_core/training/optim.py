@@ -9,7 +9,7 @@ scheduler object.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -122,7 +122,7 @@ def layer_decay_fn(task_model: nn.Module, decay: float, prefix: str = "model.") 
     """
     from timm.optim._param_groups import group_parameters
 
-    backbone = task_model.backbone.model
+    backbone = cast(Any, task_model).backbone.model  # a TaskModel's timm model (any timm class)
     if decay == 1.0:
         return lambda name: 1.0
     if not hasattr(backbone, "group_matcher"):

@@ -9,30 +9,16 @@ Both sections (``pretrain``, ``finetune``) name these settings alike: ``backend`
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from gfm_core.config import FinetuneCfg, PretrainCfg
 from gfm_core.training.schedule import REFERENCE_BATCH
 
-
-class RunSection(Protocol):
-    """What a config section (``pretrain``, ``finetune``) says about how its runs execute."""
-
-    backend: str
-    precision: str
-    zero_stage: int
-    epochs: int
-    warmup_epochs: int
-    lr_scaling: str
-    base_lr: float
-    warmup_lr: float
-    min_lr: float
-    betas: tuple[float, float]
-    clip_grad: float | None
-    grad_accum: int
-    log_every: int
+#: The config sections whose runs go through :func:`~gfm_core.training.loop.fit` (same field names).
+RunSection = PretrainCfg | FinetuneCfg
 
 
 def schedule(cfg: RunSection, *, steps_per_epoch: int, epochs: int, limit: int | None, global_batch: int

@@ -128,7 +128,7 @@ class ContaminationReport:
 def _read_test_image(item: DownstreamImage, bands: Sequence[int] | None, value_range: tuple[float, float] | None,
                      max_pixels: int) -> RasterImage:
     """One test image; per-band files are read one band each and resized to the first file's grid."""
-    kw = dict(value_range=value_range, min_size=2, max_pixels=max_pixels, allow_nonfinite=True)
+    kw: dict[str, Any] = dict(value_range=value_range, min_size=2, max_pixels=max_pixels, allow_nonfinite=True)
     if not isinstance(item, tuple):
         return read_image(item, bands=bands, **kw)
     parts = [read_image(f, bands=(1,), **kw) for f in item[:3]]  # the hash averages the first three bands

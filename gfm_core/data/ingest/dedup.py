@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 from PIL import Image
@@ -67,7 +67,7 @@ def hamming_join(a: np.ndarray, b: np.ndarray, max_d: int) -> tuple[np.ndarray, 
         shift += w
         oa, ob = np.argsort(ka, kind="stable"), np.argsort(kb, kind="stable")
         kas, kbs = ka[oa], kb[ob]
-        keys, starts = np.unique(kas, return_index=True)
+        keys, starts = cast(tuple[np.ndarray, np.ndarray], np.unique(kas, return_index=True))
         ends = np.append(starts[1:], kas.size)
         lo, hi = np.searchsorted(kbs, keys, "left"), np.searchsorted(kbs, keys, "right")
         for k in np.nonzero(hi > lo)[0]:

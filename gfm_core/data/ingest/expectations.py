@@ -11,7 +11,7 @@ import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -169,9 +169,12 @@ def _gsd_rules(sources: Sequence[SourceSpec]) -> list[Rule]:
                     row_condition=f'source=="{spec.name}"',  # names are [A-Za-z0-9_.-]: safe to quote
                     condition_parser="pandas",
                 ),
-                lambda n, t, r, name=spec.name, lo=lo, hi=hi: (
-                    f"{n} of {t} {name} images have a GSD outside "
-                    f"the source's documented {lo:g}-{hi:g} m (wrong source folder, or a wrong CRS/transform)"
+                cast(
+                    Sentence,
+                    lambda n, t, r, name=spec.name, lo=lo, hi=hi: (
+                        f"{n} of {t} {name} images have a GSD outside "
+                        f"the source's documented {lo:g}-{hi:g} m (wrong source folder, or a wrong CRS/transform)"
+                    ),
                 ),
                 lambda r: row_examples(r, "gsd", " m"),
             )
@@ -203,9 +206,12 @@ def _band_mean_rules(df: Any, mean_range: tuple[float, float]) -> list[Rule]:
                 f"band_mean[{k}]",
                 "manifest",
                 _between(col, m_lo, m_hi),
-                lambda n, t, r, k=k: (
-                    f"{n} of {t} images have a band-{k} mean outside {m_lo:g}-{m_hi:g} of "
-                    f"the scaled range (blank or saturated images, or a wrong value_range for the source)"
+                cast(
+                    Sentence,
+                    lambda n, t, r, k=k: (
+                        f"{n} of {t} images have a band-{k} mean outside {m_lo:g}-{m_hi:g} of "
+                        f"the scaled range (blank or saturated images, or a wrong value_range for the source)"
+                    ),
                 ),
             )
         )
@@ -259,7 +265,7 @@ def gx_context(docs_dir: Path | None) -> Any:
             site_name="local_site",
             site_config={
                 "class_name": "SiteBuilder",
-                "show_how_to_buttons": False,
+                "show_how_to_buttons": False,  # type: ignore[typeddict-unknown-key]  # SiteBuilder takes it; GE's TypedDict lacks it
                 "store_backend": {
                     "class_name": "TupleFilesystemStoreBackend",
                     "base_directory": str(docs_dir),

@@ -46,7 +46,7 @@ def map_isolated(
     # Not fork: the parent may hold threads (torch, dagster) and GDAL state. A forkserver starts one clean
     # process that imports the readers once and forks workers from it (cheap pool restarts after a crash).
     ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(preload)
+    ctx.set_forkserver_preload(list(preload))
     results: dict[int, R] = {}
     pending = deque(range(s, min(s + chunk_size, len(items))) for s in range(0, len(items), chunk_size))
     suspects: list[int] = []

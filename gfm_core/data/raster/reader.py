@@ -33,6 +33,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import rasterio
@@ -183,7 +184,8 @@ def _decode(
     if n_valid == 0:
         raise RasterReadError(path, f"all {valid.size} pixels are nodata")
     lo, hi = value_range if value_range is not None else DEFAULT_VALUE_RANGES[info.dtype]
-    scaled = (raw.astype(np.float64 if raw.dtype.itemsize > 2 else np.float32) - lo) / (hi - lo)
+    work_dtype: type[np.floating[Any]] = np.float64 if raw.dtype.itemsize > 2 else np.float32
+    scaled = (raw.astype(work_dtype) - lo) / (hi - lo)
     inside = scaled[:, valid]
     saturated = float(np.count_nonzero((inside < 0) | (inside > 1))) / inside.size
     array = np.clip(scaled, 0.0, 1.0).astype(np.float32, copy=False)

@@ -44,7 +44,7 @@ def _read_array(path: Path | tuple[Path, ...], cfg: TaskCfg) -> np.ndarray:
 def _read_bands(path: Path | tuple[Path, ...], cfg: TaskCfg) -> np.ndarray:
     """[C, H, W] float32 in [0, 1]: one multi-band file (``cfg.bands``) or one file per band (resampled)."""
     if isinstance(path, tuple):
-        layers = []
+        layers: list[np.ndarray] = []
         for p in path:
             if not p.is_file():
                 raise DatasetNotFoundError(p, "band file", cfg)
@@ -126,7 +126,7 @@ class TaskDataset(Dataset):
         std: Sequence[float],
         train: bool = False,
         augment: bool = True,
-        indices: Sequence[int] | None = None,
+        indices: Sequence[int] | np.ndarray | None = None,
         cache: bool = False,
     ) -> None:
         self.cfg, self.split = cfg, split
