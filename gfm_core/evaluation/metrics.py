@@ -263,6 +263,11 @@ class SuperResMetrics(TaskMetrics):
         """``{"PSNR", "SSIM"}``: means over the images (PSNR in dB)."""
         return {"PSNR": float(self.psnr.compute()), "SSIM": float(cast(Tensor, self.ssim.compute()))}
 
+    @staticmethod
+    def from_stats(sel: Mapping[str, np.ndarray]) -> dict[str, float]:
+        """``{"PSNR", "SSIM"}``: the means of the per-image values."""
+        return {"PSNR": float(np.mean(sel["psnr"])), "SSIM": float(np.mean(sel["ssim"]))}
+
 
 def build_metrics(head: str, num_outputs: int, ignore_index: int | None = 255) -> TaskMetrics:
     """The metric accumulator of a head.

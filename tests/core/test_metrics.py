@@ -107,6 +107,8 @@ def test_psnr_and_ssim_by_hand():
     out = m.compute()
     assert out["PSNR"] == pytest.approx(float(np.mean(stats["psnr"])), abs=1e-4)
     assert out["SSIM"] == pytest.approx((ssim_0 + ssim_1) / 2, abs=1e-4)
+    again = metrics_from_stats("superres", stats)  # what the bootstrap recomputes
+    assert again == pytest.approx(out, abs=1e-4)
     ident = SuperResMetrics()
     ident.update(target[:1], target[:1])
     assert ident.compute()["SSIM"] == pytest.approx(1.0, abs=1e-6)

@@ -18,6 +18,14 @@ def test_every_head_has_its_classes_and_facts(name):
     assert ("folders" in spec.layouts) == bool(spec.dirs)  # the generic layout needs default folder names
 
 
+@pytest.mark.parametrize("name", sorted(HEADS))
+def test_every_metrics_class_recomputes_from_per_sample_statistics(name):
+    """Each head's metrics class has its own from_stats (the bootstrap and the report depend on it)."""
+    from gfm_core.evaluation.metrics import TaskMetrics
+
+    assert METRICS.get(name).from_stats is not TaskMetrics.from_stats
+
+
 def test_the_registries_hold_exactly_the_table():
     assert set(TASK_HEADS.classes) == set(METRICS.classes) == set(HEADS)
 
