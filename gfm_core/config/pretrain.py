@@ -99,8 +99,9 @@ class PretrainCfg(Section):
     seed: int = 0
     out_dir: Path = Path("outputs/pretrain")
     ablations: dict[str, dict[str, Any]] = Field(
-        default_factory=dict, description="name -> overrides of this section for a pretraining ablation of its own "
-        "(MIM-only: {alpha: 0}); it writes to <out_dir>_<name> (ablation_dir)",
+        default_factory=lambda: {"mim_only": {"alpha": 0.0}, "distill_only": {"w_mim": 0.0}},
+        description="name -> overrides of this section for a pretraining ablation of its own (the paper's: MIM-only "
+        "and distill-only); it writes to <out_dir>_<name> (ablation_dir)",
     )
 
     @model_validator(mode="after")

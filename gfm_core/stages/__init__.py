@@ -52,7 +52,7 @@ def stage(name: str) -> Stage:
 #: Public name -> the submodule defining it. Loaded on first use (PEP 562), so that importing the stage list
 #: (the Dagster definitions do) imports no torch.
 _HOMES = {
-    **dict.fromkeys(("DemoDataStageResult", "IngestResult", "ShardsResult", "ValidateResult",
+    **dict.fromkeys(("TEACHER_FILE", "DemoDataStageResult", "IngestResult", "ShardsResult", "ValidateResult",
                      "run_contamination_check", "run_demo_data", "run_ingest", "run_shards", "run_validate"), "data"),
     **dict.fromkeys(("PromoteResult", "dvc_lineage", "lineage_tags", "run_evaluate", "run_promote"), "evaluate"),
     **dict.fromkeys(("finetune", "run_finetune", "run_finetune_task"), "finetune"),
@@ -70,6 +70,7 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "STAGES",
+    "TEACHER_FILE",
     "DemoDataStageResult",
     "IngestResult",
     "PretrainResult",
