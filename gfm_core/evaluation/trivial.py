@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader
 from gfm_core.config import TaskCfg
 from gfm_core.evaluation.metrics import build_metrics
 from gfm_core.evaluation.report_data import RunScores
-from gfm_core.task_heads import get_head
+from gfm_core.task_heads import HeadRegistry, get_head
 
 TRIVIAL = "trivial"
 Predict = Callable[[dict[str, Any]], Tensor]
@@ -39,30 +39,69 @@ def _batches(task: TaskCfg, split: str) -> tuple[Any, DataLoader]:
     return ds, DataLoader(ds, batch_size=32, shuffle=False)
 
 
-def _classification(loader: DataLoader, k: int) -> Predict:
-    counts = torch.zeros(k)
-    for b in loader:
-        counts += torch.bincount(b["label"], minlength=k)
-    onehot = F.one_hot(counts.argmax(), k).float()
-    return lambda b: onehot.expand(len(b["label"]), -1)
+class TrivialPredictor:
+    """A head's trivial predictor: ``fit(train_loader, num_outputs, task)`` returns ``batch -> predictions``."""
+
+    head = ""
+
+    @staticmethod
+    def fit(loader: DataLoader, k: int, task: TaskCfg) -> Predict:
+        """Fit on the train split's batches (``k``: the head's number of outputs)."""
+        raise NotImplementedError
 
 
-def _multilabel(loader: DataLoader, k: int) -> Predict:
-    total, n = torch.zeros(k), 0
-    for b in loader:
-        total += b["label"].float().sum(0)
-        n += len(b["label"])
-    prior = total / max(n, 1)
-    return lambda b: prior.expand(len(b["label"]), -1)
+#: Head name -> its trivial predictor (``@TRIVIAL_PREDICTORS.register``; the names are the rows of ``HEADS``).
+TRIVIAL_PREDICTORS: HeadRegistry[type[TrivialPredictor]] = HeadRegistry("trivial predictor")
 
 
-def _segmentation(loader: DataLoader, k: int, ignore: int) -> Predict:
-    counts = torch.zeros(k)
-    for b in loader:
-        m = b["mask"][b["mask"] != ignore]
-        counts += torch.bincount(m[(m >= 0) & (m < k)], minlength=k)
-    major = int(counts.argmax())
-    return lambda b: torch.full_like(b["mask"], major)
+@TRIVIAL_PREDICTORS.register
+class MajorityClass(TrivialPredictor):
+    """The majority class of the train split, as a one-hot score."""
+
+    head = "classification"
+
+    @staticmethod
+    def fit(loader: DataLoader, k: int, task: TaskCfg) -> Predict:
+        """Count the train labels."""
+        counts = torch.zeros(k)
+        for b in loader:
+            counts += torch.bincount(b["label"], minlength=k)
+        onehot = F.one_hot(counts.argmax(), k).float()
+        return lambda b: onehot.expand(len(b["label"]), -1)
+
+
+@TRIVIAL_PREDICTORS.register
+class LabelPrevalence(TrivialPredictor):
+    """Each label's train prevalence as its constant score."""
+
+    head = "multilabel"
+
+    @staticmethod
+    def fit(loader: DataLoader, k: int, task: TaskCfg) -> Predict:
+        """Average the train label vectors."""
+        total, n = torch.zeros(k), 0
+        for b in loader:
+            total += b["label"].float().sum(0)
+            n += len(b["label"])
+        prior = total / max(n, 1)
+        return lambda b: prior.expand(len(b["label"]), -1)
+
+
+@TRIVIAL_PREDICTORS.register
+class MajorityPixelClass(TrivialPredictor):
+    """The majority class of the train pixels, everywhere."""
+
+    head = "segmentation"
+
+    @staticmethod
+    def fit(loader: DataLoader, k: int, task: TaskCfg) -> Predict:
+        """Count the labelled train pixels (``task.ignore_index`` left out)."""
+        counts = torch.zeros(k)
+        for b in loader:
+            m = b["mask"][b["mask"] != task.ignore_index]
+            counts += torch.bincount(m[(m >= 0) & (m < k)], minlength=k)
+        major = int(counts.argmax())
+        return lambda b: torch.full_like(b["mask"], major)
 
 
 def _change_score(b: dict[str, Any]) -> Tensor:
@@ -71,29 +110,47 @@ def _change_score(b: dict[str, Any]) -> Tensor:
     return F.interpolate(d, size=b["mask"].shape[-2:], mode="bilinear", align_corners=False)[:, 0]
 
 
-def _change(loader: DataLoader) -> Predict:
-    scores, truth = [], []
-    for b in loader:
-        scores.append(_change_score(b).flatten())
-        truth.append(b["mask"].flatten().bool())
-    s, t = torch.cat(scores), torch.cat(truth)
-    step = max(1, len(s) // 4_000_000)  # a fixed stride keeps the threshold search in memory on real-sized splits
-    s, t = s[::step], t[::step]
-    best, best_f1 = 0.0, -1.0
-    for thr in np.quantile(s.numpy(), np.linspace(0.5, 0.995, 60)).tolist():
-        p = s > thr
-        tp = float((p & t).sum())
-        f1 = 2 * tp / max(float(p.sum()) + float(t.sum()), 1.0)
-        if f1 > best_f1:
-            best, best_f1 = thr, f1
-    return lambda b: (_change_score(b) > best).long()
+@TRIVIAL_PREDICTORS.register
+class DifferenceThreshold(TrivialPredictor):
+    """The rule ``mean_bands |A - B| > t``, ``t`` the train split's F1-optimal threshold."""
+
+    head = "change"
+
+    @staticmethod
+    def fit(loader: DataLoader, k: int, task: TaskCfg) -> Predict:
+        """Search ``t`` over quantiles of the train differences."""
+        scores, truth = [], []
+        for b in loader:
+            scores.append(_change_score(b).flatten())
+            truth.append(b["mask"].flatten().bool())
+        s, t = torch.cat(scores), torch.cat(truth)
+        step = max(1, len(s) // 4_000_000)  # a fixed stride keeps the threshold search in memory on real splits
+        s, t = s[::step], t[::step]
+        best, best_f1 = 0.0, -1.0
+        for thr in np.quantile(s.numpy(), np.linspace(0.5, 0.995, 60)).tolist():
+            p = s > thr
+            tp = float((p & t).sum())
+            f1 = 2 * tp / max(float(p.sum()) + float(t.sum()), 1.0)
+            if f1 > best_f1:
+                best, best_f1 = thr, f1
+        return lambda b: (_change_score(b) > best).long()
 
 
-def _superres(b: dict[str, Any]) -> Tensor:
-    return F.interpolate(b["image"], size=b["target"].shape[-2:], mode="bicubic", align_corners=False).clamp(0, 1)
+@TRIVIAL_PREDICTORS.register
+class Bicubic(TrivialPredictor):
+    """Bicubic upsampling of the low-resolution input."""
+
+    head = "superres"
+
+    @staticmethod
+    def fit(loader: DataLoader, k: int, task: TaskCfg) -> Predict:
+        """Nothing to fit."""
+        return lambda b: F.interpolate(b["image"], size=b["target"].shape[-2:], mode="bicubic",
+                                       align_corners=False).clamp(0, 1)
 
 
-def trivial_scores(task: TaskCfg, seeds: Sequence[int]) -> list[Any]:
+
+def trivial_scores(task: TaskCfg, seeds: Sequence[int]) -> list[RunScores]:
     """The trivial predictor's :class:`~gfm_core.evaluation.report_data.RunScores` on ``task``'s test split.
 
     The predictor is deterministic, so the same scores stand for every seed (the report pairs seeds).
@@ -101,14 +158,7 @@ def trivial_scores(task: TaskCfg, seeds: Sequence[int]) -> list[Any]:
     spec = get_head(task.head)
     train, train_loader = _batches(task, "train")
     k = train.num_outputs
-    fit: dict[str, Callable[[], Predict]] = {
-        "classification": lambda: _classification(train_loader, k),
-        "multilabel": lambda: _multilabel(train_loader, k),
-        "segmentation": lambda: _segmentation(train_loader, k, task.ignore_index),
-        "change": lambda: _change(train_loader),
-        "superres": lambda: _superres,
-    }
-    predict = fit[task.head]()
+    predict = TRIVIAL_PREDICTORS.get(task.head).fit(train_loader, k, task)
     _, test_loader = _batches(task, "test")
     metrics = build_metrics(task.head, k, task.ignore_index)
     ids: list[str] = []
