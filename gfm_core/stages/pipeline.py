@@ -86,9 +86,10 @@ def _model_stages(params: Params) -> Iterator[str]:
     runs = []
     for task in params.finetune.tasks:  # one stage run per task, as the Dagster partitions
         with _tracked(params, "finetune", f"finetune_{task.name}"):
-            runs += run_finetune(params, tasks=[task.name])
+            task_runs = run_finetune(params, tasks=[task.name])
             if params.tracking.enabled:
-                log_runs(runs[-len(params.finetune.models) * len(params.finetune.seeds):])
+                log_runs(task_runs)
+        runs += task_runs
     yield f"[finetune]  {params.finetune.out_dir}  ({len(runs)} runs: {len(params.finetune.tasks)} tasks x " \
           f"{len(params.finetune.models)} models x {len(params.finetune.seeds)} seeds)"
 
