@@ -213,3 +213,33 @@ def test_a_downstream_test_image_planted_in_the_pile_fails_validation(repo_root,
         stages.run_shards(params, progress=False)
     with pytest.raises(DataValidationError, match=r"contamination\.json: the contamination check failed"):
         stages.run_pretrain(params)  # no mode of pretraining reads a pile that failed its gates
+
+
+def test_gfm_demo_runs_every_stage_and_tracks_them_under_the_list_names(repo_root, tmp_path):
+    """`gfm demo` end to end at a few steps: one MLflow run per stage of STAGES (one per task for fine-tuning),
+    with the metric names the Dagster assets log, and the promotion judged inside its own stage run."""
+    import mlflow
+
+    params = _params(repo_root, tmp_path)
+    raw = params.model_dump(mode="json", by_alias=True)
+    raw["tracking"].update(uri=f"sqlite:///{tmp_path}/mlflow.db", artifacts=str(tmp_path / "mlartifacts"))
+    raw["finetune"].update(tasks=[t for t in raw["finetune"]["tasks"] if t["name"] in ("scene", "change")],
+                           seeds=[0], epochs=1, warmup_epochs=0, max_steps=2, out_dir=str(tmp_path / "ft"))
+    raw["evaluate"].update(n_bootstrap=20, out_dir=str(tmp_path / "eval"),
+                           arp_exclude={})
+    raw["promote"].update(must_beat=[])
+    raw["preset"] = None
+    params = parse_params(raw, source="demo-test")
+    lines = list(stages.run_demo(params))
+    assert lines[-1].startswith("[mlflow]") and any(line.startswith("[promote]") for line in lines)
+
+    client = mlflow.MlflowClient(tracking_uri=params.tracking.uri)
+    exp = client.get_experiment_by_name(params.tracking.experiment)
+    runs = {r.info.run_name: r for r in client.search_runs([exp.experiment_id], max_results=100)}
+    expected = {s.name for s in stages.STAGES if s.name != "finetune"} | {"finetune_scene", "finetune_change"}
+    assert expected <= set(runs), sorted(runs)
+    assert {"accepted", "quarantined", "quarantine_rate", "near_duplicates"} <= set(runs["ingest"].data.metrics)
+    assert {"passed", "failed_expectations"} <= set(runs["validate"].data.metrics)
+    assert "gfm.seed0.acc" in runs["finetune_scene"].data.metrics
+    assert {"arp", "promoted", "gate.promoted"} <= set(runs["promote"].data.metrics)
+    mlflow.set_tracking_uri(None)
