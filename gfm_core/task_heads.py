@@ -4,16 +4,17 @@ A row (:class:`HeadSpec`) holds the head's facts: the batch key of its target, i
 columns, the folder layouts its tasks can be read from and the default folder names of the generic ``folders``
 layout. The computation lives in the head's classes, registered under the same name:
 
-- the head module (:mod:`gfm_core.models.heads`, ``@TASK_HEADS.register``): ``forward(features, image)``, its training
-  ``loss(out, target)`` and metric-ready ``predict(out, target)``;
+- the head module (:mod:`gfm_core.models.heads`, ``@TASK_HEADS.register``): ``forward(features, image)``, its
+  training ``loss(out, target)`` and metric-ready ``predict(out, target)``;
 - the metric accumulator (:mod:`gfm_core.evaluation.metrics`, ``@METRICS.register``): torchmetrics values and
   the per-sample statistics its bootstrap resamples;
 - the trivial predictor (:mod:`gfm_core.evaluation.trivial`, ``@TRIVIAL_PREDICTORS.register``), the report's
-  row every model must beat.
+  row every model must beat;
+- the sample reader (:mod:`gfm_core.data.tasks.samples`, ``@SAMPLE_READERS.register``): raw arrays of a sample,
+  its label tensors, the head's number of outputs.
 
-So adding a head is one row here plus its three classes (and, for a new kind of sample, its branch in
-:class:`gfm_core.data.tasks.dataset.TaskDataset`); ``tests/core/test_task_heads.py`` checks that every row
-has both, and the head tests iterate over :data:`HEADS` the way timm's tests iterate ``list_models()``.
+So adding a head is one row here plus its four classes; ``tests/core/test_task_heads.py`` checks that every row
+has all four, and the head tests iterate over :data:`HEADS` the way timm's tests iterate ``list_models()``.
 This module imports no torch: the config validates head names and layouts against it.
 """
 
