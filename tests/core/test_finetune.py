@@ -406,3 +406,14 @@ def test_get_task_from_the_repo_params(repo_root):
     assert [m.name for m in paper.finetune.models][3:] == ["mim_only", "distill_only"]
     assert demo.model("random").timm_kwargs == {"embed_dim": 32, "depths": (2, 2, 4, 2), "num_heads": (1, 2, 4, 8),
                                                 "window_size": 4}
+
+
+def test_finetuning_runs_on_the_deepspeed_engine_too(demo_tasks, tmp_path):
+    """The shared run setup: `finetune.backend: deepspeed` fine-tunes through a real DeepSpeed engine (gloo, CPU)
+    and scores the same test split as the torch backend."""
+    task = _task(demo_tasks, "classification")
+    res = finetune(_cfg(tmp_path, backend="deepspeed", max_steps=4), task, RANDOM_TINY, seed=0, out_dir=tmp_path / "ds")
+    torch_res = finetune(_cfg(tmp_path, max_steps=4), task, RANDOM_TINY, seed=0, out_dir=tmp_path / "torch")
+    assert res.steps == 4 and res.test_samples == torch_res.test_samples == 21
+    assert (tmp_path / "ds" / "checkpoints").is_dir() and load_result(res.out_dir).metrics == res.metrics
+    assert res.history[0]["loss"] == pytest.approx(torch_res.history[0]["loss"], rel=1e-4)  # same start, same data
