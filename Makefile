@@ -37,7 +37,7 @@ test-slow: env
 
 ## The Dagster UI on 127.0.0.1:3000 (shows the runs of `make demo`).
 ui: env
-	$(VENV)/bin/dagster dev -m orchestration.definitions -h 127.0.0.1 -p 3000
+	$(VENV)/bin/dagster dev -h 127.0.0.1 -p 3000  # code location: pyproject [tool.dagster]
 
 ## The MLflow UI on 127.0.0.1:5000 over the default store.
 mlflow-ui: env

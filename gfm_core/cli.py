@@ -22,7 +22,7 @@ log = logging.getLogger("gfm")
 def _params(args: argparse.Namespace):  # -> Params (lazy import keeps `gfm --help` fast)
     from gfm_core.config import load_params
 
-    return load_params(args.params, preset=args.preset)
+    return load_params(args.params, preset=args.preset, sets=args.set or ())
 
 
 def _cmd_demo_data(args: argparse.Namespace) -> None:
@@ -152,6 +152,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(
             "--preset", default=None,
             help="named preset from params.yaml's `presets` ('' = none: the paper's values); default: its `preset` key",
+        )
+        p.add_argument(
+            "-S", "--set", action="append", metavar="KEY=VALUE",
+            help="override a param after the preset, as `dvc exp run -S` (e.g. -S finetune.epochs=5, "
+                 "-S finetune.tasks.scene.epochs=3); repeatable, validated like params.yaml",
         )
         if name == "pretrain":
             p.add_argument("--resume", action="store_true",

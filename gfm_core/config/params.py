@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,7 @@ from gfm_core.config.downstream import BackboneSpec, EvaluateCfg, FinetuneCfg, T
 from gfm_core.config.pretrain import PretrainCfg
 from gfm_core.config.registry import PromoteCfg, RetrainCfg, TrackingCfg
 from gfm_core.config.science import ScienceCfg
+from gfm_core.config.sets import apply_sets
 from gfm_core.errors import ConfigError, DataValidationError
 
 
@@ -35,6 +37,7 @@ class Params(Section):
     retrain: RetrainCfg = RetrainCfg()
     science: ScienceCfg = ScienceCfg()
     presets: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    sets: tuple[str, ...] = Field((), description="the -S key=value overrides applied (recorded by the loader)")
 
     @model_validator(mode="before")
     @classmethod
@@ -151,11 +154,13 @@ def _preset_overrides(presets: dict[str, Any], name: str, source: str, seen: tup
 
 
 def parse_params(raw: dict[str, Any], *, source: str = "params", preset: str | None = None,
-                 overrides: dict[str, Any] | None = None) -> Params:
-    """Validate a raw mapping, applying ``preset`` (or the mapping's own ``preset`` key), then ``overrides``.
+                 overrides: dict[str, Any] | None = None, sets: Sequence[str] = ()) -> Params:
+    """Validate a raw mapping, applying ``preset`` (or the mapping's own ``preset`` key), ``overrides``, then
+    ``sets``.
 
     ``overrides`` are params data too (e.g. :func:`teacher_overrides`), merged before validation, so everything
-    derived from them (the ``imagenet`` model from the teacher) follows.
+    derived from them (the ``imagenet`` model from the teacher) follows. ``sets`` are ``-S key=value`` strings
+    (:mod:`gfm_core.config.sets`), applied last and recorded in ``Params.sets``.
     """
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: expected a mapping at the top level, got {type(raw).__name__}")
@@ -169,7 +174,10 @@ def parse_params(raw: dict[str, Any], *, source: str = "params", preset: str | N
         merged = _deep_merge(raw, _preset_overrides(presets, name, source))
     if overrides:
         merged = _deep_merge(merged, overrides)
+    recorded = tuple(merged.pop("sets", None) or ())  # a dump of Params carries the sets it was made with
+    merged = apply_sets(merged, sets)
     merged["preset"] = name or None
+    merged["sets"] = (*recorded, *sets)
     try:
         return Params.model_validate(merged)
     except ValidationError as e:
@@ -183,8 +191,9 @@ def teacher_overrides(checkpoint: str | Path | None = None, arch: str | None = N
 
 
 def load_params(path: str | Path = "params.yaml", preset: str | None = None,
-                overrides: dict[str, Any] | None = None) -> Params:
-    """Load and validate ``params.yaml`` (``preset``, then ``overrides``); errors name the file, key and problem."""
+                overrides: dict[str, Any] | None = None, sets: Sequence[str] = ()) -> Params:
+    """Load and validate ``params.yaml`` (``preset``, ``overrides``, then ``-S`` ``sets``); errors name the file, key
+    and problem."""
     path = Path(path)
     try:
         raw = yaml.safe_load(path.read_text())
@@ -192,4 +201,4 @@ def load_params(path: str | Path = "params.yaml", preset: str | None = None,
         raise ConfigError(f"{path}: params file not found (pass --params PATH)") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
-    return parse_params(raw or {}, source=str(path), preset=preset, overrides=overrides)
+    return parse_params(raw or {}, source=str(path), preset=preset, overrides=overrides, sets=sets)

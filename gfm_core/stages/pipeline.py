@@ -24,7 +24,8 @@ def run_demo(params: Params) -> Iterator[str]:
     from gfm_core import tracking
 
     tracking.configure(params.tracking)
-    with tracking.stage_run("pipeline", {"preset": params.preset or "paper", "seed": params.seed}):
+    sets = {"sets": " ".join(params.sets)} if params.sets else {}  # -S overrides, as typed
+    with tracking.stage_run("pipeline", {"preset": params.preset or "paper", "seed": params.seed, **sets}):
         yield from _demo_stages(params)
     yield f"[mlflow]    {params.tracking.uri}  (experiment {params.tracking.experiment}; " \
           f"UI: mlflow ui --backend-store-uri {params.tracking.uri})"

@@ -99,3 +99,12 @@ def test_pretrainings_share_one_pool_limited_to_one_at_a_time(repo_root, tmp_pat
     assert instance.get_concurrency_config().pool_config.default_pool_limit == 1
     makefile = (repo_root / "Makefile").read_text()
     assert 'cp orchestration/dagster.yaml "$(DAGSTER_HOME)/dagster.yaml"' in makefile
+
+
+def test_the_project_root_is_a_dagster_project(repo_root):
+    """`dagster dev` / `dagster definitions validate` find the code location from pyproject, without -m."""
+    env_bin = Path(sys.executable).parent
+    out = subprocess.run([str(env_bin / "dagster"), "definitions", "validate"], cwd=repo_root, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "Validation successful for code location gfm-pipeline" in out.stdout + out.stderr
