@@ -182,7 +182,7 @@ def _pretrain(context: dg.AssetExecutionContext, gfm: GfmParams, mlflow: MlflowT
         with mlflow.stage(context, params, "pretrain", name, section) as run_id:
             res = launcher.pretrain(context, gfm, ablation, mlflow_run_id=run_id, params=params)
             _log_start(context, res.summary)
-            _track(files=pretrain_artifacts(section.out_dir))
+            _track(_compute_metrics(res.summary), pretrain_artifacts(section.out_dir))
     return res, run_id, params
 
 
@@ -193,6 +193,13 @@ def _log_start(context: dg.AssetExecutionContext, summary: dict[str, Any]) -> No
         context.log.warning(f"{why}; the earlier run's checkpoints were moved to {summary['set_aside']}")
     else:
         context.log.info(why)
+
+
+def _compute_metrics(summary: dict[str, Any]) -> dict[str, float]:
+    """The numeric fields of a run's compute ledger (``summary.json`` ``compute``), as ``compute.<field>``."""
+    ledger = summary.get("compute") or {}
+    return {f"compute.{k}": float(v) for k, v in ledger.items() if isinstance(v, int | float) and
+            not isinstance(v, bool)}
 
 
 def _start_metadata(summary: dict[str, Any]) -> dict[str, Any]:
@@ -222,6 +229,8 @@ def foundation_model(context: dg.AssetExecutionContext, gfm: GfmParams, mlflow: 
         "device": str(res.summary.get("device")),
         "teacher": f"{teacher.arch} ({teacher.checkpoint})",
         **_start_metadata(res.summary),
+        **_compute_metrics(res.summary),
+        "energy_source": str((res.summary.get("compute") or {}).get("energy_source", "")),
         "loss_curve": _table(_curve(res.history)),
         "metrics_csv": dg.MetadataValue.path(str(params.pretrain.out_dir / "metrics.csv")),
         **_image("reconstructions", params.pretrain.out_dir / "reconstructions.png"),

@@ -4,11 +4,13 @@
 some of them. The top-level ``preset`` key (or ``--preset`` on the CLI) picks the preset in force.
 
 Sections by job: :mod:`.data` (demo data, ingest, validate), :mod:`.pretrain`, :mod:`.downstream` (tasks, models,
-fine-tuning, evaluation), :mod:`.registry` (tracking, promotion, retraining), :mod:`.science`; :mod:`.params`
+fine-tuning, evaluation), :mod:`.registry` (tracking, promotion, retraining), :mod:`.compute` (the ledger's prices),
+:mod:`.science`; :mod:`.params`
 holds the whole file, its presets and the loaders.
 """
 
 from gfm_core.config.base import Section
+from gfm_core.config.compute import ComputeCfg
 from gfm_core.config.data import DemoDataCfg, IngestCfg, ValidateCfg
 from gfm_core.config.downstream import BackboneSpec, EvaluateCfg, FinetuneCfg, TaskCfg, TaskLayout, derive_models
 from gfm_core.config.params import Params, load_params, parse_params, teacher_overrides
@@ -18,6 +20,7 @@ from gfm_core.config.science import EvalSetCfg, ScienceCfg
 
 __all__ = [
     "BackboneSpec",
+    "ComputeCfg",
     "DemoDataCfg",
     "EvalSetCfg",
     "EvaluateCfg",

@@ -10,6 +10,7 @@ import yaml
 from pydantic import ConfigDict, Field, ValidationError, model_validator
 
 from gfm_core.config.base import Section, _deep_merge, _format_error
+from gfm_core.config.compute import ComputeCfg
 from gfm_core.config.data import DemoDataCfg, IngestCfg, ValidateCfg
 from gfm_core.config.downstream import BackboneSpec, EvaluateCfg, FinetuneCfg, TaskCfg, derive_models
 from gfm_core.config.pretrain import PretrainCfg
@@ -36,6 +37,7 @@ class Params(Section):
     promote: PromoteCfg = PromoteCfg()
     retrain: RetrainCfg = RetrainCfg()
     science: ScienceCfg = ScienceCfg()
+    compute: ComputeCfg = ComputeCfg()
     presets: dict[str, dict[str, Any]] = Field(default_factory=dict)
     sets: tuple[str, ...] = Field((), description="the -S key=value overrides applied (recorded by the loader)")
 

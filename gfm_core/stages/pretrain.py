@@ -13,16 +13,18 @@ import csv
 import logging
 import math
 import os
-import time
 from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from gfm_core.config import Params, PretrainCfg
 from gfm_core.errors import ConfigError, DataValidationError
 from gfm_core.io import atomic_write, sha256_file, sha256_json, write_json
+
+if TYPE_CHECKING:
+    from gfm_core.training.ledger import Ledger
 
 log = logging.getLogger(__name__)
 
@@ -44,10 +46,11 @@ class PretrainResult:
     start_step: int = 0  # 0 = a fresh run; k = continued an interrupted run of the same fingerprint after step k
     start_reason: str = ""  # why it resumed or started fresh
     set_aside: Path | None = None  # where a fresh start moved the earlier run's checkpoints
+    ledger: Ledger | None = None  # what this call's training cost (gfm_core.training.ledger)
 
     def tracked_metrics(self) -> dict[str, float]:
-        """What the stage logs at its end (per-step metrics go to MLflow while it trains)."""
-        return {}
+        """What the stage logs at its end (per-step metrics go to MLflow while it trains): the compute ledger."""
+        return self.ledger.metrics() if self.ledger is not None else {}
 
     def tracked_files(self) -> dict[str, Path]:
         """The files the stage's tracked run keeps."""
@@ -187,6 +190,7 @@ def _run_pretrain(
     from gfm_core.training.backends import auto_device
     from gfm_core.training.callbacks import CollapseWarning
     from gfm_core.training.checkpoint import seed_everything
+    from gfm_core.training.ledger import make_ledger, metered
     from gfm_core.training.loop import fit
     from gfm_core.training.optim import param_groups
     from gfm_core.training.setup import loader_factory, make_backend
@@ -207,17 +211,20 @@ def _run_pretrain(
         cfg.student.arch, cfg.teacher.arch if cfg.alpha > 0 else "no teacher", len(stream), steps_per_epoch,
         loop_cfg.total_steps, cfg.backend, cfg.precision, device, loop_cfg.base_lr,
     )
-    t0 = time.perf_counter()
     csv_log = _CsvLog(out_dir / "metrics.csv") if backend.is_main else None
     exports = _ExportAt(objective, export_steps, out_dir, lambda: _backbone_meta(cfg, stream, None))
     if export_steps and getattr(backend, "zero_stage", 0) == 3:
         raise ConfigError("export_steps needs whole weights on rank 0: use zero_stage <= 2")
-    fit_res = fit(
-        objective, loader, backend, loop_cfg, param_groups(objective, cfg.weight_decay),
-        callbacks=[*([csv_log] if csv_log else []), *([probe] if probe else []), exports, *callbacks,
-                   *_tracking_callbacks(params, backend.is_main), CollapseWarning(threshold=1e-4)],
-    )
-    elapsed = time.perf_counter() - t0
+    with metered(device, backend.world_size) as meter:
+        fit_res = fit(
+            objective, loader, backend, loop_cfg, param_groups(objective, cfg.weight_decay),
+            callbacks=[*([csv_log] if csv_log else []), *([probe] if probe else []), exports, *callbacks,
+                       *_tracking_callbacks(params, backend.is_main), CollapseWarning(threshold=1e-4)],
+        )
+    elapsed = meter["wall_s"]
+    ledger = make_ledger(params.compute, wall_s=elapsed, steps=fit_res.steps - fit_res.start_step,
+                         flops_per_step=fit_res.flops_per_step, device=device, world_size=backend.world_size,
+                         precision=cfg.precision, energy=meter["energy"])
 
     backbone, summary = out_dir / "backbone.safetensors", out_dir / "summary.json"
     weights = backend.state_dict()  # collective under ZeRO-3 (gathers the shards): every rank calls it
@@ -233,7 +240,7 @@ def _run_pretrain(
             **learning_margins(fit_res.metrics),
             "start_step": fit_res.start_step, "start_reason": fit_res.start_reason,
             "set_aside": str(fit_res.set_aside) if fit_res.set_aside else None,
-            "fingerprint": loop_cfg.fingerprint,
+            "fingerprint": loop_cfg.fingerprint, "compute": ledger.to_json(),
         })
         if probe is not None:
             recon = probe.save_reconstructions(out_dir / "reconstructions.png")
@@ -244,6 +251,7 @@ def _run_pretrain(
         checkpoint_dir=out_dir / "checkpoints", metrics_csv=out_dir / "metrics.csv", summary_json=summary,
         device=device, images=len(stream.train_images), history=list(fit_res.history), reconstructions=recon,
         start_step=fit_res.start_step, start_reason=fit_res.start_reason, set_aside=fit_res.set_aside,
+        ledger=ledger,
     )
 
 

@@ -56,6 +56,7 @@ from gfm_core.training.checkpoint import (
     save_checkpoint,
     set_aside,
 )
+from gfm_core.training.ledger import StepFlops
 from gfm_core.training.metrics import (
     METRICS_FILE,
     LogWindow,
@@ -148,6 +149,7 @@ class FitResult:
     start_step: int = 0  # the step this call started from (the resumed checkpoint's step, or 0)
     start_reason: str = ""  # why it resumed or started fresh
     set_aside: Path | None = None  # where an earlier run's files went (rank 0 only)
+    flops_per_step: int | None = None  # FLOPs of one optimizer step on all ranks (measured on the first step)
 
 
 
@@ -187,6 +189,7 @@ def fit(
     history: list[dict[str, float]] = []  # one record per log: {"step": int, **metrics}
     last_metrics = last_record(cfg.out_dir / METRICS_FILE) if restored is not None else {}
     last_checkpoint = restored.path if restored is not None else None
+    flops_per_step: int | None = None
     show_bar = cfg.progress and backend.is_main and sys.stderr.isatty()
     bar = tqdm(total=cfg.total_steps, initial=step, disable=not show_bar, desc="train", dynamic_ncols=True)
     try:
@@ -196,7 +199,9 @@ def fit(
             set_lr(backend.optimizer, lr)
 
             # 2. forward -> finite? -> backward, per micro-batch; the last backend.step() clips and updates
-            grad_norm = _optimizer_step(backend, batches, window, cfg.grad_accum, step=step + 1)
+            grad_norm, flops = _optimizer_step(backend, batches, window, cfg.grad_accum, step=step + 1,
+                                               count_flops=flops_per_step is None)  # the call's first step
+            flops_per_step = flops * backend.world_size if flops is not None else flops_per_step
             step += 1
             window.add_grad_norm(grad_norm)
             bar.update(1)
@@ -226,6 +231,7 @@ def fit(
         start_step=start.step,
         start_reason=start.plan.reason,
         set_aside=start.moved,
+        flops_per_step=flops_per_step,
     )
 
 
@@ -326,24 +332,26 @@ def _lr_at(step: int, cfg: LoopCfg) -> float:
 
 
 def _optimizer_step(
-    backend: Backend, batches: MicroBatches, window: LogWindow, grad_accum: int, *, step: int
-) -> float | None:
-    """Optimizer step ``step`` (1-based) over ``grad_accum`` micro-batches; returns the update's grad norm.
+    backend: Backend, batches: MicroBatches, window: LogWindow, grad_accum: int, *, step: int, count_flops: bool
+) -> tuple[float | None, int | None]:
+    """Optimizer step ``step`` (1-based) over ``grad_accum`` micro-batches: ``(grad norm, this rank's FLOPs if
+    counted)`` (:class:`~gfm_core.training.ledger.StepFlops`).
 
     Raises:
         TrainingDivergedError: a micro-batch's loss is not finite (on any rank); raised before the update.
     """
     grad_norm = None
-    for _ in range(grad_accum):
-        batch = batches.next()
-        out = backend.forward(batch)
-        components = scalar_components(out)
-        if not all_finite(components["loss"], backend):
-            raise TrainingDivergedError(step, components)
-        backend.backward(out["loss"])
-        grad_norm = backend.step()  # None until the last micro-batch, which clips and updates
-        window.add(components, batch_size(batch))
-    return grad_norm
+    with StepFlops(enabled=count_flops) as counted:
+        for _ in range(grad_accum):
+            batch = batches.next()
+            out = backend.forward(batch)
+            components = scalar_components(out)
+            if not all_finite(components["loss"], backend):
+                raise TrainingDivergedError(step, components)
+            backend.backward(out["loss"])
+            grad_norm = backend.step()  # None until the last micro-batch, which clips and updates
+            window.add(components, batch_size(batch))
+    return grad_norm, counted.flops
 
 
 def _log(

@@ -60,6 +60,10 @@ def test_ingest_then_pretrain_exports_a_loadable_backbone(demo_params):
     assert summary["steps"] == 4 and summary["train_images"] + summary["holdout_images"] == 130
     assert {"mim_ratio_holdout", "cos_margin_holdout", "mim_holdout_start"} <= set(summary)
     assert summary["teacher_pool"] == 32
+    compute = summary["compute"]  # the ledger: measured FLOPs of a step, device-hours, energy, CO2
+    assert compute["steps"] == 4 and compute["flops"] == 4 * compute["flops_per_step"] > 0
+    assert compute["energy_kwh"] > 0 and compute["co2_kg"] > 0 and compute["device_hours"] > 0
+    assert res.tracked_metrics()["compute.flops_per_step"] == compute["flops_per_step"]
     rows = res.metrics_csv.read_text().splitlines()
     assert rows[0].startswith("step,") and len(rows) == 3  # header + steps 2 and 4
     assert all(k in rows[0] for k in learning)

@@ -116,6 +116,9 @@ def test_whole_graph_materialises_registers_and_gates(repo_root, workdir):
     pre = client.get_run(meta["mlflow_run_id"].value)
     assert pre.data.tags["gfm.stage"] == "pretrain" and pre.data.params["student.arch"]
     assert [m.step for m in client.get_metric_history(pre.info.run_id, "loss")] == [1, 2]  # per step
+    flops = meta["compute.flops_per_step"].value  # the compute ledger: Dagster metadata and MLflow metrics
+    assert flops > 0 and pre.data.metrics["compute.flops_per_step"] == flops
+    assert pre.data.metrics["compute.co2_kg"] > 0 and meta["energy_source"].value
     assert meta["mlflow_run"].value.startswith("http://127.0.0.1:5000/#/experiments/")
     assert os.path.isfile(meta["reconstructions"].value)
     assert meta["reconstructions_image"].value.startswith("![reconstructions](data:image/png;base64,")
