@@ -126,6 +126,32 @@ def _cmd_science(args: argparse.Namespace) -> None:
     print(f"report: {res.report_md} ({res.report_json}); {res.seconds:.0f} s")
 
 
+#: The paper's figures the estimate is set beside (GeoPile images; Table 1's GFM row).
+PAPER_IMAGES, PAPER_V100_HOURS, PAPER_CO2_KG = 587_954, 93.3, 13.3
+
+
+def _cmd_estimate(args: argparse.Namespace) -> None:
+    from gfm_core.errors import ConfigError
+    from gfm_core.io import read_json
+    from gfm_core.training.ledger import extrapolate
+
+    params = _params(args)
+    path = args.summary or params.pretrain.out_dir / "summary.json"
+    ledger = read_json(path).get("compute") if Path(path).is_file() else None
+    if not ledger:
+        raise ConfigError(f"{path}: no compute ledger (run `gfm pretrain` first, or pass --summary)")
+    epochs = args.epochs or params.pretrain.epochs
+    est = extrapolate(ledger, args.images * epochs)
+    s = params.pretrain.student
+    print(f"measured: {est['samples_per_s']:.1f} images/s on {ledger['device_count']} x {ledger['device']}, "
+          f"{s.arch} at {s.img_size} px, {params.pretrain.precision} ({path})")
+    print(f"{args.images:,} images x {epochs} epochs: {est['wall_h']:,.1f} h wall, {est['device_hours']:,.1f} "
+          f"device-hours, {est['energy_kwh']:,.1f} kWh ({ledger['energy_source']}), {est['co2_kg']:,.1f} kg CO2 "
+          f"at {ledger['grid_gco2_per_kwh']:g} g/kWh")
+    print(f"paper (GFM, Table 1): {PAPER_V100_HOURS} V100-hours, {PAPER_CO2_KG} kg CO2 for {PAPER_IMAGES:,} "
+          f"images x 100 epochs (Swin-B student 192 px + Swin-B teacher 224 px)")
+
+
 COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], None], str]] = {
     "demo-data": (_cmd_demo_data, "build the embedded demo GeoPile and downstream tasks from real imagery"),
     "ingest": (_cmd_ingest, "read the pile once: manifest, quarantine report, normalisation stats"),
@@ -135,6 +161,7 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], None], str]] = {
     "finetune": (_cmd_finetune, "fine-tune every (task, model, seed) with the same heads and budget"),
     "evaluate": (_cmd_evaluate, "the comparison report: table, ARP, bootstrap CIs, radar chart"),
     "promote": (_cmd_promote, "register the foundation model; alias it @champion only if the evaluation gate passes"),
+    "estimate": (_cmd_estimate, "extrapolate the last pretraining's measured rates to the full GeoPile schedule"),
     "demo": (_cmd_demo, "run every stage end to end on the embedded demo data"),
     "science": (_cmd_science, "test the paper's claims at small scale (use --preset science): variants x seeds, "
                 "dense probes, paired bootstrap, report"),
@@ -166,6 +193,11 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--max-steps", type=int, default=None, help="override pretrain.max_steps")
             p.add_argument("--ablation", default=None,
                            help="pretrain the ablation of this name in pretrain.ablations (mim_only, distill_only)")
+        if name == "estimate":
+            p.add_argument("--summary", type=Path, default=None,
+                           help="a pretraining's summary.json (default: pretrain.out_dir's)")
+            p.add_argument("--images", type=int, default=PAPER_IMAGES, help="images per epoch (default: GeoPile's)")
+            p.add_argument("--epochs", type=int, default=None, help="epochs (default: pretrain.epochs)")
         if name == "finetune":
             p.add_argument("--task", action="append", help="only this task (repeatable)")
             p.add_argument("--model", action="append", help="only this model (repeatable)")

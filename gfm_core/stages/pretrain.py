@@ -223,6 +223,7 @@ def _run_pretrain(
         )
     elapsed = meter["wall_s"]
     ledger = make_ledger(params.compute, wall_s=elapsed, steps=fit_res.steps - fit_res.start_step,
+                         global_batch=cfg.batch_size * cfg.grad_accum * backend.world_size,
                          flops_per_step=fit_res.flops_per_step, device=device, world_size=backend.world_size,
                          precision=cfg.precision, energy=meter["energy"])
 

@@ -153,6 +153,7 @@ class Ledger:
     """What a training run cost (every field lands in ``summary.json`` / ``result.json`` under ``compute``)."""
 
     wall_s: float
+    samples: int  # training samples processed (steps x global batch)
     device: str
     device_count: int
     device_hours: float
@@ -190,9 +191,10 @@ def _estimate(cfg: ComputeCfg, spec: DeviceSpec | None, on_gpu: bool, count: int
     return watts * count * wall_s, f"estimate ({how} x {count} device(s) x time)"
 
 
-def make_ledger(cfg: ComputeCfg, *, wall_s: float, steps: int, flops_per_step: float | None, device: str,
-                world_size: int, precision: str, energy: tuple[float, str] | None) -> Ledger:
-    """The ledger of a run of ``steps`` optimizer steps in ``wall_s`` seconds on ``world_size`` ranks.
+def make_ledger(cfg: ComputeCfg, *, wall_s: float, steps: int, global_batch: int, flops_per_step: float | None,
+                device: str, world_size: int, precision: str, energy: tuple[float, str] | None) -> Ledger:
+    """The ledger of a run of ``steps`` optimizer steps of ``global_batch`` samples in ``wall_s`` seconds on
+    ``world_size`` ranks.
 
     ``flops_per_step`` is one step's count on all ranks; ``energy`` what :meth:`EnergyMeter.stop` returned
     (None: estimated from power x time).
@@ -208,7 +210,7 @@ def make_ledger(cfg: ComputeCfg, *, wall_s: float, steps: int, flops_per_step: f
         _estimate(cfg, spec, on_gpu, world_size, wall_s)
     kwh = joules / 3.6e6
     return Ledger(
-        wall_s=round(wall_s, 3), device=name, device_count=world_size,
+        wall_s=round(wall_s, 3), samples=steps * global_batch, device=name, device_count=world_size,
         device_hours=wall_s * world_size / 3600, steps=steps, flops_per_step=flops_per_step, flops=flops,
         achieved_tflops=achieved, peak_tflops=peak,
         mfu=achieved / total_peak if achieved is not None and total_peak else None,
@@ -231,3 +233,17 @@ def metered(device: str, world_size: int) -> Iterator[dict[str, Any]]:
         out["energy"] = meter.stop()
         if out["energy"] is None:
             log.debug("no energy counter readable (RAPL/NVML) in pid %d: energy is estimated", os.getpid())
+
+
+def extrapolate(ledger: dict[str, Any], samples: int) -> dict[str, float]:
+    """Device-hours, kWh and kg CO2 of ``samples`` training samples at the rates a run's ledger measured.
+
+    The rates are the run's own (its model, input size, precision and devices): extrapolating to another
+    geometry needs a run at that geometry (the paper preset, or ``benchmarks/pretrain_step.py``).
+    """
+    if not ledger.get("samples") or not ledger.get("wall_s"):
+        raise ValueError("the ledger records no samples or time: nothing to extrapolate from")
+    rate = ledger["samples"] / ledger["wall_s"]  # samples/s on the run's devices together
+    scale = samples / ledger["samples"]
+    return {"samples_per_s": rate, "wall_h": samples / rate / 3600, "device_hours": ledger["device_hours"] * scale,
+            "energy_kwh": ledger["energy_kwh"] * scale, "co2_kg": ledger["co2_kg"] * scale}

@@ -42,8 +42,8 @@ def test_the_papers_ledger_from_its_own_figures():
     v100 = device_spec("Tesla V100-SXM2-32GB")
     assert v100 is not None and v100.tdp_w == 300 and device_spec("AMD EPYC 7B13") is None
     cfg = ComputeCfg(device_watts=v100.tdp_w)
-    led = make_ledger(cfg, wall_s=93.3 * 3600, steps=1000, flops_per_step=2e15, device="cpu", world_size=1,
-                      precision="fp16", energy=None)
+    led = make_ledger(cfg, wall_s=93.3 * 3600, steps=1000, global_batch=2048, flops_per_step=2e15, device="cpu",
+                      world_size=1, precision="fp16", energy=None)
     assert led.device_hours == pytest.approx(93.3)
     assert led.energy_kwh == pytest.approx(27.99) and led.energy_source.startswith("estimate")
     assert led.co2_kg == pytest.approx(13.3, abs=0.005)
@@ -52,7 +52,7 @@ def test_the_papers_ledger_from_its_own_figures():
 
 def test_mfu_against_a_given_peak_and_measured_energy():
     cfg = ComputeCfg(peak_tflops=2.0, grid_gco2_per_kwh=100)
-    led = make_ledger(cfg, wall_s=10.0, steps=5, flops_per_step=2e12, device="cpu", world_size=2,
+    led = make_ledger(cfg, wall_s=10.0, steps=5, global_batch=8, flops_per_step=2e12, device="cpu", world_size=2,
                       precision="bf16", energy=(7.2e6, "rapl"))
     assert led.flops == 1e13 and led.achieved_tflops == pytest.approx(1.0)
     assert led.mfu == pytest.approx(0.25)  # 1 TFLOP/s over 2 devices x 2 TFLOP/s
@@ -80,3 +80,31 @@ def test_rapl_packages_are_summed_and_wrap_around(tmp_path, monkeypatch):
     assert meter.stop() == (500 / 1e6, "rapl")
     monkeypatch.setattr(ledger, "RAPL_ROOT", tmp_path / "none")
     assert EnergyMeter().start().stop() is None  # nothing readable: the ledger estimates
+
+
+def test_extrapolation_scales_the_measured_rates():
+    led = make_ledger(ComputeCfg(), wall_s=100.0, steps=10, global_batch=16, flops_per_step=None, device="cpu",
+                      world_size=1, precision="fp32", energy=(3.6e5, "rapl")).to_json()
+    assert led["samples"] == 160
+    full = ledger.extrapolate(led, 587_954 * 100)  # the full GeoPile schedule
+    assert full["samples_per_s"] == pytest.approx(1.6)
+    assert full["wall_h"] == pytest.approx(587_954 * 100 / 1.6 / 3600)
+    assert full["energy_kwh"] == pytest.approx(0.1 * 587_954 * 100 / 160)
+    with pytest.raises(ValueError, match="no samples"):
+        ledger.extrapolate({**led, "samples": 0}, 10)
+
+
+def test_gfm_estimate_prints_the_extrapolation(tmp_path, repo_root, capsys):
+    from gfm_core import cli
+    from gfm_core.io import write_json
+
+    led = make_ledger(ComputeCfg(), wall_s=100.0, steps=10, global_batch=16, flops_per_step=None, device="cpu",
+                      world_size=1, precision="fp32", energy=None)
+    write_json(tmp_path / "summary.json", {"compute": led.to_json()})
+    argv = ["estimate", "--params", str(repo_root / "params.yaml"), "--summary", str(tmp_path / "summary.json"),
+            "--images", "1600", "--epochs", "2"]
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "1.6 images/s" in out and "1,600 images x 2 epochs: 0.6 h wall" in out and "93.3 V100-hours" in out
+    assert cli.main([*argv[:3], "--summary", str(tmp_path / "none.json")]) == 2
+    assert "no compute ledger" in capsys.readouterr().err
