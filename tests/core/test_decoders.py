@@ -10,11 +10,12 @@ import timm
 import torch
 from helpers.rasters import make_geotiff
 
-from gfm_core.config import BackboneSpec, FinetuneCfg, TaskCfg
+from gfm_core.config import BackboneSpec, FinetuneCfg, TaskCfg, load_params
 from gfm_core.errors import ConfigError
 from gfm_core.models.decoders import POOL_SCALES, FPNDecoder, UPerNetDecoder, build_decoder
 from gfm_core.models.heads import build_task_model
 from gfm_core.stages.finetune import finetune
+from gfm_core.training.setup import schedule
 
 SWIN = "swin_tiny_patch4_window7_224"
 TINY_SWIN = dict(embed_dim=16, depths=(1, 1, 1, 1), num_heads=(1, 1, 1, 1), window_size=4)
@@ -95,6 +96,21 @@ def test_decoder_errors_are_clear():
         UPerNetDecoder([8, 12], 6).train()(_levels(channels=(8, 12), sizes=(4, 2), b=1))
     with pytest.raises(ValueError, match="decoder is an option of the segmentation and change heads"):
         TaskCfg(name="t", head="classification", layout="ucmerced", root=Path("x"), img_size=32, decoder="upernet")
+
+
+def test_paper_preset_uses_upernet_and_40k_iterations(repo_root):
+    paper = load_params(repo_root / "params.yaml", preset="").finetune
+    assert (paper.decoder, paper.decoder_dim) == ("upernet", 512)
+    seg = [t for t in paper.tasks if t.head == "segmentation"]
+    assert [t.name for t in seg] == ["whu", "vaihingen"]
+    for task, n_train in zip(seg, (4736, 344), strict=True):  # the paper's training set sizes
+        assert task.max_steps == 40000
+        for world in (1, 2):  # the step budget binds on any number of GPUs, not the epochs
+            plan = schedule(paper, steps_per_epoch=n_train // paper.batch_size // world, epochs=task.epochs,
+                            limit=task.max_steps, global_batch=paper.batch_size * world)
+            assert (plan["total_steps"], plan["warmup_steps"]) == (40000, 8000)  # 20 of 100 epochs' share
+    demo = load_params(repo_root / "params.yaml", preset="demo").finetune
+    assert demo.decoder == "fpn"
 
 
 def _seg_task(root: Path, n_train: int = 4) -> TaskCfg:
