@@ -13,6 +13,8 @@ from gfm_core.config.pretrain import PretrainCfg
 from gfm_core.task_heads import HEADS
 
 TaskLayout = Literal["ucmerced", "resisc45", "eurosat", "bigearthnet", "oscd", "levircd", "folders"]
+Decoder = Literal["fpn", "upernet"]  # gfm_core.models.decoders.DECODERS
+DECODER_HEADS = ("segmentation", "change")  # the heads whose decoder finetune.decoder / tasks[].decoder choose
 
 
 class TaskCfg(Section):
@@ -64,6 +66,7 @@ class TaskCfg(Section):
     epochs: int | None = Field(None, ge=1, description="override finetune.epochs")
     max_steps: int | None = Field(None, ge=1, description="override finetune.max_steps")
     batch_size: int | None = Field(None, ge=1, description="override finetune.batch_size")
+    decoder: Decoder | None = Field(None, description="override finetune.decoder (segmentation, change heads)")
 
     @model_validator(mode="after")
     def _check(self) -> TaskCfg:
@@ -82,6 +85,9 @@ class TaskCfg(Section):
             raise ValueError(
                 f"task {self.name!r}: num_classes {self.num_classes} != {n_values} mask_values"
             )
+        if self.decoder is not None and self.head not in DECODER_HEADS:
+            heads = " and ".join(DECODER_HEADS)
+            raise ValueError(f"task {self.name!r}: decoder is an option of the {heads} heads, not {self.head!r}")
         if self.value_range is not None and not self.value_range[1] > self.value_range[0]:
             raise ValueError(f"task {self.name!r}: value_range must be (lo, hi) with hi > lo")
         return self
@@ -179,7 +185,11 @@ class FinetuneCfg(Section):
     drop_path_rate: float = Field(0.1, ge=0, lt=1)
     betas: tuple[float, float] = (0.9, 0.999)
     clip_grad: float | None = Field(5.0, gt=0)
-    decoder_dim: int = Field(256, ge=8, description="channels of the FPN decoder (dense heads)")
+    decoder_dim: int = Field(256, ge=8, description="channels of the dense heads' decoder")
+    decoder: Decoder = Field(
+        "fpn", description="decoder of the segmentation and change heads: fpn | upernet (UPerNet: PPM + FPN, as "
+        "MMSegmentation's UPerHead); super-resolution keeps its FPN"
+    )
     augment: bool = Field(True, description="random horizontal flips of training samples")
     cache_samples: bool = Field(False, description="keep decoded training images in memory (small sets)")
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"

@@ -9,9 +9,9 @@ final LayerNorm is kept and applied to the last level (``norm=True``), as in its
 Heads (``forward(features, image) -> output``):
 
 - ``classification`` / ``multilabel``: global average pool of the last level -> linear (logits ``[B, K]``).
-- ``segmentation``: FPN decoder (lateral 1x1, top-down sum, 3x3 smoothing, all levels fused at stride 4, in
-  the spirit of UPerNet's FPN part) -> 1x1 classifier, upsampled to the input size (``[B, K, H, W]``).
-- ``change``: siamese: the shared backbone encodes both dates; per level ``|f_A - f_B|`` feeds the FPN decoder
+- ``segmentation``: a decoder of :mod:`gfm_core.models.decoders` (``fpn`` or ``upernet``, fused at stride 4)
+  -> 1x1 classifier, upsampled to the input size (``[B, K, H, W]``).
+- ``change``: siamese: the shared backbone encodes both dates; per level ``|f_A - f_B|`` feeds the decoder
   -> 2-class logits ``[B, 2, H, W]``.
 - ``superres``: FPN decoder -> 3x3 conv -> ``PixelShuffle(4)`` back to the input size, added to the (bicubic
   upsampled, normalised) input image: a residual ``[B, C, H, W]`` in normalised units.
@@ -32,6 +32,7 @@ from torch import Tensor, nn
 
 from gfm_core.errors import ConfigError, DataValidationError
 from gfm_core.losses import dice_loss
+from gfm_core.models.decoders import DECODERS, FPNDecoder, build_decoder
 from gfm_core.task_heads import HeadRegistry
 
 
@@ -78,40 +79,6 @@ def _in_chans(model: nn.Module) -> int:
     if value is None:
         value = getattr(model, "pretrained_cfg", {}).get("input_size", (3,))[0]
     return int(value)
-
-
-class ConvNormAct(nn.Sequential):
-    """Conv2d (no bias) -> BatchNorm2d -> ReLU."""
-
-    def __init__(self, cin: int, cout: int, k: int = 1) -> None:
-        super().__init__(
-            nn.Conv2d(cin, cout, k, padding=k // 2, bias=False), nn.BatchNorm2d(cout), nn.ReLU(True)
-        )
-
-
-class FPNDecoder(nn.Module):
-    """Feature pyramid: lateral 1x1, top-down sum, 3x3 smoothing, then every level fused at the finest stride.
-
-    ``[B, C_i, h_i, w_i]`` per level -> ``[B, dim, h_0, w_0]``.
-    """
-
-    def __init__(self, channels: Sequence[int], dim: int) -> None:
-        super().__init__()
-        self.lateral = nn.ModuleList(ConvNormAct(c, dim, 1) for c in channels)
-        self.smooth = nn.ModuleList(ConvNormAct(dim, dim, 3) for _ in channels)
-        self.fuse = ConvNormAct(dim * len(channels), dim, 1)
-
-    def forward(self, feats: Sequence[Tensor]) -> Tensor:
-        """Fuse the levels into one ``[B, dim, h_0, w_0]`` map."""
-        lat = [conv(f) for conv, f in zip(self.lateral, feats, strict=True)]
-        for i in range(len(lat) - 1, 0, -1):
-            lat[i - 1] = lat[i - 1] + F.interpolate(lat[i], size=lat[i - 1].shape[-2:], mode="nearest")
-        size = lat[0].shape[-2:]
-        outs = [
-            F.interpolate(s(x), size=size, mode="bilinear", align_corners=False) if i else s(x)
-            for i, (s, x) in enumerate(zip(self.smooth, lat, strict=True))
-        ]
-        return self.fuse(torch.cat(outs, dim=1))
 
 
 def dense(logits: Tensor, size: Sequence[int]) -> Tensor:
@@ -199,8 +166,9 @@ class MultilabelHead(ClassificationHead):
 
 @TASK_HEADS.register
 class SegmentationHead(TaskHead):
-    """FPN decoder -> dropout -> 1x1 classifier, upsampled to the input size: ``[B, K, H, W]``.
+    """Decoder -> dropout -> 1x1 classifier, upsampled to the input size: ``[B, K, H, W]``.
 
+    ``decoder``: ``fpn`` or ``upernet`` (:data:`gfm_core.models.decoders.DECODERS`), ``decoder_dim`` channels.
     ``ignore_index``: the mask value that is neither trained on nor scored.
     """
 
@@ -213,13 +181,14 @@ class SegmentationHead(TaskHead):
         num_outputs: int,
         *,
         decoder_dim: int = 256,
+        decoder: str = "fpn",
         dropout: float = 0.1,
         ignore_index: int = 255,
         **_: Any,
     ) -> None:
         super().__init__(channels, reductions, num_outputs)
         self.ignore_index = ignore_index
-        self.decoder = FPNDecoder(self.channels, decoder_dim)
+        self.decoder = build_decoder(decoder, self.channels, decoder_dim)
         self.drop = nn.Dropout2d(dropout)
         self.classifier = nn.Conv2d(decoder_dim, num_outputs, 1)
 
@@ -239,7 +208,7 @@ class SegmentationHead(TaskHead):
 
 @TASK_HEADS.register
 class ChangeHead(SegmentationHead):
-    """Siamese change detection: per level ``|f_A - f_B|`` -> FPN -> 2-class logits ``[B, 2, H, W]``."""
+    """Siamese change detection: per level ``|f_A - f_B|`` -> decoder -> 2-class logits ``[B, 2, H, W]``."""
 
     head = "change"
     siamese = True
@@ -378,14 +347,27 @@ class TaskModel(nn.Module):
 
 
 def build_task_model(
-    task: str, backbone: nn.Module, *, num_outputs: int, decoder_dim: int = 256, **head_kwargs: Any
+    task: str,
+    backbone: nn.Module,
+    *,
+    num_outputs: int,
+    decoder_dim: int = 256,
+    decoder: str = "fpn",
+    **head_kwargs: Any,
 ) -> TaskModel:
     """Wrap ``backbone`` (a timm model) in the adapter and attach a new ``TASK_HEADS[task]`` head.
 
+    ``decoder`` (``fpn`` | ``upernet``) is the segmentation and change heads' decoder; the super-resolution head
+    keeps its FPN, the classification heads have none.
+
     Raises:
-        ConfigError: unknown task, or a backbone without timm's intermediate-feature API.
+        ConfigError: unknown task or decoder, or a backbone without timm's intermediate-feature API.
     """
     cls: Callable[..., TaskHead] = head_class(task)  # every registered head takes the head kwargs
+    if decoder not in DECODERS:
+        raise ConfigError(f"unknown decoder {decoder!r}; valid: {', '.join(DECODERS)}")
     adapter = backbone if isinstance(backbone, FeatureAdapter) else FeatureAdapter(backbone)
-    head = cls(adapter.channels, adapter.reductions, num_outputs, decoder_dim=decoder_dim, **head_kwargs)
+    head = cls(
+        adapter.channels, adapter.reductions, num_outputs, decoder_dim=decoder_dim, decoder=decoder, **head_kwargs
+    )
     return TaskModel(adapter, head, task)

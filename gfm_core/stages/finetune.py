@@ -159,8 +159,8 @@ def finetune(
     data = _datasets(cfg, task, spec, loaded, seed)
     seed_everything(seed)  # the head's init depends on the seed only, not on what was loaded before
     model = build_task_model(task.head, loaded.model, num_outputs=data.train.num_outputs,
-                             decoder_dim=cfg.decoder_dim, ignore_index=task.ignore_index, mean=loaded.mean,
-                             std=loaded.std)
+                             decoder_dim=cfg.decoder_dim, decoder=task.decoder or cfg.decoder,
+                             ignore_index=task.ignore_index, mean=loaded.mean, std=loaded.std)
     objective = Finetune(model)
     batch = min(task.batch_size or cfg.batch_size, len(data.train))
     if batch < (task.batch_size or cfg.batch_size):
