@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -84,6 +85,11 @@ def dvc_lineage(backbone: Path, lock: Path = Path("dvc.lock")) -> dict[str, str]
     return {}
 
 
+def _finite(v: float | None) -> float | None:
+    """A score for JSON: rounded, None when missing or NaN."""
+    return round(v, 4) if v is not None and math.isfinite(v) else None
+
+
 def run_promote(params: Params, *, report: Any = None, tags: dict[str, str] | None = None) -> PromoteResult:
     """Register the candidate backbone as a new ``promote.model_name`` version; alias it only if the gate passes.
 
@@ -106,7 +112,10 @@ def run_promote(params: Params, *, report: Any = None, tags: dict[str, str] | No
     spec = params.model(cfg.candidate)
     if spec.path is None or spec.kind != "export":
         raise ConfigError(f"promote.candidate {cfg.candidate!r} must be an exported backbone (kind: export)")
-    card = tracking.model_card(spec.path, params, metrics={f"arp.{m}": v for m, v in report.arp.items()})
+    table = {m: {t: _finite(report.mean[m].get(f"{t}/{report.headlines[t]}")) for t in report.tasks}
+             for m in report.models}
+    card = tracking.model_card(spec.path, params, metrics={f"arp.{m}": v for m, v in report.arp.items()},
+                               evaluation={"headlines": dict(report.headlines), "scores": table})
     version = tracking.register_backbone(spec.path, cfg.model_name, lineage_tags(params, spec.path, tags), card=card)
     decision = tracking.promote(version, report, cfg, params=params)
     return PromoteResult(cfg.model_name, version, decision.promoted, decision.reasons, decision.candidate_arp,

@@ -70,3 +70,14 @@ def test_per_step_metrics_reach_the_run(store):
     assert [(m.step, m.value) for m in hist] == [(1, 1.0), (2, 0.5)]
     assert mlflow.get_run(run_id).data.params["pretrain.alpha"] == "1.0"
     assert tracking.callbacks() == []  # outside a run: untracked
+
+
+def test_card_markdown_tables_the_evaluation_and_keeps_bulky_stats_last():
+    from gfm_core.tracking.card import card_markdown
+
+    card = {"architecture": "swin", "pile_norm_stats": {"a": [1, 2]}, "limitations": "RGB only",
+            "evaluation": {"headlines": {"scene": "acc", "seg": "mIoU"},
+                           "scores": {"gfm": {"scene": 0.5, "seg": None}, "random": {"scene": 0.25, "seg": 0.125}}}}
+    md = card_markdown(card, "m")
+    assert "| model | scene acc | seg mIoU |" in md and "| gfm | 0.5 | - |" in md and "| random | 0.25 | 0.125 |" in md
+    assert md.index("**limitations**") < md.index("**pile_norm_stats**")

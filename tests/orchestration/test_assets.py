@@ -147,6 +147,9 @@ def test_whole_graph_materialises_registers_and_gates(repo_root, workdir):
     assert v1.tags["gfm.dagster_run_id"] == first.run_id and v1.tags["gfm.gate"] == "passed"
     assert len(v1.tags["gfm.teacher_sha256"]) == 64
     assert "normalisation" in v1.description and "architecture" in v1.description  # the model card
+    for section in ("intended_use", "wavelengths_um", "training_data", "compute", "co2", "evaluation",
+                    "limitations"):  # Hugging Face / Clay card fields
+        assert f"**{section}**" in v1.description, section
 
     # @champion loads the backbone: as timm (registry helper) and as an MLflow pyfunc
     tracking.configure(defs.resources["gfm"].load().tracking)
