@@ -5,12 +5,13 @@ report over the same tasks:
 
 1. its ARP beats the ARP of every model in ``promote.must_beat`` (default: every other evaluated model: ImageNet,
    random init, ablations, the trivial row);
-2. it beats the current champion: the paired bootstrap interval of ``ARP(candidate) - ARP(champion)`` lies
-   above ``promote.min_gain`` (its lower bound is greater). Both models are scored on the *same* test samples
-   and seeds; each replicate resamples the samples (and seeds) of every task with replacement and recomputes
-   each task's headline metric from per-sample statistics (:mod:`gfm_core.evaluation.metrics`). ARP is taken
-   against the current evaluation's baseline scores, so the difference is
-   ``mean_t 100 * (s_cand_t - s_champ_t) / |s_base_t|``;
+2. it beats the current champion: the paired bootstrap interval of the candidate's ARP *with the champion as
+   the baseline*, ``mean_t 100 * (s_cand_t - s_champ_t) / |s_champ_t|``, lies above ``promote.min_gain`` (its
+   lower bound is greater). Both models are scored on the *same* test samples and seeds; each replicate
+   resamples the samples (and seeds) of every task with replacement and recomputes each task's headline metric
+   from per-sample statistics (:mod:`gfm_core.evaluation.metrics`). The reference is the champion's raw score,
+   not the evaluation's ImageNet baseline, so a retraining on a new teacher (which moves that baseline) cannot
+   win by moving it;
 3. the evaluation is complete when ``promote.require_complete`` is set.
 
 The champion's per-sample statistics (its *evidence*) are stored as artifacts of the promotion run that

@@ -1,4 +1,11 @@
-"""The candidate against the champion: a paired bootstrap of their ARP difference on the same test samples."""
+"""The candidate against the champion: a paired bootstrap of the candidate's ARP *with the champion as the
+baseline* on the same test samples and seeds.
+
+The reference is the champion's own headline score per task, not the current evaluation's ImageNet baseline: when
+the teacher changes (a retraining on a newly released teacher), the ImageNet baseline of the new evaluation moves
+with it, and a gain measured against it could come from the moved baseline alone. Raw headline metrics of the two
+backbones on the same samples, scaled by the champion's score, cannot.
+"""
 
 from __future__ import annotations
 
@@ -13,7 +20,8 @@ from gfm_core.registry.evidence import TaskEvidence
 
 @dataclass(frozen=True)
 class ArpDifference:
-    """``ARP(candidate) - ARP(champion)`` with its paired bootstrap percentile interval."""
+    """The candidate's relative performance over the champion, ``mean_t 100 * (s_cand_t - s_champ_t) / |s_champ_t|``
+    (ARP with the champion as the baseline), with its paired bootstrap percentile interval."""
 
     diff: float
     lo: float
@@ -40,13 +48,13 @@ def _aligned(cand: TaskEvidence, champ: TaskEvidence) -> tuple[dict[int, dict[st
 def arp_difference(
     candidate: Mapping[str, TaskEvidence],
     champion: Mapping[str, TaskEvidence],
-    baseline_scores: Mapping[str, float],
     *,
     n_bootstrap: int = 1000,
     ci: float = 0.95,
     seed: int = 0,
 ) -> tuple[ArpDifference | None, list[str]]:
-    """Paired bootstrap of ``ARP(candidate) - ARP(champion)`` over every task of ``candidate``.
+    """Paired bootstrap of the candidate's ARP against the champion (:class:`ArpDifference`) over every task of
+    ``candidate``; each replicate's tasks are scaled by the champion's point score (the fixed reference).
 
     Seeds pair by value (seed ``s`` of one with seed ``s`` of the other) and samples by id. Returns
     ``(None, reasons)`` when the two cannot be paired on every task.
@@ -69,15 +77,15 @@ def arp_difference(
             reasons.append(f"task {task}: no seed in common (candidate {sorted(cand.stats)}, "
                            f"champion {sorted(champ_stats)})")
             continue
-        base = baseline_scores.get(task, math.nan)
+        champ_ev = TaskEvidence(task, cand.head, cand.headline, cand.ids, champ_stats)
+        base = champ_ev.score(seeds)
         if not math.isfinite(base) or base == 0:
-            reasons.append(f"task {task}: baseline score {base} cannot scale relative performance")
+            reasons.append(f"task {task}: the champion's score {base} cannot scale relative performance")
             continue
         draws = bootstrap_draws(len(cand.ids), len(seeds), n_bootstrap, seed + i)
         a = bootstrap_values(cand.head, cand.headline, [cand.stats[s] for s in seeds], draws)
         b = bootstrap_values(cand.head, cand.headline, [champ_stats[s] for s in seeds], draws)
-        champ_ev = TaskEvidence(task, cand.head, cand.headline, cand.ids, champ_stats)
-        point = cand.score(seeds) - champ_ev.score(seeds)
+        point = cand.score(seeds) - base
         per_task.append((task, tuple(seeds), 100.0 * point / abs(base), 100.0 * (a - b) / abs(base)))
     if reasons or not per_task:
         return None, reasons or ["the candidate has no evaluated task"]

@@ -148,8 +148,8 @@ def _against_champion(
 ) -> tuple[str, float | None, ArpDifference | None, list[str]]:
     """``(method, champion ARP, ARP difference, reasons)`` of the candidate against the champion ``current``.
 
-    ``bootstrap`` when the champion has stored evidence (paired interval of the ARP gain), else ``point``
-    (its ``gfm.arp`` tag).
+    ``bootstrap`` when the champion has stored evidence (paired interval of the candidate's ARP with the champion
+    as the baseline: :mod:`gfm_core.registry.comparison`), else ``point`` (its ``gfm.arp`` tag).
     """
     cand = evaluation.arp.get(evaluation.candidate, math.nan)
     champ_version = str(current.version)
@@ -157,16 +157,17 @@ def _against_champion(
     run_id = current.tags.get("gfm.evidence_run_id")
     if run_id:
         champ_ev = _champion_evidence(client, name, champ_version, run_id)
-        diff, why = arp_difference(evaluation.evidence, champ_ev, evaluation.baseline_scores,
-                                   n_bootstrap=n_bootstrap, ci=ci, seed=seed)
+        diff, why = arp_difference(evaluation.evidence, champ_ev, n_bootstrap=n_bootstrap, ci=ci, seed=seed)
         if diff is None:
             return "bootstrap", None, None, [f"cannot compare with champion v{champ_version}: {w}" for w in why]
         if not diff.lo > cfg.min_gain:
             reasons.append(
-                f"ARP gain over champion v{champ_version} is {diff.diff:+.2f} with {diff.ci:.0%} interval "
-                f"[{diff.lo:+.2f}, {diff.hi:+.2f}]; its lower bound must exceed {cfg.min_gain:+.2f}"
+                f"relative gain over champion v{champ_version} (ARP with the champion as baseline) is "
+                f"{diff.diff:+.2f} with {diff.ci:.0%} interval [{diff.lo:+.2f}, {diff.hi:+.2f}]; its lower bound "
+                f"must exceed {cfg.min_gain:+.2f}"
             )
-        return "bootstrap", cand - diff.diff, diff, reasons
+        raw = current.tags.get("gfm.arp")  # the champion's ARP when it was judged (against its own baseline)
+        return "bootstrap", float(raw) if raw is not None else None, diff, reasons
     raw = current.tags.get("gfm.arp")
     champ_arp = float(raw) if raw is not None else None
     if champ_arp is None or not math.isfinite(champ_arp):
