@@ -12,7 +12,7 @@ from gfm_core.config.base import Section
 from gfm_core.config.pretrain import PretrainCfg
 from gfm_core.task_heads import HEADS
 
-TaskLayout = Literal["ucmerced", "resisc45", "eurosat", "bigearthnet", "oscd", "levircd", "folders"]
+TaskLayout = Literal["ucmerced", "resisc45", "eurosat", "bigearthnet", "oscd", "levircd", "folders", "geobench"]
 
 
 class TaskCfg(Section):
@@ -32,6 +32,10 @@ class TaskCfg(Section):
     bands: tuple[int, ...] | None = Field(
         None, description="1-based band indexes of multi-band files, in order (Landsat RGB: [3, 2, 1])"
     )
+    band_names: tuple[str, ...] | None = Field(
+        None, description="bands of multi-band files chosen by name from the files' band descriptions, in order "
+        "(case-insensitive; Sentinel-2 codes and common names match each other): [red, green, blue]; not with bands",
+    )
     band_files: tuple[str, ...] = Field(
         ("B04", "B03", "B02"), description="per-band file names of the bigearthnet/oscd layouts (RGB)"
     )
@@ -47,7 +51,7 @@ class TaskCfg(Section):
         "stretch_source when the task is looked up)",
     )
     classes: tuple[str, ...] | None = Field(
-        None, description="label names (multilabel: None = info.json, else BigEarthNet's 19)"
+        None, description="label names (None: geobench = classes.json; bigearthnet = info.json, else BigEarthNet's 19)"
     )
     num_classes: int | None = Field(None, ge=2, description="segmentation classes (or give mask_values)")
     mask_values: tuple[int, ...] | None = Field(
@@ -82,6 +86,14 @@ class TaskCfg(Section):
             raise ValueError(
                 f"task {self.name!r}: num_classes {self.num_classes} != {n_values} mask_values"
             )
+        if self.band_names is not None:
+            if self.bands is not None:
+                raise ValueError(f"task {self.name!r}: give bands (indexes) or band_names, not both")
+            if not self.band_names or self.layout in ("bigearthnet", "oscd"):
+                raise ValueError(
+                    f"task {self.name!r}: band_names must name bands of multi-band files (layout {self.layout!r} "
+                    "reads one file per band: use band_files)"
+                )
         if self.value_range is not None and not self.value_range[1] > self.value_range[0]:
             raise ValueError(f"task {self.name!r}: value_range must be (lo, hi) with hi > lo")
         return self
