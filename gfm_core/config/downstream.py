@@ -18,9 +18,9 @@ TaskLayout = Literal["ucmerced", "resisc45", "eurosat", "bigearthnet", "oscd", "
 class TaskCfg(Section):
     """One downstream task: its local data folder and layout, head, input geometry and label handling.
 
-    Images are read band by band (``bands`` / ``band_files``), scaled to [0, 1] with ``value_range``, resized
-    to ``img_size`` and normalised with the backbone's own mean/std. Labels (masks, change maps, HR targets)
-    stay at their native size; predictions are resized to them.
+    Images are read band by band (``bands`` / ``band_names`` / ``band_files``), scaled to [0, 1] with
+    ``value_range``, resized to ``img_size`` and normalised with the backbone's own mean/std. Labels (masks, change
+    maps, HR targets) stay at their native size; predictions are resized to them.
     """
 
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
