@@ -82,3 +82,11 @@ def test_geobench_missing_image_and_ambiguous_band_names(tmp_path):
     ds = _ds(_task(root, "multilabel", band_names=("red", "green", "blue")))
     with pytest.raises(DataValidationError, match=r"a\.tif: band name 'red' matches bands \[1, 2\]"):
         ds[0]
+
+
+def test_band_names_on_a_file_without_band_descriptions_say_so(tmp_path):
+    root = _geobench(tmp_path, ["a,train,1"])
+    ds = _ds(_task(root, "multilabel", band_names=("red", "green", "blue")))
+    with pytest.raises(DataValidationError, match=r"a\.tif: band\(s\) \['red', 'green', 'blue'\] not found; .*"
+                       r"descriptions are \[None, None, None, None\] \(the file names no bands: select them"):
+        ds[0]

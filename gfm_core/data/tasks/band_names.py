@@ -69,8 +69,9 @@ def resolve_band_names(path: Path, wanted: Sequence[str], found: Sequence[str | 
         else:
             missing.append(name)
     if missing:
+        hint = "" if any(found) else " (the file names no bands: select them with bands, 1-based indexes)"
         raise DataValidationError(
             f"{path}: band(s) {missing} not found; wanted band_names {list(wanted)}, the file's band descriptions "
-            f"are {list(found)}"
+            f"are {list(found)}{hint}"
         )
     return tuple(out)
