@@ -55,8 +55,8 @@ class HeadSpec:
 HEADS: dict[str, HeadSpec] = {
     spec.name: spec
     for spec in (
-        HeadSpec("classification", "label", "acc", ("acc",), ("ucmerced", "resisc45", "eurosat")),
-        HeadSpec("multilabel", "label", "mAP", ("mAP",), ("bigearthnet",)),
+        HeadSpec("classification", "label", "acc", ("acc",), ("ucmerced", "resisc45", "eurosat", "geobench")),
+        HeadSpec("multilabel", "label", "mAP", ("mAP",), ("bigearthnet", "geobench")),
         HeadSpec("segmentation", "mask", "mIoU", ("mIoU",), ("folders",), ("images", "masks"), ("image", "mask")),
         HeadSpec("change", "mask", "F1", ("precision", "recall", "F1"), ("levircd", "oscd", "folders"),
                  ("A", "B", "label"), ("A", "B", "label")),

@@ -12,7 +12,7 @@ from gfm_core.config.base import Section
 from gfm_core.config.pretrain import PretrainCfg
 from gfm_core.task_heads import HEADS
 
-TaskLayout = Literal["ucmerced", "resisc45", "eurosat", "bigearthnet", "oscd", "levircd", "folders"]
+TaskLayout = Literal["ucmerced", "resisc45", "eurosat", "bigearthnet", "oscd", "levircd", "folders", "geobench"]
 Decoder = Literal["fpn", "upernet"]  # gfm_core.models.decoders.DECODERS
 DECODER_HEADS = ("segmentation", "change")  # the heads whose decoder finetune.decoder / tasks[].decoder choose
 
@@ -20,9 +20,9 @@ DECODER_HEADS = ("segmentation", "change")  # the heads whose decoder finetune.d
 class TaskCfg(Section):
     """One downstream task: its local data folder and layout, head, input geometry and label handling.
 
-    Images are read band by band (``bands`` / ``band_files``), scaled to [0, 1] with ``value_range``, resized
-    to ``img_size`` and normalised with the backbone's own mean/std. Labels (masks, change maps, HR targets)
-    stay at their native size; predictions are resized to them.
+    Images are read band by band (``bands`` / ``band_names`` / ``band_files``), scaled to [0, 1] with
+    ``value_range``, resized to ``img_size`` and normalised with the backbone's own mean/std. Labels (masks, change
+    maps, HR targets) stay at their native size; predictions are resized to them.
     """
 
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
@@ -33,6 +33,10 @@ class TaskCfg(Section):
     window_size: int | None = Field(None, ge=1, description="Swin window at img_size; None = the backbone's")
     bands: tuple[int, ...] | None = Field(
         None, description="1-based band indexes of multi-band files, in order (Landsat RGB: [3, 2, 1])"
+    )
+    band_names: tuple[str, ...] | None = Field(
+        None, description="bands of multi-band files chosen by name from the files' band descriptions, in order "
+        "(case-insensitive; Sentinel-2 codes and common names match each other): [red, green, blue]; not with bands",
     )
     band_files: tuple[str, ...] = Field(
         ("B04", "B03", "B02"), description="per-band file names of the bigearthnet/oscd layouts (RGB)"
@@ -49,7 +53,7 @@ class TaskCfg(Section):
         "stretch_source when the task is looked up)",
     )
     classes: tuple[str, ...] | None = Field(
-        None, description="label names (multilabel: None = info.json, else BigEarthNet's 19)"
+        None, description="label names (None: geobench = classes.json; bigearthnet = info.json, else BigEarthNet's 19)"
     )
     num_classes: int | None = Field(None, ge=2, description="segmentation classes (or give mask_values)")
     mask_values: tuple[int, ...] | None = Field(
@@ -88,6 +92,14 @@ class TaskCfg(Section):
         if self.decoder is not None and self.head not in DECODER_HEADS:
             heads = " and ".join(DECODER_HEADS)
             raise ValueError(f"task {self.name!r}: decoder is an option of the {heads} heads, not {self.head!r}")
+        if self.band_names is not None:
+            if self.bands is not None:
+                raise ValueError(f"task {self.name!r}: give bands (indexes) or band_names, not both")
+            if not self.band_names or self.layout in ("bigearthnet", "oscd"):
+                raise ValueError(
+                    f"task {self.name!r}: band_names must name bands of multi-band files (layout {self.layout!r} "
+                    "reads one file per band: use band_files)"
+                )
         if self.value_range is not None and not self.value_range[1] > self.value_range[0]:
             raise ValueError(f"task {self.name!r}: value_range must be (lo, hi) with hi > lo")
         return self

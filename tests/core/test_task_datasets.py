@@ -311,6 +311,7 @@ def test_superres_folders(tmp_path):
         ("resisc45", "classification", lambda r: r.mkdir(), "{root}/NWPU-RESISC45"),
         ("eurosat", "classification", lambda r: r.mkdir(), "{root}/ds/images/remote_sensing"),
         ("bigearthnet", "multilabel", lambda r: r.mkdir(), "{root}/BigEarthNet-v1.0"),
+        ("geobench", "multilabel", lambda r: r.mkdir(), "{root}/classes.json"),
         ("oscd", "change", lambda r: r.mkdir(), f"{{root}}/{OSCD_IMAGES}"),
         ("levircd", "change", lambda r: r.mkdir(), "{root}/A"),
         (

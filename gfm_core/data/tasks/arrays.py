@@ -18,6 +18,7 @@ from torch import Tensor
 from gfm_core.config import TaskCfg
 from gfm_core.data.raster.reader import read_image
 from gfm_core.data.raster.stretch import Stretch
+from gfm_core.data.tasks.band_names import band_descriptions, resolve_band_names
 from gfm_core.data.tasks.index import DatasetNotFoundError
 from gfm_core.errors import RasterReadError
 
@@ -29,7 +30,7 @@ def read_array(path: Path | tuple[Path, ...], cfg: TaskCfg) -> np.ndarray:
 
 
 def read_bands(path: Path | tuple[Path, ...], cfg: TaskCfg) -> np.ndarray:
-    """[C, H, W] float32 in [0, 1]: one multi-band file (``cfg.bands``) or one file per band (resampled)."""
+    """[C, H, W] float32 in [0, 1]: one multi-band file (``bands``/``band_names``) or one file per band (resampled)."""
     if isinstance(path, tuple):
         layers: list[np.ndarray] = []
         for p in path:
@@ -44,7 +45,10 @@ def read_bands(path: Path | tuple[Path, ...], cfg: TaskCfg) -> np.ndarray:
         return np.stack(layers)
     if not path.is_file():
         raise DatasetNotFoundError(path, "image file", cfg)
-    return read_image(path, bands=cfg.bands, value_range=cfg.value_range, min_size=1).array
+    bands = cfg.bands
+    if cfg.band_names is not None:
+        bands = resolve_band_names(path, cfg.band_names, band_descriptions(path))
+    return read_image(path, bands=bands, value_range=cfg.value_range, min_size=1).array
 
 
 def read_raw(path: Path, cfg: TaskCfg) -> np.ndarray:

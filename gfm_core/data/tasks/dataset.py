@@ -111,7 +111,7 @@ class TaskDataset(Dataset):
             raise ConfigError(
                 f"task {self.cfg.name!r}: images have {x.shape[-3]} bands but the backbone's mean/std has "
                 f"{self.mean.shape[0]} values; select bands with finetune.tasks[{self.cfg.name}].bands "
-                f"(e.g. [3, 2, 1] for Landsat RGB) or .band_files"
+                f"(e.g. [3, 2, 1] for Landsat RGB), .band_names ([red, green, blue]) or .band_files"
             )
         return (x - self.mean) / self.std
 

@@ -31,12 +31,17 @@ class DatasetNotFoundError(DataValidationError, FileNotFoundError):
 
 @dataclass(frozen=True)
 class SampleRef:
-    """One sample before reading: its files, its label (classification) and an optional tile window."""
+    """One sample before reading: its files, its label, an optional tile window.
+
+    ``label`` is a class id (classification); ``labels`` the class ids of a multi-label sample when the layout
+    lists them (``geobench``'s labels.csv).
+    """
 
     id: str
     files: dict[str, Path | tuple[Path, ...]]
     label: int | None = None
     window: tuple[int, int, int, int] | None = None  # col_off, row_off, width, height (label/HR grid)
+    labels: tuple[int, ...] | None = None
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,9 @@ levircd        ``{A,B,label}/<split>_<n>.png`` (masks 0/255)
 folders        ``<split>/<dir>/<stem>.<ext>`` matched by stem across ``TaskCfg.dirs``: ``images,masks``
                (segmentation: Vaihingen, WHU Aerial, ...), ``A,B,label`` (change: DSIFN), ``lr,hr`` (superres:
                SpaceNet2). Large images can be cut into ``tile_size`` tiles.
+geobench       ``<split>/<id>.tif`` + ``labels.csv`` (id, split, label_idx) + ``classes.json``: GEO-Bench-2-style
+               multi-label sets (BigEarthNet v2, TreeSatAI); a single-label view for classification
+               (:mod:`~gfm_core.data.tasks.geobench`)
 =============  ===============================================================================================
 
 :func:`list_task` lists a split as :class:`~gfm_core.data.tasks.index.SampleRef` items (cut into tiles when
@@ -28,6 +31,7 @@ from __future__ import annotations
 import re
 import warnings
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import rasterio
@@ -35,6 +39,7 @@ from rasterio.errors import NotGeoreferencedWarning, RasterioIOError
 
 from gfm_core.config import TaskCfg
 from gfm_core.data.tasks.bigearthnet import list_bigearthnet
+from gfm_core.data.tasks.geobench import list_geobench
 from gfm_core.data.tasks.index import (
     IMAGE_SUFFIXES,
     SPLITS,
@@ -192,6 +197,7 @@ LAYOUTS: dict[str, Callable[[TaskCfg, str], TaskIndex]] = {
     "oscd": list_oscd,
     "levircd": list_levircd,
     "folders": list_folders,
+    "geobench": list_geobench,
 }
 
 
@@ -253,5 +259,5 @@ def _tile_refs(refs: list[SampleRef], cfg: TaskCfg) -> list[SampleRef]:
             )
         for r in _tile_starts(h, tile):
             for c in _tile_starts(w, tile):
-                out.append(SampleRef(f"{ref.id}@{r}_{c}", ref.files, ref.label, (c, r, tile, tile)))
+                out.append(replace(ref, id=f"{ref.id}@{r}_{c}", window=(c, r, tile, tile)))
     return out

@@ -72,7 +72,7 @@ class ClassificationSamples(SampleReader):
 
 @SAMPLE_READERS.register
 class MultilabelSamples(SampleReader):
-    """An image and its multi-hot labels (BigEarthNet's 43 classes folded to 19 when the layout says so)."""
+    """An image and its multi-hot labels: the layout's label indexes, or a label json (43 -> 19 classes for BEN v1)."""
 
     head = "multilabel"
 
@@ -90,6 +90,10 @@ class MultilabelSamples(SampleReader):
         return {"label": torch.from_numpy(raw["label"])}
 
     def _multi_hot(self, ref: SampleRef) -> np.ndarray:
+        target = np.zeros(len(self.ds.classes), np.float32)
+        if ref.labels is not None:  # listed by the layout (geobench's labels.csv)
+            target[list(ref.labels)] = 1
+            return target
         path = ref.files["labels"]
         assert isinstance(path, Path)
         if not path.is_file():
@@ -98,7 +102,6 @@ class MultilabelSamples(SampleReader):
             names = json.loads(path.read_text())["labels"]
         except (json.JSONDecodeError, KeyError, TypeError) as e:
             raise DataValidationError(f"{path}: no 'labels' list ({e})") from e
-        target = np.zeros(len(self.ds.classes), np.float32)
         for name in names:
             if self.ds.meta.get("ben19"):
                 if name not in self.ben43:
