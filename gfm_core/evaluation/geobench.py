@@ -120,7 +120,7 @@ def to_csv(rows: Sequence[LeaderboardRow]) -> str:
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(COLUMNS)
     for r in rows:
-        w.writerow(["" if v is None else repr(v) if isinstance(v, float) else v
+        w.writerow(["" if v is None else repr(float(v)) if isinstance(v, float) else v
                     for v in (getattr(r, f.name) for f in _FIELDS)])
     return buf.getvalue()
 
@@ -182,7 +182,7 @@ def min_max_ranges(scores: Mapping[RunKey, Sequence[float]]) -> dict[str, tuple[
     by_task: dict[str, list[float]] = {}
     for (_, task), vals in scores.items():
         by_task.setdefault(task, []).extend(v for v in vals if not math.isnan(v))
-    return {t: (min(v), max(v)) for t, v in by_task.items() if v}
+    return {t: (float(min(v)), float(max(v))) for t, v in by_task.items() if v}
 
 
 def normalise(

@@ -110,13 +110,15 @@ def test_the_results_csv_round_trips(tmp_path):
     report = _report(_hand_runs(protocol="frozen", scoring="test", label_fraction=0.1))
     rows = [*report.leaderboard,
             replace(report.leaderboard[0], lr=0.1 + 0.2, weight_decay=0.05, batch_size=128, normalized=None,
-                    experiment_name="a, quoted \"name\"", decoder="")]
+                    experiment_name="a, quoted \"name\"", decoder=""),
+            replace(report.leaderboard[1], test_metric=np.float64(0.5))]  # numpy floats are written as numbers
     path = write_csv(tmp_path / "results_and_parameters.csv", rows)
     assert path.read_text().splitlines()[0] == ",".join(COLUMNS)
     back = read_csv(path)
     assert back == rows
     assert {type(v) for r in back for v in (r.seed, r.data_percentages)} == {int}
-    assert back[-1].lr == 0.1 + 0.2 and back[-1].normalized is None and back[-1].early_stop_patience is None
+    assert back[-2].lr == 0.1 + 0.2 and back[-2].normalized is None and back[-2].early_stop_patience is None
+    assert type(back[-1].test_metric) is float and ",0.5," in path.read_text().splitlines()[-1]
     first = back[0]
     assert (first.partition_name, first.data_percentages, first.frozen_or_full_ft, first.protocol) == (
         "0.10x train", 10, "frozen", "frozen")
