@@ -245,4 +245,8 @@ class EvaluateCfg(Section):
         default_factory=dict,
         description="row -> finetune models pooled into it, one per pretraining run; the bootstrap resamples them",
     )
+    iqm: bool = Field(True, description="add the GEO-Bench-2 aggregation: IQM over tasks of min-max normalised "
+                      "scores, stratified bootstrap intervals, results_and_parameters.csv")
+    min_seeds: int = Field(5, ge=1, description="fewer runs of a (model, task) mark its IQM interval weak "
+                           "(GEO-Bench-2 asks for 5)")
     out_dir: Path = Path("outputs/evaluate")

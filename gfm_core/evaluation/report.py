@@ -12,8 +12,13 @@
 - **Pretraining seeds**: ``evaluate.pretraining_seeds`` pools several fine-tuned models, one per pretraining run
   (seed), into one row; its cells average the runs, and its bootstrap resamples the pretraining runs too
   (hierarchically: runs, then fine-tuning seeds, then samples). Other rows are one pretraining each.
-- **Outputs** (atomic): ``report.csv`` (the table + ARP), ``bootstrap.csv``, ``report.md``, ``report.json``
-  and ``radar.png`` (headline metric relative to the baseline, in %, per task).
+- **GEO-Bench-2 aggregation** (:mod:`gfm_core.evaluation.geobench`, ``evaluate.iqm``): beside ARP, the IQM over
+  tasks of min-max normalised scores with stratified bootstrap intervals, and every run as a row of the
+  leaderboard's ``results_and_parameters.csv``; (model, task) pairs under ``evaluate.min_seeds`` runs are flagged.
+- **Protocol**: every fine-tuning result of one report shares ``finetune.protocol`` and ``finetune.scoring``
+  (mixed results are refused); the report states them.
+- **Outputs** (atomic): ``report.csv`` (the table + ARP), ``bootstrap.csv``, ``report.md``, ``report.json``,
+  ``radar.png`` (headline metric relative to the baseline, in %, per task) and ``results_and_parameters.csv``.
 
 This module is the stage's entry point and the public face of the report; the pieces live in
 :mod:`~gfm_core.evaluation.report_data` (what the report holds, ARP), :mod:`~gfm_core.evaluation.report_builder`
@@ -46,7 +51,8 @@ def load_run(result_json: str | Path) -> RunScores:
         res.scores if res.scores.is_absolute() else Path(result_json).parent / res.scores.name
     )
     return RunScores(res.task, res.head, res.model, res.seed, res.headline, dict(res.metrics), ids, stats,
-                     res.backbone_sha256, Path(result_json))
+                     res.backbone_sha256, Path(result_json), protocol=res.protocol, scoring=res.scoring,
+                     label_fraction=res.label_fraction)
 
 
 def evaluate_results(results: Sequence[Any], *, out_dir: str | Path | None = None, **kwargs: Any) -> Report:
@@ -65,6 +71,7 @@ def run_evaluation(params: Params) -> Report:
     Raises:
         CheckpointError: a result is missing and ``evaluate.require_complete`` is true (all are listed).
     """
+    from gfm_core.evaluation.geobench import recipes
     from gfm_core.evaluation.results import RESULT_FILE, result_dir
 
     ev, ft = params.evaluate, params.finetune
@@ -112,6 +119,9 @@ def run_evaluation(params: Params) -> Report:
         missing=missing,
         arp_exclude=ev.arp_exclude,
         pretraining_seeds=ev.pretraining_seeds,
+        iqm=ev.iqm,
+        min_seeds=ev.min_seeds,
+        recipes=recipes(ft),
     )
     report = write_report(report, ev.out_dir)
     log.info("evaluation report: %s", report.paths["markdown"])

@@ -5,16 +5,32 @@ The report's contents are described in :mod:`gfm_core.evaluation.report`.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
+from typing import Any
 
 import numpy as np
 
 from gfm_core.errors import ConfigError, DataValidationError
 from gfm_core.evaluation.bootstrap import group_mean, paired_bootstrap
+from gfm_core.evaluation.geobench import (
+    MIN_SEEDS,
+    LeaderboardRow,
+    Recipe,
+    decoder_name,
+    frozen_or_full_ft,
+    iqm_table,
+    min_max_ranges,
+    normalise,
+    partition_name,
+)
 from gfm_core.evaluation.report_data import BootstrapCI, Report, RunScores, average_relative_performance
+from gfm_core.evaluation.trivial import TRIVIAL
 from gfm_core.task_heads import get_head
+
+log = logging.getLogger(__name__)
 
 Unit = tuple[int, int]  # (pretraining run, fine-tuning seed)
 ByKey = dict[tuple[str, str], dict[Unit, RunScores]]  # (model, task) -> unit -> run
@@ -33,17 +49,22 @@ def build_report(
     missing: Sequence[str] = (),
     arp_exclude: Mapping[str, str] | None = None,
     pretraining_seeds: Mapping[str, Sequence[str]] | None = None,
+    iqm: bool = True,
+    min_seeds: int = MIN_SEEDS,
+    recipes: Mapping[str, Recipe] | None = None,
 ) -> Report:
     """Aggregate runs into the report (no files written; see :func:`~gfm_core.evaluation.report_render.write_report`).
 
     ``pretraining_seeds`` maps a row name to the models it pools, one per pretraining run
-    (:mod:`gfm_core.evaluation.report`).
+    (:mod:`gfm_core.evaluation.report`). With ``iqm`` the GEO-Bench-2 aggregation is added
+    (:mod:`gfm_core.evaluation.geobench`; ``recipes``: each task's fine-tuning settings for its CSV, ``min_seeds``:
+    fewer runs of a (model, task) mark its interval weak).
 
     Raises:
         ConfigError: no runs, the baseline/reference is not among the models, or two pooled rows hold different
             numbers of pretraining runs (they pair by position).
-        DataValidationError: runs of one task were tested on different samples (paired stats impossible), or
-            runs of one model started from different backbone bytes.
+        DataValidationError: runs of one task were tested on different samples (paired stats impossible), runs
+            of one model started from different backbone bytes, or the runs mix protocols or scorings.
     """
     if not runs:
         raise ConfigError("no fine-tuning results to report (run gfm finetune first)")
@@ -61,6 +82,7 @@ def build_report(
     tasks = [t for t in tasks if t in heads]
     _check_same_samples(by_key, tasks)
     backbones = _check_same_backbone(by_key, pooled)
+    protocol, scoring = _one_protocol(by_key)
 
     columns = [(t, m) for t in tasks for m in dict.fromkeys((headlines[t], *get_head(heads[t]).columns))]
     mean, std, seeds = _aggregate(by_key, models, tasks, columns)
@@ -68,6 +90,8 @@ def build_report(
     head_scores = {m: {t: mean[m][f"{t}/{headlines[t]}"] for t in tasks if t not in excluded} for m in models}
     arp = {m: average_relative_performance(head_scores[m], head_scores[baseline]) for m in models}
     cis = _bootstrap_cis(by_key, models, tasks, heads, headlines, reference, n_bootstrap, ci, seed)
+    geo = _geobench(by_key, models, tasks, headlines, pooled, recipes or {}, (n_bootstrap, ci, seed), min_seeds
+                    ) if iqm else {}
     return Report(
         models,
         tasks,
@@ -86,6 +110,9 @@ def build_report(
         backbones={**{m: backbones.get(m) for m in models}, **{m: backbones.get(m) for m in row_of}},
         arp_excluded={t: why for t, why in (arp_exclude or {}).items() if t in tasks},
         pretrainings={row: members for row, members in pooled.items() if row in models},
+        protocol=protocol,
+        scoring=scoring,
+        **geo,
     )
 
 
@@ -236,3 +263,90 @@ def _check_same_samples(by_key: ByKey, tasks: Sequence[str]) -> None:
                         f"{first.model} seed "
                         f"{first.seed} ({len(r.ids)} vs {len(first.ids)}); rerun them on the same test split"
                     )
+
+
+def _one_protocol(by_key: ByKey) -> tuple[str | None, str | None]:
+    """The ``finetune.protocol`` and ``finetune.scoring`` every fine-tuning run shares (None: none recorded).
+
+    Raises:
+        DataValidationError: the runs mix protocols or scorings (one report, one protocol: its numbers compare).
+    """
+    found: list[str | None] = []
+    for attr in ("protocol", "scoring"):
+        seen: dict[str, list[RunScores]] = {}
+        for runs in by_key.values():
+            for r in runs.values():
+                value = getattr(r, attr)
+                if value is not None:
+                    seen.setdefault(value, []).append(r)
+        if len(seen) > 1:
+            parts = "; ".join(f"{v}: {len(rs)} run(s), e.g. {_where(rs[0])}" for v, rs in seen.items())
+            raise DataValidationError(
+                f"the fine-tuning results mix finetune.{attr} values ({parts}); one report holds one protocol and "
+                f"scoring. Re-run `gfm finetune` for every model, task and seed under one finetune.{attr}, or "
+                f"report each set of results on its own (evaluate.models, evaluate.out_dir)"
+            )
+        found.append(next(iter(seen), None))
+    return found[0], found[1]
+
+
+def _where(r: RunScores) -> str:
+    return str(r.source or f"{r.task}/{r.model}/seed_{r.seed}")
+
+
+def _geobench(
+    by_key: ByKey,
+    models: Sequence[str],
+    tasks: Sequence[str],
+    headlines: Mapping[str, str],
+    pooled: Mapping[str, Sequence[str]],
+    recipes: Mapping[str, Recipe],
+    boot: tuple[int, float, int],
+    min_seeds: int,
+) -> dict[str, Any]:
+    """The report fields of the GEO-Bench-2 aggregation: the CSV rows, the normalising ranges, the IQM table
+    (``boot`` = n_bootstrap, ci, seed) and the (model, task) pairs with fewer than ``min_seeds`` runs."""
+    units = {k: sorted(got) for k, got in by_key.items()}
+    scores = {k: [by_key[k][u].metrics.get(headlines[k[1]], math.nan) for u in us] for k, us in units.items()}
+    ranges = min_max_ranges(scores)
+    normed = normalise(scores, ranges)
+    rows = [_leaderboard_row(by_key[(m, t)][u], headlines[t], pooled, recipes.get(t), float(normed[(m, t)][i]))
+            for t in tasks for m in models for i, u in enumerate(units.get((m, t), []))]
+    few = {m: {t: n for t in tasks if 0 < (n := len(units.get((m, t), []))) < min_seeds} for m in models}
+    few = {m: d for m, d in few.items() if d}
+    if few:
+        log.warning("fewer than %d seeds per task (GEO-Bench-2 asks for %d), the IQM intervals are weak: %s",
+                    min_seeds, MIN_SEEDS, "; ".join(f"{m}: {d}" for m, d in few.items()))
+    n_bootstrap, ci, seed = boot
+    table = iqm_table(normed, models, tasks, n_bootstrap=n_bootstrap, ci=ci, seed=seed)
+    return dict(iqm=table, leaderboard=rows, norm_ranges=ranges, few_seeds=few, min_seeds=min_seeds)
+
+
+def _leaderboard_row(
+    r: RunScores, headline: str, pooled: Mapping[str, Sequence[str]], recipe: Recipe | None, normalised: float
+) -> LeaderboardRow:
+    """A run as a ``results_and_parameters.csv`` row (:mod:`gfm_core.evaluation.geobench`: the columns)."""
+    trivial = r.model == TRIVIAL  # no network trained: no decoder, no training settings
+    rec = None if trivial else recipe
+    return LeaderboardRow(
+        dataset=r.task,
+        metric=headline,
+        experiment_name=pooled[r.model][r.pretrain] if r.model in pooled else r.model,
+        partition_name=partition_name(r.label_fraction),
+        backbone=r.model,
+        decoder="" if trivial else rec.decoder if rec else decoder_name(r.head),
+        batch_size_selection="" if trivial else "fixed",
+        frozen_or_full_ft=frozen_or_full_ft(r.protocol),
+        early_stop_patience=None,
+        n_trials=None if trivial else 0,
+        seed=r.seed,
+        data_percentages=round(100 * r.label_fraction),
+        batch_size=rec.batch_size if rec else None,
+        weight_decay=rec.weight_decay if rec else None,
+        lr=rec.lr if rec else None,
+        test_metric=float(r.metrics.get(headline, math.nan)),
+        protocol=r.protocol or "",
+        scoring=r.scoring or "",
+        head=r.head,
+        normalized=None if math.isnan(normalised) else normalised,
+    )

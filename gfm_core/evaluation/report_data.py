@@ -13,6 +13,8 @@ from typing import Any
 
 import numpy as np
 
+from gfm_core.evaluation.geobench import MIN_SEEDS, IQMRow, LeaderboardRow
+
 
 @dataclass(frozen=True)
 class RunScores:
@@ -29,6 +31,9 @@ class RunScores:
     backbone_sha256: str | None = None  # the backbone bytes fine-tuning started from (None: not recorded)
     source: Path | None = None  # the result file
     pretrain: int = 0  # which pretraining run of its (pooled) row the backbone came from
+    protocol: str | None = None  # finetune.protocol of the run (None: not a fine-tuning run, e.g. the trivial row)
+    scoring: str | None = None  # finetune.scoring of the run (None: as for protocol)
+    label_fraction: float = 1.0  # share of the train split it trained on
 
 
 @dataclass(frozen=True)
@@ -87,6 +92,13 @@ class Report:
     backbones: dict[str, str | None] = field(default_factory=dict)  # model -> sha256 its results started from
     arp_excluded: dict[str, str] = field(default_factory=dict)  # task -> why it is not part of ARP
     pretrainings: dict[str, list[str]] = field(default_factory=dict)  # pooled row -> its fine-tuned models
+    protocol: str | None = None  # finetune.protocol of every fine-tuning result (None: not recorded)
+    scoring: str | None = None  # finetune.scoring of every fine-tuning result (None: not recorded)
+    iqm: list[IQMRow] = field(default_factory=list)  # GEO-Bench-2 aggregation (empty: evaluate.iqm off)
+    leaderboard: list[LeaderboardRow] = field(default_factory=list)  # results_and_parameters.csv rows
+    norm_ranges: dict[str, tuple[float, float]] = field(default_factory=dict)  # task -> (min, max) normalising
+    few_seeds: dict[str, dict[str, int]] = field(default_factory=dict)  # model -> task -> runs, under min_seeds
+    min_seeds: int = MIN_SEEDS
 
     def task_mdd(self, task: str) -> float:
         """The median minimal detectable difference of the task's comparisons to the reference (NaN: none)."""
@@ -128,7 +140,23 @@ class Report:
             "mdd": {t: self.task_mdd(t) for t in self.tasks},
             "paths": {k: str(v) for k, v in self.paths.items()},
             "arp_definition": "mean over tasks of 100 * (headline - baseline) / baseline",
+            **self._geobench_json(),
         }
+
+    def _geobench_json(self) -> dict[str, Any]:
+        """The keys the protocol and the GEO-Bench-2 aggregation add to :meth:`to_json`."""
+        out: dict[str, Any] = {"protocol": self.protocol, "scoring": self.scoring}
+        if self.iqm:
+            out["iqm"] = {r.model: r.to_json() for r in self.iqm}
+            out["iqm_definition"] = (
+                "25% trimmed mean over all runs of all tasks of min-max normalised headline scores (min, max over "
+                "every run of the report per task); interval: percentile, stratified bootstrap of the seeds within "
+                "each task (GEO-Bench-2 / rliable)"
+            )
+            out["normalisation"] = {t: list(r) for t, r in self.norm_ranges.items()}
+            out["few_seeds"] = self.few_seeds
+            out["min_seeds"] = self.min_seeds
+        return out
 
 
 def _nan_to_none(obj: Any) -> Any:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from gfm_core.evaluation.geobench import CSV_FILE, write_csv
 from gfm_core.evaluation.report_data import Report
 from gfm_core.evaluation.trivial import TRIVIAL
 from gfm_core.io import write_bytes, write_json, write_text
@@ -33,6 +34,7 @@ def to_markdown(report: Report) -> str:
         f"Cells: mean over seeds (± std when several). "
         f"ARP: mean over tasks of 100 x (headline - {r.baseline}) / "
         f"{r.baseline} (paper Table 1).",
+        *_protocol_lines(r),
         "",
         *_table_lines(r),
         "",
@@ -40,8 +42,55 @@ def to_markdown(report: Report) -> str:
         "",
         *_bootstrap_lines(r),
         *_notes(r),
+        *_iqm_lines(r),
+        *_missing_lines(r),
     ]
     return "\n".join(out) + "\n"
+
+
+def _protocol_lines(r: Report) -> list[str]:
+    """Which protocol produced the fine-tuned numbers (nothing when the runs recorded none)."""
+    if r.protocol is None and r.scoring is None:
+        return []
+    return ["", f"Protocol: {r.protocol or 'not recorded'}, scoring: {r.scoring or 'not recorded'} (every "
+                f"fine-tuning result in this report)."]
+
+
+def _iqm_lines(r: Report) -> list[str]:
+    """The GEO-Bench-2 aggregation: IQM of normalised scores per model, its interval, and the weak ones."""
+    if not r.iqm:
+        return []
+    pct = round(100 * r.ci_level)
+    out = [
+        "",
+        f"## GEO-Bench-2 aggregation: IQM of normalised scores ({pct}% stratified bootstrap CI over seeds)",
+        "",
+        "Each task's headline scores are min-max normalised over every run in this report (0 = its lowest run, "
+        "1 = its highest); the IQM is the 25% trimmed mean over all runs of all tasks; the interval redraws the "
+        f"seeds within each task. Per-run rows: `{CSV_FILE}` (the GEO-Bench-2 leaderboard's columns).",
+        "",
+        "| model | IQM | CI low | CI high | n tasks | n seeds |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for row in r.iqm:
+        cells = ["—" if math.isnan(v) else f"{v:.3f}" for v in (row.iqm, row.lo, row.hi)]
+        out.append(f"| {row.model} | " + " | ".join(cells) + f" | {row.n_tasks} | {row.n_seeds} |")
+    if r.few_seeds:
+        weak = ", ".join(f"{m} ({min(d.values())})" for m, d in r.few_seeds.items())
+        out += ["", f"- **Weak intervals**: fewer than {r.min_seeds} seeds per task (GEO-Bench-2 asks for 5) for "
+                    f"{weak}; so few draws understate the spread."]
+    flat = [t for t in r.tasks if t not in r.norm_ranges or r.norm_ranges[t][0] == r.norm_ranges[t][1]]
+    if flat:
+        out.append(f"- Left out of the IQM, every run scores the same (no range to normalise): {', '.join(flat)}.")
+    for row in r.iqm:
+        if row.missing:
+            out.append(f"- {row.model}: no IQM, no results on {', '.join(row.missing)}.")
+    return out
+
+
+def _missing_lines(r: Report) -> list[str]:
+    """The results that were expected but not found."""
+    return ["", "## Missing results", "", *[f"- {m}" for m in r.missing]] if r.missing else []
 
 
 def _table_lines(r: Report) -> list[str]:
@@ -90,7 +139,7 @@ def _bootstrap_lines(r: Report) -> list[str]:
 
 
 def _notes(r: Report) -> list[str]:
-    """What the intervals resample, the tasks that rank no model, the tasks outside ARP, the missing results."""
+    """What the intervals resample, the tasks that rank no model, the tasks outside ARP."""
     pooled = ", ".join(f"{m} ({len(v)})" for m, v in r.pretrainings.items())
     out = ["", "\\* the interval excludes 0. Intervals resample test samples and fine-tuning seeds (paired)" + (
         f", and the pretraining runs of the pooled rows {pooled}; every other row is one pretraining run, whose "
@@ -103,8 +152,6 @@ def _notes(r: Report) -> list[str]:
                        f"size (MDD about {r.task_mdd(t):.2f} {r.headlines[t]}).")
     if r.arp_excluded:
         out += ["", "Tasks outside ARP: " + "; ".join(f"**{t}** ({why})" for t, why in r.arp_excluded.items())]
-    if r.missing:
-        out += ["", "## Missing results", "", *[f"- {m}" for m in r.missing]]
     return out
 
 
@@ -173,7 +220,8 @@ def radar_png(report: Report) -> bytes:
 
 
 def write_report(report: Report, out_dir: str | Path) -> Report:
-    """Write report.csv, bootstrap.csv, report.md, report.json and radar.png atomically; return with paths."""
+    """Write report.csv, bootstrap.csv, report.md, report.json, radar.png and (with the GEO-Bench-2 aggregation)
+    results_and_parameters.csv atomically; return the report with their paths."""
     out = Path(out_dir)
     paths = {
         "csv": out / "report.csv",
@@ -186,6 +234,8 @@ def write_report(report: Report, out_dir: str | Path) -> Report:
     write_text(paths["bootstrap_csv"], bootstrap_csv(report))
     write_text(paths["markdown"], to_markdown(report))
     write_bytes(paths["radar"], radar_png(report))
+    if report.leaderboard:
+        paths["leaderboard_csv"] = write_csv(out / CSV_FILE, report.leaderboard)
     final = Report(**{**report.__dict__, "paths": paths})
     write_json(paths["json"], final.to_json())
     return final

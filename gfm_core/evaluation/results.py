@@ -43,6 +43,8 @@ class FinetuneResult:
     backbone: dict[str, Any] = field(default_factory=dict)
     label_fraction: float = 1.0
     history: list[dict[str, float]] = field(default_factory=list)
+    protocol: str = "finetune"  # finetune.protocol: finetune | frozen | linear
+    scoring: str = "test"  # finetune.scoring: test (test split, end of training) | paper (val split, best epoch)
 
     @property
     def score(self) -> float:

@@ -24,6 +24,7 @@ from gfm_core.config import (
 from gfm_core.data.tasks.dataset import TaskDataset
 from gfm_core.demo.build import build_demo_data
 from gfm_core.errors import CheckpointError, ConfigError
+from gfm_core.evaluation.geobench import read_csv
 from gfm_core.evaluation.metrics import build_metrics
 from gfm_core.evaluation.report import evaluate_results, run_evaluation
 from gfm_core.evaluation.results import load_result, load_scores
@@ -306,6 +307,21 @@ def test_stage_functions_finetune_and_evaluate(tmp_path, demo_tasks):
     direct = evaluate_results(results, baseline="imagenet", reference="gfm", n_bootstrap=20)
     assert direct.mean == {m: report.mean[m] for m in direct.models}
     assert direct.arp == {m: report.arp[m] for m in direct.models}
+    # the GEO-Bench-2 aggregation beside ARP: the protocol, the leaderboard CSV, the IQM table
+    assert (report.protocol, report.scoring) == ("finetune", "test")
+    rows = read_csv(report.paths["leaderboard_csv"])
+    assert rows == report.leaderboard and len(rows) == 2 * 3  # tasks x (2 models + trivial) x 1 seed
+    ft = params.finetune
+    gfm = {r.dataset: r for r in rows if r.backbone == "gfm"}
+    assert (gfm["scene"].decoder, gfm["change"].decoder, gfm["scene"].frozen_or_full_ft) == ("linear", "FPN", "full_ft")
+    assert (gfm["scene"].batch_size, gfm["scene"].lr, gfm["scene"].weight_decay) == (16, ft.base_lr, ft.weight_decay)
+    assert gfm["scene"].test_metric == report.cell("gfm", "scene")
+    assert {(r.decoder, r.protocol, r.batch_size) for r in rows if r.backbone == "trivial"} == {("", "", None)}
+    assert [r.model for r in report.iqm] == ["gfm", "imagenet", "trivial"]
+    md = report.paths["markdown"].read_text()
+    assert "Protocol: finetune, scoring: test" in md and "## GEO-Bench-2 aggregation" in md and "Weak intervals" in md
+    assert set(json.loads(report.paths["json"].read_text())["iqm"]) == {"gfm", "imagenet", "trivial"}
+    assert direct.leaderboard[0].batch_size is None  # no params: the training columns stay empty
     # a missing result is an error naming it, unless require_complete is off
     incomplete = params.model_copy(
         update={"evaluate": params.evaluate.model_copy(update={"models": ("gfm", "imagenet", "mim_only")})}
