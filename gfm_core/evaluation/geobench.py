@@ -67,6 +67,7 @@ import numpy as np
 from scipy.stats import trim_mean
 
 from gfm_core.config import FinetuneCfg
+from gfm_core.config.downstream import DECODER_HEADS
 from gfm_core.errors import DataValidationError
 from gfm_core.io import write_text
 
@@ -280,15 +281,18 @@ class Recipe:
     weight_decay: float | None = None
 
 
-def decoder_name(head: str) -> str:
-    """The decoder of a head (:mod:`gfm_core.models.heads`): a linear classifier, or the FPN of the dense heads."""
-    return "linear" if head in ("classification", "multilabel") else "FPN"
+def decoder_name(head: str, decoder: str = "fpn") -> str:
+    """The decoder of a head (:mod:`gfm_core.models.heads`): a linear classifier, the configured decoder of the
+    segmentation and change heads (``FPN``/``UPerNet``), the FPN of super-resolution."""
+    if head in ("classification", "multilabel"):
+        return "linear"
+    return {"upernet": "UPerNet"}.get(decoder, "FPN") if head in DECODER_HEADS else "FPN"
 
 
 def recipes(cfg: FinetuneCfg) -> dict[str, Recipe]:
     """``task -> Recipe`` as ``finetune`` configures it (``lr``: ``base_lr`` before ``lr_scaling``)."""
-    return {t.name: Recipe(decoder_name(t.head), t.batch_size or cfg.batch_size, cfg.base_lr, cfg.weight_decay)
-            for t in cfg.tasks}
+    return {t.name: Recipe(decoder_name(t.head, t.decoder or cfg.decoder), t.batch_size or cfg.batch_size,
+                           cfg.base_lr, cfg.weight_decay) for t in cfg.tasks}
 
 
 def frozen_or_full_ft(protocol: str | None) -> str:

@@ -210,3 +210,11 @@ def test_finetune_results_carry_protocol_and_scoring_and_old_ones_load(tmp_path)
     old = {k: v for k, v in d.items() if k not in ("protocol", "scoring")}  # written before the two fields
     Path(tmp_path / "result.json").write_text(json.dumps(old))
     assert (load_result(tmp_path).protocol, load_result(tmp_path).scoring) == ("finetune", "test")
+
+
+def test_the_decoder_column_follows_the_configured_decoder():
+    from gfm_core.evaluation.geobench import decoder_name
+
+    assert decoder_name("classification", "upernet") == "linear"
+    assert decoder_name("segmentation", "upernet") == "UPerNet" and decoder_name("change", "fpn") == "FPN"
+    assert decoder_name("superres", "upernet") == "FPN"  # super-resolution keeps its FPN
