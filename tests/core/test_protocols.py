@@ -128,6 +128,11 @@ def test_paper_scoring_reports_the_best_val_epoch(demo_tasks, tmp_path):
     saved = json.loads(res.result_json.read_text())
     assert (saved["protocol"], saved["scoring"], saved["best_step"]) == ("finetune", "paper", res.best_step)
     assert load_result(res.out_dir) == res
+    # a resumed (finished) run reports the same best epoch from metrics.jsonl and the scores it wrote
+    again = finetune(_cfg(tmp_path, scoring="paper", max_steps=10), task, RANDOM_TINY, seed=0, out_dir=res.out_dir,
+                     resume=True)
+    assert (again.metrics, again.best_step) == (res.metrics, res.best_step)
+    assert not any("loss" in h for h in again.history)  # it trained no further step: the scores are read back
     # scoring val during training leaves training's random stream alone: same losses as scoring: test
     plain = finetune(_cfg(tmp_path, max_steps=10), task, RANDOM_TINY, seed=0, out_dir=tmp_path / "t")
     assert [h["loss"] for h in res.history if "loss" in h] == [h["loss"] for h in plain.history]
