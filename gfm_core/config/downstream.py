@@ -15,6 +15,10 @@ from gfm_core.task_heads import HEADS
 TaskLayout = Literal["ucmerced", "resisc45", "eurosat", "bigearthnet", "oscd", "levircd", "folders", "geobench"]
 Decoder = Literal["fpn", "upernet"]  # gfm_core.models.decoders.DECODERS
 DECODER_HEADS = ("segmentation", "change")  # the heads whose decoder finetune.decoder / tasks[].decoder choose
+#: What a fine-tuning run trains (``finetune.protocol``; gfm_core.objectives.protocols).
+FinetuneProtocol = Literal["finetune", "frozen", "linear"]
+#: The heads a ``linear`` probe fits: pooled features -> one linear layer.
+LINEAR_PROBE_HEADS = ("classification", "multilabel")
 
 
 class TaskCfg(Section):
@@ -67,6 +71,7 @@ class TaskCfg(Section):
     scale: int = Field(4, ge=1, description="superres: HR / LR size ratio")
     label_fraction: float = Field(1.0, gt=0, le=1, description="share of the train split used (0.01, 0.1, 1)")
     headline: str | None = Field(None, description="metric used for ARP and the bootstrap; None = the head's")
+    protocol: FinetuneProtocol | None = Field(None, description="override finetune.protocol for this task")
     epochs: int | None = Field(None, ge=1, description="override finetune.epochs")
     max_steps: int | None = Field(None, ge=1, description="override finetune.max_steps")
     batch_size: int | None = Field(None, ge=1, description="override finetune.batch_size")
@@ -102,7 +107,20 @@ class TaskCfg(Section):
                 )
         if self.value_range is not None and not self.value_range[1] > self.value_range[0]:
             raise ValueError(f"task {self.name!r}: value_range must be (lo, hi) with hi > lo")
+        if self.protocol == "linear":
+            _check_linear([self], f"finetune.tasks[{self.name}].protocol")
         return self
+
+
+def _check_linear(tasks: list[TaskCfg], key: str) -> None:
+    """Refuse a linear probe of tasks whose head is dense (a linear layer on pooled features has no mask)."""
+    dense = [f"{t.name} ({t.head})" for t in tasks if t.head not in LINEAR_PROBE_HEADS]
+    if dense:
+        raise ValueError(
+            f"{key}: linear is a linear probe of pooled features for {'/'.join(LINEAR_PROBE_HEADS)} heads; "
+            f"task(s) {', '.join(dense)} need a dense head: use protocol frozen (frozen backbone, the task's own "
+            f"head trained), or set protocol: linear per task (finetune.tasks[<name>].protocol)"
+        )
 
 
 class BackboneSpec(Section):
@@ -202,6 +220,16 @@ class FinetuneCfg(Section):
         "fpn", description="decoder of the segmentation and change heads: fpn | upernet (UPerNet: PPM + FPN, as "
         "MMSegmentation's UPerHead); super-resolution keeps its FPN"
     )
+    protocol: FinetuneProtocol = Field(
+        "finetune", description="finetune: backbone and head train (the paper); frozen: the backbone's weights "
+        "and BatchNorm statistics stay fixed (eval mode), only the head trains (PANGAEA); linear: frozen "
+        "backbone, pooled features -> one linear layer (classification/multilabel tasks only)",
+    )
+    scoring: Literal["test", "paper"] = Field(
+        "test", description="test: the test split scored once, after training (honest, the default); paper: "
+        "the val split scored after every epoch, the best epoch's metrics reported (GFM's main_finetune.py, "
+        "for comparison with the paper's numbers)",
+    )
     augment: bool = Field(True, description="random horizontal flips of training samples")
     cache_samples: bool = Field(False, description="keep decoded training images in memory (small sets)")
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
@@ -223,7 +251,16 @@ class FinetuneCfg(Section):
             raise ValueError(f"warmup_epochs {self.warmup_epochs} must be < epochs {self.epochs}")
         if len(set(self.seeds)) != len(self.seeds):
             raise ValueError(f"finetune.seeds: duplicates in {list(self.seeds)}")
+        if self.protocol == "linear":
+            _check_linear([t for t in self.tasks if t.protocol is None], "finetune.protocol")
+        if self.scoring == "paper" and self.backend == "deepspeed" and self.zero_stage == 3:
+            raise ValueError("finetune.scoring: paper scores val on rank 0 during training, which ZeRO-3's "
+                             "partitioned weights do not allow; use zero_stage <= 2 or scoring: test")
         return self
+
+    def protocol_of(self, task: TaskCfg) -> FinetuneProtocol:
+        """The protocol ``task`` is fine-tuned with: its own override, else ``protocol``."""
+        return task.protocol or self.protocol
 
 
 class EvaluateCfg(Section):

@@ -24,7 +24,12 @@ SCORES_FILE = "scores.parquet"
 
 @dataclass(frozen=True)
 class FinetuneResult:
-    """One (task, model, seed) fine-tuning run and its test metrics."""
+    """One (task, model, seed) fine-tuning run and its metrics.
+
+    ``protocol`` and ``scoring`` record how the numbers were made (``finetune.protocol``/``finetune.scoring``);
+    a result.json written before they existed loads with the defaults it was made with. Under ``scoring:
+    paper`` the metrics, ``test_samples`` and ``scores.parquet`` are those of the val split at ``best_step``.
+    """
 
     task: str
     head: str
@@ -45,6 +50,7 @@ class FinetuneResult:
     history: list[dict[str, float]] = field(default_factory=list)
     protocol: str = "finetune"  # finetune.protocol: finetune | frozen | linear
     scoring: str = "test"  # finetune.scoring: test (test split, end of training) | paper (val split, best epoch)
+    best_step: int | None = None  # scoring paper: the optimizer step of the best val epoch
 
     @property
     def score(self) -> float:
@@ -116,6 +122,17 @@ def save_scores(
     buf = io.BytesIO()
     pq.write_table(table, buf)
     return write_bytes(path, buf.getvalue())
+
+
+def scores_meta(path: str | Path) -> dict[str, Any]:
+    """The metadata :func:`save_scores` wrote (empty when the file is missing or has none)."""
+    import pyarrow.parquet as pq
+
+    path = Path(path)
+    if not path.is_file():
+        return {}
+    meta = pq.read_schema(path).metadata or {}
+    return dict(json.loads(meta[b"gfm"])) if b"gfm" in meta else {}
 
 
 def load_scores(path: str | Path) -> tuple[list[str], dict[str, np.ndarray]]:

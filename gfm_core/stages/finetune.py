@@ -4,12 +4,14 @@ One run (:func:`finetune`):
 
 1. load the backbone of the model (:func:`gfm_core.models.loading.load_task_backbone`: a pretraining export,
    the ImageNet teacher's checkpoint, or a random init) at the task's input size;
-2. attach a new head of the task's kind (:mod:`gfm_core.models.heads`) and wrap both in the
-   :class:`~gfm_core.objectives.Finetune` objective;
+2. attach a new head of the task's kind (:mod:`gfm_core.models.heads`) and wrap both in the objective of the
+   task's protocol (:mod:`gfm_core.objectives.protocols`: full fine-tuning, frozen backbone, or linear probe);
 3. train with :func:`gfm_core.training.loop.fit` (warm-up + cosine, AdamW, layer-wise lr decay) on the task's
    train split (a seeded label-fraction subset);
-4. run the test split once: torchmetrics values plus per-sample statistics for the paired bootstrap
-   (:mod:`gfm_core.evaluation.results`: ``result.json`` and ``scores.parquet``, atomic writes).
+4. score it (:mod:`gfm_core.evaluation.scoring`): ``scoring: test`` runs the test split once after training;
+   ``scoring: paper`` scores the val split after every epoch and keeps the best epoch (GFM's protocol).
+   Torchmetrics values plus per-sample statistics for the paired bootstrap (:mod:`gfm_core.evaluation.results`:
+   ``result.json`` and ``scores.parquet``, atomic writes); ``result.json`` records protocol and scoring.
 
 Outputs: ``<finetune.out_dir>/<task>/<model>/seed_<seed>/`` holds ``result.json``, ``scores.parquet``,
 ``metrics.jsonl``, ``backbone_start.json`` and ``checkpoints/``.
@@ -25,19 +27,27 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
 from torch.utils.data import DataLoader
 
 from gfm_core.config import BackboneSpec, FinetuneCfg, Params, TaskCfg
 from gfm_core.errors import CheckpointError, ConfigError
 from gfm_core.evaluation.metrics import TaskMetrics, build_metrics
-from gfm_core.evaluation.results import RESULT_FILE, SCORES_FILE, FinetuneResult, result_dir, save_scores
+from gfm_core.evaluation.results import (
+    RESULT_FILE,
+    SCORES_FILE,
+    FinetuneResult,
+    load_result,
+    result_dir,
+    save_scores,
+)
+from gfm_core.evaluation.scoring import BestEpoch, evaluate_objective
 from gfm_core.io import read_json, write_json
 from gfm_core.models.heads import build_task_model
 from gfm_core.models.loading import LoadedBackbone, load_task_backbone
-from gfm_core.objectives.finetune import Finetune
+from gfm_core.objectives.protocols import build_objective
 from gfm_core.task_heads import get_head
+
+__all__ = ["evaluate_objective", "finetune", "log_runs", "run_finetune", "run_finetune_task"]
 
 log = logging.getLogger(__name__)
 
@@ -46,26 +56,33 @@ START_FILE = "backbone_start.json"  # which backbone bytes the run's checkpoints
 
 @dataclass
 class _Data:
-    """A run's training and test sets."""
+    """A run's training set and the split it is scored on (``test``, or ``val`` under ``scoring: paper``)."""
 
     train: Any
     test: Any
 
 
 def _datasets(cfg: FinetuneCfg, task: TaskCfg, spec: BackboneSpec, loaded: LoadedBackbone, seed: int) -> _Data:
-    """The train split (a seeded label-fraction subset, augmented) and the test split, normalised for the backbone.
+    """The train split (a seeded label-fraction subset, augmented) and the scored split, normalised for the
+    backbone.
 
     Raises:
-        ConfigError: the task reads another number of bands than the backbone takes.
+        ConfigError: the task reads another number of bands than the backbone takes, or has no val split to
+            score under ``scoring: paper``.
     """
     from gfm_core.data.tasks.dataset import TaskDataset, label_subset
-    from gfm_core.data.tasks.layouts import list_task
+    from gfm_core.data.tasks.layouts import list_task, task_splits
 
+    if cfg.scoring == "paper" and "val" not in task_splits(task):
+        raise ConfigError(f"task {task.name!r} ({task.layout} layout) has no val split, which finetune.scoring: "
+                          f"paper scores; use scoring: test")
     n_train = len(list_task(task, "train").refs)
     subset = label_subset(n_train, task.label_fraction, cfg.subset_seed if cfg.subset_seed is not None else seed)
     train = TaskDataset(task, "train", mean=loaded.mean, std=loaded.std, train=True, augment=cfg.augment,
                         indices=subset, cache=cfg.cache_samples)
-    test = TaskDataset(task, "test", mean=loaded.mean, std=loaded.std, cache=False)
+    paper = cfg.scoring == "paper"  # val is scored every epoch: cache it like the training set
+    test = TaskDataset(task, "val" if paper else "test", mean=loaded.mean, std=loaded.std,
+                       cache=paper and cfg.cache_samples)
     in_chans = int(getattr(loaded.model, "in_chans", None) or len(loaded.mean))
     if train.channels != in_chans:
         raise ConfigError(
@@ -85,13 +102,8 @@ def _loop_cfg(cfg: FinetuneCfg, task: TaskCfg, n_train: int, batch: int, world: 
     from gfm_core.training.loop import LoopCfg
     from gfm_core.training.setup import schedule
 
-    steps_per_epoch = n_train // world // batch // cfg.grad_accum
-    if steps_per_epoch < 1:
-        raise ConfigError(
-            f"task {task.name!r}: {n_train} training samples give no full step of batch {batch} x "
-            f"grad_accum {cfg.grad_accum} x {world} rank(s)"
-        )
-    plan = schedule(cfg, steps_per_epoch=steps_per_epoch, epochs=task.epochs or cfg.epochs,
+    plan = schedule(cfg, steps_per_epoch=_steps_per_epoch(cfg, task, n_train, batch, world),
+                    epochs=task.epochs or cfg.epochs,
                     limit=max_steps or task.max_steps or cfg.max_steps, global_batch=batch * cfg.grad_accum * world)
     return LoopCfg(
         **plan, out_dir=out_dir, checkpoint_every=plan["total_steps"], keep_checkpoints=1, seed=seed, resume=resume,
@@ -100,23 +112,19 @@ def _loop_cfg(cfg: FinetuneCfg, task: TaskCfg, n_train: int, batch: int, world: 
     )
 
 
-def evaluate_objective(
-    objective: Finetune, loader: DataLoader, metrics: TaskMetrics, device: torch.device
-) -> tuple[dict[str, float], list[str], dict[str, np.ndarray]]:
-    """One pass over ``loader`` in eval mode: ``(metrics, sample ids, per-sample stats)``."""
-    from gfm_core.training.backends import move_to
+def _steps_per_epoch(cfg: FinetuneCfg, task: TaskCfg, n_train: int, batch: int, world: int) -> int:
+    """Optimizer steps per pass over the training set.
 
-    was_training = objective.training
-    objective.eval()
-    ids: list[str] = []
-    try:
-        for batch in loader:
-            batch = move_to(batch, device)
-            metrics.update(objective.predict(batch), batch[objective.target])
-            ids.extend(batch["id"])
-    finally:
-        objective.train(was_training)
-    return metrics.compute(), ids, metrics.per_sample()
+    Raises:
+        ConfigError: the training set gives no full optimizer step.
+    """
+    steps = n_train // world // batch // cfg.grad_accum
+    if steps < 1:
+        raise ConfigError(
+            f"task {task.name!r}: {n_train} training samples give no full step of batch {batch} x "
+            f"grad_accum {cfg.grad_accum} x {world} rank(s)"
+        )
+    return steps
 
 
 def finetune(
@@ -131,7 +139,8 @@ def finetune(
     progress: bool = False,
     callbacks: Sequence[Any] = (),
 ) -> FinetuneResult:
-    """Fine-tune ``spec``'s backbone on ``task`` with a new head, then test it (module docstring).
+    """Fine-tune ``spec``'s backbone on ``task`` with a new head under the task's protocol, then score it
+    (module docstring).
 
     Args:
         cfg: the ``finetune`` section (schedule, batch, layer decay, backend, ...).
@@ -161,59 +170,103 @@ def finetune(
     model = build_task_model(task.head, loaded.model, num_outputs=data.train.num_outputs,
                              decoder_dim=cfg.decoder_dim, decoder=task.decoder or cfg.decoder,
                              ignore_index=task.ignore_index, mean=loaded.mean, std=loaded.std)
-    objective = Finetune(model)
+    protocol = cfg.protocol_of(task)
+    objective = build_objective(model, protocol)
     batch = min(task.batch_size or cfg.batch_size, len(data.train))
     if batch < (task.batch_size or cfg.batch_size):
         log.warning("task %s: batch size reduced to the %d training samples", task.name, batch)
     backend = make_backend(cfg, device, batch)
     loop_cfg = _loop_cfg(cfg, task, len(data.train), batch, backend.world_size, out_dir, seed, max_steps, resume,
                          progress)
-    log.info("finetune %s on %s (seed %d): %d train / %d test samples, %d steps of batch %d, %s on %s", spec.name,
-             task.name, seed, len(data.train), len(data.test), loop_cfg.total_steps,
-             batch * cfg.grad_accum * backend.world_size, cfg.precision, device)
+    log.info("finetune %s on %s (seed %d, %s, scoring %s): %d train / %d %s samples, %d steps of batch %d, %s on %s",
+             spec.name, task.name, seed, protocol, cfg.scoring, len(data.train), len(data.test),
+             data.test.split, loop_cfg.total_steps, batch * cfg.grad_accum * backend.world_size, cfg.precision, device)
+    scorer = None
+    if cfg.scoring == "paper":  # val after every epoch, rank 0 (a fit callback)
+        steps_per_epoch = _steps_per_epoch(cfg, task, len(data.train), batch, backend.world_size)
+        scorer = BestEpoch(backend, _eval_loader(cfg, data), lambda: _new_metrics(task, data), _headline(task),
+                           steps_per_epoch=steps_per_epoch, total_steps=loop_cfg.total_steps, out_dir=out_dir,
+                           meta=_scores_meta(task, spec, seed), paper_batch=cfg.eval_batch_size)
     fit_res = fit(
         objective, loader_factory(data.train, batch, cfg.num_workers, seed, backend.rank, backend.world_size),
         backend, loop_cfg,
-        param_groups(objective, cfg.weight_decay, lr_scale_fn=layer_decay_fn(model, cfg.layer_decay)),
-        callbacks=callbacks,
+        param_groups(objective, cfg.weight_decay,  # a frozen backbone has no layers to decay
+                     lr_scale_fn=layer_decay_fn(model, cfg.layer_decay if protocol == "finetune" else 1.0)),
+        callbacks=[*callbacks, *([scorer] if scorer is not None else [])],
     )
+    history = sorted([*(scorer.records if scorer is not None else []), *fit_res.history], key=lambda r: r["step"])
     result = replace(
-        _test(cfg, task, spec, loaded, data, backend, out_dir, seed, device), steps=fit_res.steps,
+        _score(cfg, task, spec, loaded, data, backend, out_dir, seed, device, scorer), steps=fit_res.steps,
         seconds=round(time.perf_counter() - t0, 2),
-        history=[{k: v for k, v in r.items() if math.isfinite(v)} for r in fit_res.history],
+        history=[{k: v for k, v in r.items() if math.isfinite(v)} for r in history],
     )
-    if backend.is_main:  # every rank tests (same numbers), one writes
-        write_json(result.result_json, result.to_json())
-    backend.barrier()
+    result = _write(result, backend)
     log.info("finetune %s on %s (seed %d): %s", spec.name, task.name, seed,
              ", ".join(f"{k}={v:.4g}" for k, v in result.metrics.items() if not k.startswith("iou_")))
     return result
 
 
-def _test(cfg: FinetuneCfg, task: TaskCfg, spec: BackboneSpec, loaded: LoadedBackbone, data: _Data, backend: Any,
-          out_dir: Path, seed: int, device: str) -> FinetuneResult:
-    """Score the trained objective on the test split; rank 0 writes the per-sample scores.
+def _headline(task: TaskCfg) -> str:
+    return task.headline or get_head(task.head).headline
+
+
+def _new_metrics(task: TaskCfg, data: _Data) -> TaskMetrics:
+    return build_metrics(task.head, data.train.num_outputs, task.ignore_index)
+
+
+def _eval_loader(cfg: FinetuneCfg, data: _Data) -> DataLoader:
+    return DataLoader(data.test, batch_size=cfg.eval_batch_size, shuffle=False, num_workers=cfg.num_workers)
+
+
+def _scores_meta(task: TaskCfg, spec: BackboneSpec, seed: int) -> dict[str, Any]:
+    return {"task": task.name, "head": task.head, "model": spec.name, "seed": seed, "headline": _headline(task)}
+
+
+def _score(cfg: FinetuneCfg, task: TaskCfg, spec: BackboneSpec, loaded: LoadedBackbone, data: _Data, backend: Any,
+           out_dir: Path, seed: int, device: str, scorer: BestEpoch | None) -> FinetuneResult:
+    """The trained objective's result: the test split scored now (rank 0 writes the per-sample scores), or the
+    best val epoch ``scorer`` kept (``scoring: paper``; on rank 0, the other ranks read its result.json).
 
     Raises:
         ConfigError: the task's headline is not one of the head's metrics.
     """
-    loader = DataLoader(data.test, batch_size=cfg.eval_batch_size, shuffle=False, num_workers=cfg.num_workers)
-    metrics = build_metrics(task.head, data.train.num_outputs, task.ignore_index)
-    values, ids, stats = evaluate_objective(backend.module, loader, metrics, backend.device)
-    headline = task.headline or get_head(task.head).headline
-    if headline not in values:
-        raise ConfigError(f"finetune.tasks[{task.name}].headline {headline!r} is not one of {sorted(values)}")
-    result = FinetuneResult(
+    headline, best_step = _headline(task), None
+    if scorer is None:
+        values, ids, stats = evaluate_objective(backend.module, _eval_loader(cfg, data), _new_metrics(task, data),
+                                                backend.device)
+        if headline not in values:
+            raise ConfigError(f"finetune.tasks[{task.name}].headline {headline!r} is not one of {sorted(values)}")
+        if backend.is_main:
+            save_scores(out_dir / SCORES_FILE, ids, stats, _scores_meta(task, spec, seed))
+    elif backend.is_main:
+        values, best_step = scorer.result()
+    else:
+        values = {}
+    return FinetuneResult(
         task=task.name, head=task.head, model=spec.name, seed=seed, metrics=values, headline=headline, steps=0,
         train_samples=len(data.train), test_samples=len(data.test), seconds=0.0, device=device, out_dir=out_dir,
         result_json=out_dir / RESULT_FILE, scores=out_dir / SCORES_FILE,
         backbone={"kind": spec.kind, "arch": loaded.arch, "source": loaded.source, "sha256": loaded.sha256},
-        label_fraction=task.label_fraction,
+        label_fraction=task.label_fraction, protocol=cfg.protocol_of(task), scoring=cfg.scoring, best_step=best_step,
     )
+
+
+def _write(result: FinetuneResult, backend: Any) -> FinetuneResult:
+    """Rank 0 writes ``result.json`` (warning when it replaces one of another protocol or scoring); under
+    ``scoring: paper`` the other ranks then read it (only rank 0 scored val)."""
     if backend.is_main:
-        meta = {"task": task.name, "head": task.head, "model": spec.name, "seed": seed, "headline": headline}
-        save_scores(result.scores, ids, stats, meta)
-    return result
+        if result.result_json.is_file():
+            try:
+                before = load_result(result.result_json)
+                if (before.protocol, before.scoring) != (result.protocol, result.scoring):
+                    log.warning("%s: replacing a result of protocol %s, scoring %s with one of protocol %s, "
+                                "scoring %s", result.result_json, before.protocol, before.scoring, result.protocol,
+                                result.scoring)
+            except CheckpointError:
+                pass  # an unreadable old file is simply replaced
+        write_json(result.result_json, result.to_json())
+    backend.barrier()
+    return result if backend.is_main or result.scoring != "paper" else load_result(result.result_json)
 
 
 def _bind_start(path: Path, spec: BackboneSpec, sha: str, resume: bool) -> None:
