@@ -37,6 +37,7 @@ from gfm_core.io import read_json, write_json
 from gfm_core.models.heads import build_task_model
 from gfm_core.models.loading import LoadedBackbone, load_task_backbone
 from gfm_core.objectives.finetune import Finetune
+from gfm_core.objectives.mixing import batch_mix
 from gfm_core.task_heads import get_head
 
 log = logging.getLogger(__name__)
@@ -64,7 +65,7 @@ def _datasets(cfg: FinetuneCfg, task: TaskCfg, spec: BackboneSpec, loaded: Loade
     n_train = len(list_task(task, "train").refs)
     subset = label_subset(n_train, task.label_fraction, cfg.subset_seed if cfg.subset_seed is not None else seed)
     train = TaskDataset(task, "train", mean=loaded.mean, std=loaded.std, train=True, augment=cfg.augment,
-                        indices=subset, cache=cfg.cache_samples)
+                        vflip=cfg.vflip, crop_scale=cfg.crop_scale, indices=subset, cache=cfg.cache_samples)
     test = TaskDataset(task, "test", mean=loaded.mean, std=loaded.std, cache=False)
     in_chans = int(getattr(loaded.model, "in_chans", None) or len(loaded.mean))
     if train.channels != in_chans:
@@ -161,7 +162,7 @@ def finetune(
     model = build_task_model(task.head, loaded.model, num_outputs=data.train.num_outputs,
                              decoder_dim=cfg.decoder_dim, ignore_index=task.ignore_index, mean=loaded.mean,
                              std=loaded.std)
-    objective = Finetune(model)
+    objective = Finetune(model, mix=batch_mix(cfg, task.head, data.train.num_outputs))
     batch = min(task.batch_size or cfg.batch_size, len(data.train))
     if batch < (task.batch_size or cfg.batch_size):
         log.warning("task %s: batch size reduced to the %d training samples", task.name, batch)
