@@ -283,6 +283,19 @@ def test_vertical_flips_keep_masks_aligned_with_images(tmp_path):
     assert seen == {"v", "hv"}
 
 
+def test_recipe_config_and_presets(repo_root):
+    from gfm_core.config import load_params
+
+    paper = load_params(repo_root / "params.yaml", preset="").finetune
+    assert (paper.mixup, paper.cutmix, paper.label_smoothing) == (0.8, 1.0, 0.1)
+    assert paper.vflip and paper.crop_scale == (0.67, 1.0) and paper.augment
+    demo = load_params(repo_root / "params.yaml", preset="demo").finetune
+    assert (demo.mixup, demo.cutmix, demo.label_smoothing, demo.vflip, demo.crop_scale) == (0, 0, 0, False, None)
+    assert demo.augment  # horizontal flips only, as before
+    with pytest.raises(ValueError, match="crop_scale"):
+        FinetuneCfg(crop_scale=(0.8, 0.5))
+
+
 def test_the_stage_passes_the_recipe_to_the_training_batches(tmp_path):
     """Same seed, data and model: the recipe changes the first training loss (a plain run repeats it exactly)."""
     task = _ucmerced(tmp_path / "ucm", n=4, img_size=32)
