@@ -188,7 +188,12 @@ class FinetuneCfg(Section):
     """Downstream fine-tuning (paper section 3; GFM's main_finetune.py recipe).
 
     The same schedule and budget for every model; ``base_lr``/``warmup_lr``/``min_lr`` are scaled by
-    global batch / 512. Layer-wise lr decay multiplies a backbone layer's lr by ``layer_decay^(depth - id)``.
+    global batch / 512. Layer-wise lr decay multiplies layer ``id``'s lr by ``layer_decay^(last_id - id)``: on
+    Swin the paper's ids (patch embedding 0, block ``j`` ``j + 1``, patch merging its previous block, final
+    norm and head ``sum(depths) + 1``: scale 1), on other timm models timm's ``param_groups_layer_decay`` ids
+    (:func:`gfm_core.training.optim.layer_decay_fn`). Classification and multilabel training can use the
+    paper's regularisation: RandomResizedCrop, vertical flips, Mixup/CutMix and label smoothing (off by
+    default; on in the paper preset).
     """
 
     tasks: tuple[TaskCfg, ...] = ()
@@ -230,7 +235,17 @@ class FinetuneCfg(Section):
         "the val split scored after every epoch, the best epoch's metrics reported (GFM's main_finetune.py, "
         "for comparison with the paper's numbers)",
     )
-    augment: bool = Field(True, description="random horizontal flips of training samples")
+    augment: bool = Field(True, description="random horizontal flips of training samples (false: no augmentation)")
+    vflip: bool = Field(False, description="also random vertical flips of training samples, every head (paper: on)")
+    crop_scale: tuple[float, float] | None = Field(
+        None, description="classification/multilabel: RandomResizedCrop of this share of the area, aspect 3/4..4/3, "
+        "of training samples (paper: [0.67, 1.0]); None = off",
+    )
+    mixup: float = Field(0.0, ge=0, description="classification/multilabel: Mixup alpha (paper: 0.8); 0 = off")
+    cutmix: float = Field(0.0, ge=0, description="classification/multilabel: CutMix alpha (paper: 1.0); 0 = off")
+    label_smoothing: float = Field(
+        0.0, ge=0, lt=1, description="classification/multilabel: label smoothing of the targets (paper: 0.1)"
+    )
     cache_samples: bool = Field(False, description="keep decoded training images in memory (small sets)")
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -256,6 +271,9 @@ class FinetuneCfg(Section):
         if self.scoring == "paper" and self.backend == "deepspeed" and self.zero_stage == 3:
             raise ValueError("finetune.scoring: paper scores val on rank 0 during training, which ZeRO-3's "
                              "partitioned weights do not allow; use zero_stage <= 2 or scoring: test")
+        if self.crop_scale is not None and not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
+            raise ValueError(f"finetune.crop_scale must be [lo, hi] with 0 < lo <= hi <= 1, got "
+                             f"{list(self.crop_scale)}")
         return self
 
     def protocol_of(self, task: TaskCfg) -> FinetuneProtocol:

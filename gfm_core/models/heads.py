@@ -141,8 +141,9 @@ class ClassificationHead(TaskHead):
         return self.fc(self.drop(feats[-1].mean(dim=(2, 3))))
 
     def loss(self, out: Tensor, target: Tensor) -> dict[str, Tensor]:
-        """Cross-entropy, and the batch's accuracy to log."""
-        return {"loss": F.cross_entropy(out.float(), target), "acc": (out.argmax(1) == target).float().mean().detach()}
+        """Cross-entropy on class ids ``[B]`` or soft targets ``[B, K]`` (Mixup, smoothing); accuracy to log."""
+        hard = target.argmax(1) if target.is_floating_point() else target
+        return {"loss": F.cross_entropy(out.float(), target), "acc": (out.argmax(1) == hard).float().mean().detach()}
 
     def predict(self, out: Tensor, target: Tensor) -> Tensor:
         """Class probabilities ``[B, K]``."""
@@ -156,7 +157,7 @@ class MultilabelHead(ClassificationHead):
     head = "multilabel"
 
     def loss(self, out: Tensor, target: Tensor) -> dict[str, Tensor]:
-        """``MultiLabelSoftMarginLoss`` (as GFM's code)."""
+        """``MultiLabelSoftMarginLoss`` (as GFM's code); soft (mixed, smoothed) targets in [0, 1] work alike."""
         return {"loss": F.multilabel_soft_margin_loss(out.float(), target.float())}
 
     def predict(self, out: Tensor, target: Tensor) -> Tensor:

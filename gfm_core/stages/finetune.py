@@ -44,6 +44,7 @@ from gfm_core.evaluation.scoring import BestEpoch, evaluate_objective
 from gfm_core.io import read_json, write_json
 from gfm_core.models.heads import build_task_model
 from gfm_core.models.loading import LoadedBackbone, load_task_backbone
+from gfm_core.objectives.mixing import batch_mix
 from gfm_core.objectives.protocols import build_objective
 from gfm_core.task_heads import get_head
 
@@ -79,7 +80,7 @@ def _datasets(cfg: FinetuneCfg, task: TaskCfg, spec: BackboneSpec, loaded: Loade
     n_train = len(list_task(task, "train").refs)
     subset = label_subset(n_train, task.label_fraction, cfg.subset_seed if cfg.subset_seed is not None else seed)
     train = TaskDataset(task, "train", mean=loaded.mean, std=loaded.std, train=True, augment=cfg.augment,
-                        indices=subset, cache=cfg.cache_samples)
+                        vflip=cfg.vflip, crop_scale=cfg.crop_scale, indices=subset, cache=cfg.cache_samples)
     paper = cfg.scoring == "paper"  # val is scored every epoch: cache it like the training set
     test = TaskDataset(task, "val" if paper else "test", mean=loaded.mean, std=loaded.std,
                        cache=paper and cfg.cache_samples)
@@ -171,7 +172,7 @@ def finetune(
                              decoder_dim=cfg.decoder_dim, decoder=task.decoder or cfg.decoder,
                              ignore_index=task.ignore_index, mean=loaded.mean, std=loaded.std)
     protocol = cfg.protocol_of(task)
-    objective = build_objective(model, protocol)
+    objective = build_objective(model, protocol, mix=batch_mix(cfg, task.head, data.train.num_outputs))
     batch = min(task.batch_size or cfg.batch_size, len(data.train))
     if batch < (task.batch_size or cfg.batch_size):
         log.warning("task %s: batch size reduced to the %d training samples", task.name, batch)

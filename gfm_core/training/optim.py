@@ -114,25 +114,69 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
 
 
 def layer_decay_fn(task_model: nn.Module, decay: float, prefix: str = "model.") -> Callable[[str], float]:
-    """``name -> lr scale``: backbone layer ``i`` of ``n`` gets ``decay^(n - i)``, everything else 1.
+    """``name -> lr scale`` of layer-wise lr decay: ``decay ** (last_id - id)``; the task head gets 1.
 
-    Layer ids come from timm's ``group_matcher(coarse=False)`` (patch embed = 0, one id per block, last block
-    ``n - 1``), as timm's ``param_groups_layer_decay`` does; names are those of the objective
-    (``<prefix>backbone.model.<timm name>``).
+    Names are the objective's (``<prefix>backbone.model.<timm name>``); parameters outside the backbone (the
+    head) get 1.
+
+    - timm's Swin (the paper's backbone): the paper's rule (GFM/SimMIM ``optimizer.py``, :func:`swin_layer_ids`):
+      final norm 1, last block ``decay``, patch embedding ``decay ** (sum(depths) + 1)``.
+    - Other timm models (CNNs): timm's ``param_groups_layer_decay`` on the full model: ids from the model's
+      ``group_matcher(coarse=False)``, the classifier (pruned here, replaced by our head) is the last id with
+      scale 1, so the last backbone group gets ``decay`` and group ``v`` of ``n`` gets ``decay ** (n - v)``.
+
+    Raises:
+        ConfigError: ``decay < 1`` on a non-Swin model without ``group_matcher()``.
     """
-    from timm.optim._param_groups import group_parameters
-
     backbone = cast(Any, task_model).backbone.model  # a TaskModel's timm model (any timm class)
     if decay == 1.0:
         return lambda name: 1.0
-    if not hasattr(backbone, "group_matcher"):
-        raise ConfigError(
-            f"{type(backbone).__name__} has no group_matcher(): layer-wise lr decay needs timm's layer "
-            f"grouping "
-            f"(set finetune.layer_decay: 1.0 to switch it off)"
-        )
-    layer_map = group_parameters(backbone, backbone.group_matcher(coarse=False), reverse=True)
-    n = max(layer_map.values()) + 1
-    scales = {f"{prefix}backbone.model.{k}": decay ** (n - v) for k, v in layer_map.items()}
+    if _is_swin(backbone):
+        ids, last = swin_layer_ids(backbone)
+    else:
+        ids, last = _timm_layer_ids(backbone)
+    scales = {f"{prefix}backbone.model.{k}": decay ** (last - v) for k, v in ids.items()}
     return lambda name: scales.get(name, 1.0)
 
+
+def _is_swin(model: nn.Module) -> bool:
+    from timm.models.swin_transformer import SwinTransformer
+
+    return isinstance(model, SwinTransformer)
+
+
+def swin_layer_ids(model: nn.Module) -> tuple[dict[str, int], int]:
+    """The paper's layer ids of a timm Swin's parameters, and the last id (``sum(depths) + 1``).
+
+    SimMIM/GFM ``get_swin_layer``: patch embedding (and a mask token) 0; block ``j`` (counted over all
+    stages) ``j + 1``; a stage's patch merging the id of the block before it (SimMIM ends stage ``i`` with
+    it, timm starts stage ``i + 1`` with it: ``layers.{i+1}.downsample``); everything else (final norm,
+    head) the last id.
+    """
+    depths = [len(cast(Any, stage).blocks) for stage in cast(Any, model).layers]
+    last = sum(depths) + 1
+    ids: dict[str, int] = {}
+    for name, _ in model.named_parameters():
+        parts = name.split(".")
+        if parts[0] in ("patch_embed", "mask_token"):
+            ids[name] = 0
+        elif parts[0] == "layers" and parts[2] == "blocks":
+            ids[name] = sum(depths[: int(parts[1])]) + int(parts[3]) + 1
+        elif parts[0] == "layers" and parts[2] == "downsample":
+            ids[name] = sum(depths[: int(parts[1])])
+        else:
+            ids[name] = last
+    return ids, last
+
+
+def _timm_layer_ids(model: nn.Module) -> tuple[dict[str, int], int]:
+    """timm's ``group_matcher`` ids of ``model`` and the classifier's id (one past the last group)."""
+    from timm.optim._param_groups import group_parameters
+
+    if not hasattr(model, "group_matcher"):
+        raise ConfigError(
+            f"{type(model).__name__} has no group_matcher(): layer-wise lr decay needs timm's layer grouping "
+            f"(set finetune.layer_decay: 1.0 to switch it off)"
+        )
+    ids = group_parameters(model, cast(Any, model).group_matcher(coarse=False), reverse=True)
+    return ids, max(ids.values()) + 1

@@ -122,7 +122,9 @@ def test_layer_decay_scales_backbone_depth_not_head():
     last = fn("backbone.model.layers.3.blocks.0.attn.qkv.weight")
     assert embed < first < last < 1.0
     assert last == pytest.approx(0.9)
-    # ids: patch_embed 0, then one per block (a stage's patch merging joins its first block):
-    # 5 ids, scale 0.9^(5 - id)
+    # the paper's ids (GFM/SimMIM get_swin_layer): patch_embed 0, block j j + 1, final norm sum(depths) + 1 = 5;
+    # scale 0.9^(5 - id); a stage's patch merging shares the id of the block before it
     assert embed == pytest.approx(0.9**5) and first == pytest.approx(0.9**4)
+    assert fn("backbone.model.layers.1.downsample.reduction.weight") == first
+    assert fn("backbone.model.norm.weight") == 1.0
     assert layer_decay_fn(model, 1.0)("anything") == 1.0

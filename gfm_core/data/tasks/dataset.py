@@ -22,6 +22,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from gfm_core.config import TaskCfg
+from gfm_core.data.tasks.augment import CROP_HEADS, SampleAugment
 from gfm_core.data.tasks.layouts import list_task
 from gfm_core.data.tasks.samples import SAMPLE_READERS
 from gfm_core.errors import ConfigError, DataValidationError
@@ -44,7 +45,9 @@ class TaskDataset(Dataset):
         cfg: the task section.
         split: ``train``, ``val`` or ``test``.
         mean, std: the backbone's normalisation (one value per channel read).
-        train: random horizontal flips when ``augment`` is also true.
+        train: augment the samples (:class:`~gfm_core.data.tasks.augment.SampleAugment`) when ``augment`` is
+            also true: random horizontal flips, plus vertical flips (``vflip``) and, for the classification
+            and multilabel heads, RandomResizedCrop of ``crop_scale`` of the area (``None`` = no crop).
         indices: keep only these positions of the split (label-fraction subsets).
         cache: keep decoded arrays in memory (small datasets).
     """
@@ -58,6 +61,8 @@ class TaskDataset(Dataset):
         std: Sequence[float],
         train: bool = False,
         augment: bool = True,
+        vflip: bool = False,
+        crop_scale: tuple[float, float] | None = None,
         indices: Sequence[int] | np.ndarray | None = None,
         cache: bool = False,
     ) -> None:
@@ -73,7 +78,9 @@ class TaskDataset(Dataset):
         self.meta = index.meta
         self.mean = torch.tensor([float(v) for v in mean]).view(-1, 1, 1)
         self.std = torch.tensor([float(v) for v in std]).view(-1, 1, 1)
-        self.flip = train and augment
+        on = train and augment
+        self.augment = SampleAugment(hflip=on, vflip=on and vflip,
+                                     crop_scale=crop_scale if on and cfg.head in CROP_HEADS else None)
         self._cache: dict[int, dict[str, Any]] | None = {} if cache else None
         self.reader = SAMPLE_READERS.get(cfg.head)(self)
 
@@ -100,7 +107,7 @@ class TaskDataset(Dataset):
             self._cache[i] = out
         return out
 
-    # -- the sample: resize to img_size, normalise, flip
+    # -- the sample: resize to img_size, normalise, augment
     def normalise(self, x: Tensor) -> Tensor:
         """``(x - mean) / std`` with the backbone's normalisation.
 
@@ -120,10 +127,7 @@ class TaskDataset(Dataset):
         image = torch.from_numpy(np.ascontiguousarray(raw["image"]))
         sample: dict[str, Any] = {"image": self.reader.image(image, (cfg.img_size, cfg.img_size)).float(),
                                   **self.reader.label(raw)}
-        if self.flip and bool(torch.rand(()) < 0.5):
-            for key in ("image", "mask", "target"):
-                if key in sample:
-                    sample[key] = sample[key].flip(-1)
+        sample = self.augment(sample)
         sample["index"] = torch.tensor(i, dtype=torch.long)
         sample["id"] = self.refs[i].id
         return sample
