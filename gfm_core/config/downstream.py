@@ -74,6 +74,7 @@ class TaskCfg(Section):
     protocol: FinetuneProtocol | None = Field(None, description="override finetune.protocol for this task")
     epochs: int | None = Field(None, ge=1, description="override finetune.epochs")
     max_steps: int | None = Field(None, ge=1, description="override finetune.max_steps")
+    eval_every: int | None = Field(None, ge=1, description="override finetune.eval_every")
     batch_size: int | None = Field(None, ge=1, description="override finetune.batch_size")
     decoder: Decoder | None = Field(None, description="override finetune.decoder (segmentation, change heads)")
 
@@ -234,6 +235,10 @@ class FinetuneCfg(Section):
         "test", description="test: the test split scored once, after training (honest, the default); paper: "
         "the val split scored after every epoch, the best epoch's metrics reported (GFM's main_finetune.py, "
         "for comparison with the paper's numbers)",
+    )
+    eval_every: int | None = Field(
+        None, ge=1, description="scoring paper: score val every this many optimizer steps (None = every epoch, as "
+        "GFM; iteration-budget tasks as MMSegmentation's 40k schedules: 4000)",
     )
     augment: bool = Field(True, description="random horizontal flips of training samples (false: no augmentation)")
     vflip: bool = Field(False, description="also random vertical flips of training samples, every head (paper: on)")

@@ -105,7 +105,7 @@ def run_evaluation(params: Params) -> Report:
         from gfm_core.evaluation.trivial import TRIVIAL, trivial_scores
 
         for t in tasks:
-            runs.extend(trivial_scores(params.task(t), ft.seeds))
+            runs.extend(trivial_scores(params.task(t), ft.seeds, "val" if ft.scoring == "paper" else "test"))
         models = [*models, TRIVIAL]
     report = build_report(
         runs,

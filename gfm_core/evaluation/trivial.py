@@ -150,8 +150,9 @@ class Bicubic(TrivialPredictor):
 
 
 
-def trivial_scores(task: TaskCfg, seeds: Sequence[int]) -> list[RunScores]:
-    """The trivial predictor's :class:`~gfm_core.evaluation.report_data.RunScores` on ``task``'s test split.
+def trivial_scores(task: TaskCfg, seeds: Sequence[int], split: str = "test") -> list[RunScores]:
+    """The trivial predictor's :class:`~gfm_core.evaluation.report_data.RunScores` on ``task``'s ``split`` (the one
+    the models were scored on: ``test``, or ``val`` under ``finetune.scoring: paper``).
 
     The predictor is deterministic, so the same scores stand for every seed (the report pairs seeds).
     """
@@ -159,7 +160,7 @@ def trivial_scores(task: TaskCfg, seeds: Sequence[int]) -> list[RunScores]:
     train, train_loader = _batches(task, "train")
     k = train.num_outputs
     predict = TRIVIAL_PREDICTORS.get(task.head).fit(train_loader, k, task)
-    _, test_loader = _batches(task, "test")
+    _, test_loader = _batches(task, split)
     metrics = build_metrics(task.head, k, task.ignore_index)
     ids: list[str] = []
     with torch.no_grad():

@@ -71,7 +71,8 @@ class Evaluation:
         """Collect the candidate's per-sample results (``finetune.out_dir``) for the report's tasks and seeds.
 
         Raises:
-            ConfigError: the candidate is not a model of the report, or the report pools it (pretraining seeds).
+            ConfigError: the candidate is not a model of the report, the report pools it (pretraining seeds), or its
+                results are paper-scored (best val epoch).
             CheckpointError: a result file the report used is gone, or the results changed since the report.
         """
         from gfm_core.evaluation.report import load_run
@@ -87,6 +88,12 @@ class Evaluation:
             )
         if name not in report.models:
             raise ConfigError(f"promote.candidate {name!r} is not a model of the evaluation report {report.models}")
+        if getattr(report, "scoring", None) == "paper":
+            raise ConfigError(
+                "the evaluation report holds finetune.scoring: paper results (the best val epoch of each run, a "
+                "selection on the scored split); the gate judges test-split results: fine-tune with "
+                "finetune.scoring: test (`-S finetune.scoring=test`), evaluate, then promote"
+            )
         evidence = {}
         shas: dict[str | None, list[str]] = {}
         scored = [t for t in report.tasks if t not in getattr(report, "arp_excluded", {})]  # ARP's own tasks

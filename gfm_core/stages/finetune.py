@@ -184,9 +184,10 @@ def finetune(
              data.test.split, loop_cfg.total_steps, batch * cfg.grad_accum * backend.world_size, cfg.precision, device)
     scorer = None
     if cfg.scoring == "paper":  # val after every epoch, rank 0 (a fit callback)
-        steps_per_epoch = _steps_per_epoch(cfg, task, len(data.train), batch, backend.world_size)
+        every = task.eval_every or cfg.eval_every or _steps_per_epoch(cfg, task, len(data.train), batch,
+                                                                      backend.world_size)
         scorer = BestEpoch(backend, _eval_loader(cfg, data), lambda: _new_metrics(task, data), _headline(task),
-                           steps_per_epoch=steps_per_epoch, total_steps=loop_cfg.total_steps, out_dir=out_dir,
+                           steps_per_epoch=every, total_steps=loop_cfg.total_steps, out_dir=out_dir,
                            meta=_scores_meta(task, spec, seed), paper_batch=cfg.eval_batch_size)
     fit_res = fit(
         objective, loader_factory(data.train, batch, cfg.num_workers, seed, backend.rank, backend.world_size),

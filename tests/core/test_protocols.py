@@ -171,3 +171,25 @@ def test_results_written_before_protocols_load_with_the_defaults(tmp_path):
     res = load_result(tmp_path)
     assert (res.protocol, res.scoring, res.best_step) == ("finetune", "test", None)
     assert FinetuneResult.from_json(res.to_json()) == res
+
+
+def test_paper_scoring_every_n_steps_for_iteration_budgets(demo_tasks, tmp_path):
+    task = _task(demo_tasks, "classification").model_copy(update={"eval_every": 3})  # overrides the 4-step epochs
+    res = finetune(_cfg(tmp_path, scoring="paper", max_steps=7), task, RANDOM_TINY, seed=0, out_dir=tmp_path / "p")
+    assert [h["step"] for h in res.history if "val_acc" in h] == [3, 6, 7]
+
+
+def test_the_trivial_row_and_the_gate_follow_the_scored_split(demo_tasks):
+    from types import SimpleNamespace
+
+    from gfm_core.evaluation.trivial import trivial_scores
+    from gfm_core.registry.evidence import Evaluation
+
+    task = _task(demo_tasks, "classification")
+    val_ids = {r.id for r in TaskDataset(task, "val", mean=(0,) * 3, std=(1,) * 3).refs}
+    test_ids = {r.id for r in TaskDataset(task, "test", mean=(0,) * 3, std=(1,) * 3).refs}
+    assert set(trivial_scores(task, [0], "val")[0].ids) == val_ids != set(trivial_scores(task, [0])[0].ids) == test_ids
+    report = SimpleNamespace(models=["gfm"], pretrainings={}, scoring="paper")
+    params = parse_params({"promote": {"candidate": "gfm"}})
+    with pytest.raises(ConfigError, match="the gate judges test-split results"):
+        Evaluation.from_report(report, params)
