@@ -283,8 +283,12 @@ def build_downstream_assets(params: Params) -> list[Any]:
 
                     log_runs(runs)
         rows = [{"model": r.model, "seed": r.seed, r.headline: r.score, "steps": r.steps, "test_samples":
-                 r.test_samples} for r in runs]
-        return dg.MaterializeResult(metadata={"runs": len(runs), "results": _table(rows), **mlflow.links(run_id)})
+                 r.test_samples, "device_hours": r.compute.get("device_hours"), "co2_kg": r.compute.get("co2_kg")}
+                for r in runs]
+        totals = {f"compute.{k}": float(sum(r.compute.get(k) or 0.0 for r in runs))  # the ledgers of every run
+                  for k in ("device_hours", "energy_kwh", "co2_kg", "flops")}
+        return dg.MaterializeResult(metadata={"runs": len(runs), "results": _table(rows), **totals,
+                                              **mlflow.links(run_id)})
 
     @dg.asset(deps=[finetuned_models], group_name="downstream", kinds={"mlflow"}, automation_condition=EAGER,
               description="Evaluation report: table, ARP vs the ImageNet baseline, bootstrap CIs, radar chart")

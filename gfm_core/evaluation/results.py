@@ -51,6 +51,7 @@ class FinetuneResult:
     protocol: str = "finetune"  # finetune.protocol: finetune | frozen | linear
     scoring: str = "test"  # finetune.scoring: test (test split, end of training) | paper (val split, best epoch)
     best_step: int | None = None  # scoring paper: the optimizer step of the best val epoch
+    compute: dict[str, Any] = field(default_factory=dict)  # the run's ledger (gfm_core.training.ledger); {}: older
 
     @property
     def score(self) -> float:

@@ -29,7 +29,7 @@ from typing import Any
 
 from torch.utils.data import DataLoader
 
-from gfm_core.config import BackboneSpec, FinetuneCfg, Params, TaskCfg
+from gfm_core.config import BackboneSpec, ComputeCfg, FinetuneCfg, Params, TaskCfg
 from gfm_core.errors import CheckpointError, ConfigError
 from gfm_core.evaluation.metrics import TaskMetrics, build_metrics
 from gfm_core.evaluation.results import (
@@ -139,6 +139,7 @@ def finetune(
     resume: bool = False,
     progress: bool = False,
     callbacks: Sequence[Any] = (),
+    compute: ComputeCfg | None = None,
 ) -> FinetuneResult:
     """Fine-tune ``spec``'s backbone on ``task`` with a new head under the task's protocol, then score it
     (module docstring).
@@ -150,12 +151,14 @@ def finetune(
         seed: head init, data order, augmentation (and the subset when ``cfg.subset_seed`` is None).
         out_dir: run folder (checkpoints, metrics.jsonl, result.json, scores.parquet).
         max_steps: cap on optimizer steps (overrides ``task.max_steps``/``cfg.max_steps``).
+        compute: prices of the run's compute ledger (``result.json`` ``compute``; default: the section's defaults).
 
     Raises:
         ConfigError, CheckpointError, DatasetNotFoundError, DataValidationError: bad config, weights or data.
     """
     from gfm_core.training.backends import auto_device
     from gfm_core.training.checkpoint import seed_everything
+    from gfm_core.training.ledger import metered
     from gfm_core.training.loop import fit
     from gfm_core.training.optim import layer_decay_fn, param_groups
     from gfm_core.training.setup import loader_factory, make_backend
@@ -189,23 +192,36 @@ def finetune(
         scorer = BestEpoch(backend, _eval_loader(cfg, data), lambda: _new_metrics(task, data), _headline(task),
                            steps_per_epoch=every, total_steps=loop_cfg.total_steps, out_dir=out_dir,
                            meta=_scores_meta(task, spec, seed), paper_batch=cfg.eval_batch_size)
-    fit_res = fit(
-        objective, loader_factory(data.train, batch, cfg.num_workers, seed, backend.rank, backend.world_size),
-        backend, loop_cfg,
-        param_groups(objective, cfg.weight_decay,  # a frozen backbone has no layers to decay
-                     lr_scale_fn=layer_decay_fn(model, cfg.layer_decay if protocol == "finetune" else 1.0)),
-        callbacks=[*callbacks, *([scorer] if scorer is not None else [])],
-    )
+    with metered(str(device), backend.world_size) as meter:
+        fit_res = fit(
+            objective, loader_factory(data.train, batch, cfg.num_workers, seed, backend.rank, backend.world_size),
+            backend, loop_cfg,
+            param_groups(objective, cfg.weight_decay,  # a frozen backbone has no layers to decay
+                         lr_scale_fn=layer_decay_fn(model, cfg.layer_decay if protocol == "finetune" else 1.0)),
+            callbacks=[*callbacks, *([scorer] if scorer is not None else [])],
+        )
     history = sorted([*(scorer.records if scorer is not None else []), *fit_res.history], key=lambda r: r["step"])
     result = replace(
         _score(cfg, task, spec, loaded, data, backend, out_dir, seed, device, scorer), steps=fit_res.steps,
         seconds=round(time.perf_counter() - t0, 2),
         history=[{k: v for k, v in r.items() if math.isfinite(v)} for r in history],
+        compute=_ledger(compute or ComputeCfg(), cfg, fit_res, meter, batch, backend, str(device)),
     )
     result = _write(result, backend)
     log.info("finetune %s on %s (seed %d): %s", spec.name, task.name, seed,
              ", ".join(f"{k}={v:.4g}" for k, v in result.metrics.items() if not k.startswith("iou_")))
     return result
+
+
+def _ledger(compute: ComputeCfg, cfg: FinetuneCfg, fit_res: Any, meter: dict[str, Any], batch: int, backend: Any,
+            device: str) -> dict[str, Any]:
+    """The run's compute ledger (:mod:`gfm_core.training.ledger`) as JSON: the steps this call trained."""
+    from gfm_core.training.ledger import make_ledger
+
+    return make_ledger(compute, wall_s=meter["wall_s"], steps=fit_res.steps - fit_res.start_step,
+                       global_batch=batch * cfg.grad_accum * backend.world_size, flops_per_step=fit_res.flops_per_step,
+                       device=device, world_size=backend.world_size, precision=cfg.precision,
+                       energy=meter["energy"]).to_json()
 
 
 def _headline(task: TaskCfg) -> str:
@@ -301,6 +317,8 @@ def log_runs(runs: Sequence[FinetuneResult]) -> None:
         for h in r.history:
             tracking.log_metrics({f"{tag}{k}": v for k, v in h.items() if k != "step"}, step=int(h["step"]))
         tracking.log_metrics({f"{tag}{k}": v for k, v in r.metrics.items()})
+        tracking.log_metrics({f"{tag}compute.{k}": float(v) for k, v in r.compute.items()
+                              if isinstance(v, int | float) and not isinstance(v, bool)})
         tracking.log_artifacts({"result": r.result_json}, f"{r.model}/seed_{r.seed}")
 
 
@@ -324,6 +342,7 @@ def run_finetune_task(
         out_dir=result_dir(cfg, task, model_name, seed),
         max_steps=max_steps,
         resume=resume,
+        compute=params.compute,
     )
 
 

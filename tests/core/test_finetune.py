@@ -297,6 +297,8 @@ def test_stage_functions_finetune_and_evaluate(tmp_path, demo_tasks):
                 res.steps == 2
                 and res.result_json == tmp_path / "ft" / task / model / "seed_0" / "result.json"
             )
+            led = json.loads(res.result_json.read_text())["compute"]  # the run's compute ledger, in result.json
+            assert led["steps"] == 2 and led["flops"] == 2 * led["flops_per_step"] > 0 and led["co2_kg"] > 0
     report = run_evaluation(params)
     assert report.models == ["gfm", "imagenet", "trivial"] and report.tasks == ["scene", "change"]
     assert set(report.ci["trivial"]) == {"scene", "change"}  # the trivial predictor of each task, paired too

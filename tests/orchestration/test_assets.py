@@ -129,7 +129,8 @@ def test_whole_graph_materialises_registers_and_gates(repo_root, workdir):
     for task in ("scene", "change"):
         ft = dg.materialize([finetuned], partition_key=task, resources=res_map)
         assert ft.success
-        assert "| model |" in ft.asset_materializations_for_node("finetuned_models")[0].metadata["results"].value
+        ft_meta = ft.asset_materializations_for_node("finetuned_models")[0].metadata
+        assert "| model |" in ft_meta["results"].value and ft_meta["compute.co2_kg"].value > 0
     rep = dg.materialize([report], resources=res_map)
     rmeta = rep.asset_materializations_for_node("evaluation_report")[0].metadata
     assert rmeta["arp_gfm"].value == 0.0 and "| model |" in rmeta["report"].value.lower().replace("**", "")
