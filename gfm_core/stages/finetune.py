@@ -171,11 +171,7 @@ def finetune(
     _bind_start(out_dir / START_FILE, spec, loaded.sha256, resume)
     data = _datasets(cfg, task, spec, loaded, seed)
     seed_everything(seed)  # the head's init depends on the seed only, not on what was loaded before
-    model = build_task_model(task.head, loaded.model, num_outputs=data.train.num_outputs,
-                             decoder_dim=cfg.decoder_dim, decoder=task.decoder or cfg.decoder,
-                             ignore_index=task.ignore_index, mean=loaded.mean, std=loaded.std)
-    protocol = cfg.protocol_of(task)
-    objective = build_objective(model, protocol, mix=batch_mix(cfg, task.head, data.train.num_outputs))
+    model, objective, protocol = _objective(cfg, task, loaded, data)
     batch = min(task.batch_size or cfg.batch_size, len(data.train))
     if batch < (task.batch_size or cfg.batch_size):
         log.warning("task %s: batch size reduced to the %d training samples", task.name, batch)
@@ -211,6 +207,16 @@ def finetune(
     log.info("finetune %s on %s (seed %d): %s", spec.name, task.name, seed,
              ", ".join(f"{k}={v:.4g}" for k, v in result.metrics.items() if not k.startswith("iou_")))
     return result
+
+
+def _objective(cfg: FinetuneCfg, task: TaskCfg, loaded: LoadedBackbone, data: _Data) -> tuple[Any, Any, str]:
+    """``(task model, objective, protocol)``: a new head of the task's kind on the backbone, wrapped in the objective
+    of the task's protocol with the recipe's batch mixing."""
+    model = build_task_model(task.head, loaded.model, num_outputs=data.train.num_outputs,
+                             decoder_dim=cfg.decoder_dim, decoder=task.decoder or cfg.decoder,
+                             ignore_index=task.ignore_index, mean=loaded.mean, std=loaded.std)
+    protocol = cfg.protocol_of(task)
+    return model, build_objective(model, protocol, mix=batch_mix(cfg, task.head, data.train.num_outputs)), protocol
 
 
 def _ledger(compute: ComputeCfg, cfg: FinetuneCfg, fit_res: Any, meter: dict[str, Any], batch: int, backend: Any,
