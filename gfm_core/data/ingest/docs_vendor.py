@@ -203,7 +203,10 @@ def vendor_assets(root: Path | None = None, registry: str | None = None) -> list
 
 def main() -> None:
     """Vendor the assets, saying what was fetched (``scripts/vendor_data_docs.py``; ``make env`` runs it)."""
-    fetched = vendor_assets()
+    try:
+        fetched = vendor_assets()
+    except (OSError, GfmError) as e:  # offline, registry down, or a tarball that is not the pinned one
+        raise SystemExit(f"[data docs] vendoring failed: {e}") from e
     if fetched:
         print(f"[data docs] vendored {', '.join(fetched)} into {vendor_root()}")
 
