@@ -18,6 +18,8 @@ env:
 	@mkdir -p "$(DAGSTER_HOME)" "$(TORCH_EXTENSIONS_DIR)"
 	@[ -f "$(DAGSTER_HOME)/dagster.yaml" ] || cp orchestration/dagster.yaml "$(DAGSTER_HOME)/dagster.yaml"
 	@grep -q '^concurrency:' "$(DAGSTER_HOME)/dagster.yaml" || sed -n '/^concurrency:/,$$p' orchestration/dagster.yaml >> "$(DAGSTER_HOME)/dagster.yaml"
+	@# Data Docs web assets from the npm registry (pinned, sha512-checked), so gfm validate's pages work offline
+	@$(VENV)/bin/python scripts/vendor_data_docs.py || echo "[data docs] could not vendor the web assets: Data Docs will load them from CDNs" >&2
 
 ## Run the whole pipeline end to end on the embedded demo data: every Dagster asset, into $(DAGSTER_HOME).
 demo: env

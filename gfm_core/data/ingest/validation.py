@@ -44,6 +44,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from gfm_core.data.ingest.data_docs import localize
 from gfm_core.data.ingest.expectations import (
     MAX_EXAMPLES,
     Rule,
@@ -295,6 +296,7 @@ def _run(
         docs_index = None
         if docs_tmp is not None:
             ctx.build_data_docs()
+            localize(docs_tmp)  # local copies of the CDN assets, so the site works offline
             _swap_in(docs_tmp, out_dir / DOCS_DIR)
             docs_index = out_dir / DOCS_DIR / "index.html"
     finally:
