@@ -146,7 +146,7 @@ def _cmd_estimate(args: argparse.Namespace) -> None:
     print(f"measured: {est['samples_per_s']:.1f} images/s on {ledger['device_count']} x {ledger['device']}, "
           f"{s.arch} at {s.img_size} px, {params.pretrain.precision} ({path})")
     print(f"{args.images:,} images x {epochs} epochs: {est['wall_h']:,.1f} h wall, {est['device_hours']:,.1f} "
-          f"device-hours, {est['energy_kwh']:,.1f} kWh ({ledger['energy_source']}), {est['co2_kg']:,.1f} kg CO2 "
+          f"device-hours, {est['energy_kwh']:.3g} kWh ({ledger['energy_source']}), {est['co2_kg']:.3g} kg CO2 "
           f"at {ledger['grid_gco2_per_kwh']:g} g/kWh")
     print(f"paper (GFM, Table 1): {PAPER_V100_HOURS} V100-hours, {PAPER_CO2_KG} kg CO2 for {PAPER_IMAGES:,} "
           f"images x 100 epochs (Swin-B student 192 px + Swin-B teacher 224 px)")
