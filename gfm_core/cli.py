@@ -126,6 +126,20 @@ def _cmd_science(args: argparse.Namespace) -> None:
     print(f"report: {res.report_md} ({res.report_json}); {res.seconds:.0f} s")
 
 
+def _cmd_embed(args: argparse.Namespace) -> None:
+    from gfm_core.inference.commands import run_embed
+
+    for line in run_embed(args, _params(args)):
+        print(line)
+
+
+def _cmd_predict(args: argparse.Namespace) -> None:
+    from gfm_core.inference.commands import run_predict
+
+    for line in run_predict(args, _params(args)):
+        print(line)
+
+
 #: The paper's figures the estimate is set beside (GeoPile images; Table 1's GFM row).
 PAPER_IMAGES, PAPER_V100_HOURS, PAPER_CO2_KG = 587_954, 93.3, 13.3
 
@@ -165,6 +179,8 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], None], str]] = {
     "demo": (_cmd_demo, "run every stage end to end on the embedded demo data"),
     "science": (_cmd_science, "test the paper's claims at small scale (use --preset science): variants x seeds, "
                 "dense probes, paired bootstrap, report"),
+    "embed": (_cmd_embed, "per-tile embeddings of a whole scene (GeoParquet) from a registered or exported backbone"),
+    "predict": (_cmd_predict, "tiled prediction of a whole scene (GeoTIFF) with a fine-tuned task model"),
 }
 
 
@@ -202,6 +218,10 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--task", action="append", help="only this task (repeatable)")
             p.add_argument("--model", action="append", help="only this model (repeatable)")
             p.add_argument("--seed", action="append", type=int, help="only this seed (repeatable)")
+        if name in ("embed", "predict"):
+            from gfm_core.inference.commands import add_arguments
+
+            add_arguments(p, name)
         p.set_defaults(func=fn)
     return parser
 

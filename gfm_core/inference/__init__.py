@@ -5,21 +5,6 @@ Modules: :mod:`~gfm_core.inference.tiles` (the tiling plan and blending weight),
 (device, precision, batches), :mod:`~gfm_core.inference.writer` (row-block blending writer),
 :mod:`~gfm_core.inference.predict`, :mod:`~gfm_core.inference.embed`, :mod:`~gfm_core.inference.geoparquet`
 (WKB and ``geo`` metadata by hand), :mod:`~gfm_core.inference.source` (an exported file or a registry URI).
-Nothing here imports dagster; memory stays flat in the scene's size (each module says how).
+Nothing here imports dagster; memory stays flat in the scene's size (each module says how). The package
+re-exports nothing, so that ``gfm --help`` (:mod:`~gfm_core.inference.commands`) does not import torch.
 """
-
-from gfm_core.inference.bands import BandContract, contract_from_sidecar
-from gfm_core.inference.embed import EmbedResult, embed_scene
-from gfm_core.inference.predict import PredictResult, predict_scene
-from gfm_core.inference.source import LoadedModel, load_model
-
-__all__ = [
-    "BandContract",
-    "EmbedResult",
-    "LoadedModel",
-    "PredictResult",
-    "contract_from_sidecar",
-    "embed_scene",
-    "load_model",
-    "predict_scene",
-]

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from gfm_core.data.raster.header import DEFAULT_VALUE_RANGES
+from gfm_core.data.raster.stretch import Stretch
 from gfm_core.data.tasks.band_names import resolve_band_names
 from gfm_core.errors import ConfigError, DataValidationError
 
@@ -35,12 +36,15 @@ class BandContract:
         names: one name per input channel, in order.
         mean, std: per-channel normalisation of ``[0, 1]`` pixels.
         input_size: ``(C, H, W)`` the backbone was trained at (H is the default tile).
+        stretch: per-band ``(lo, hi)`` contrast stretch of ``[0, 1]`` pixels applied before the normalisation
+            (a fine-tuned task's ``stretch``, :class:`gfm_core.data.raster.stretch.Stretch`); None = none.
     """
 
     names: tuple[str, ...]
     mean: tuple[float, ...]
     std: tuple[float, ...]
     input_size: tuple[int, int, int]
+    stretch: tuple[tuple[float, ...], tuple[float, ...]] | None = None
 
     @property
     def count(self) -> int:
@@ -52,7 +56,9 @@ class BandContract:
         return f"{self.count}: {', '.join(self.names)}"
 
     def normalise(self, x01: np.ndarray) -> np.ndarray:
-        """``[..., C, H, W]`` in ``[0, 1]`` -> ``(x - mean) / std`` (float32)."""
+        """``[C, H, W]`` in ``[0, 1]`` -> (stretched, then) ``(x - mean) / std`` (float32)."""
+        if self.stretch is not None:
+            x01 = Stretch(*self.stretch).apply(x01)
         mean = np.asarray(self.mean, np.float32)[:, None, None]
         std = np.asarray(self.std, np.float32)[:, None, None]
         return ((x01 - mean) / std).astype(np.float32, copy=False)

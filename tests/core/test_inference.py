@@ -214,3 +214,53 @@ def test_embed_from_the_registry_champion(store, backbone):
     res = embed_scene(scene, loaded.model, loaded.contract, store / "e.parquet", device="cpu", info=loaded.info)
     gfm = json.loads(pq.read_schema(res.out).metadata[b"gfm"])
     assert gfm["model_uri"] == "models:/gfm-foundation@champion" and gfm["model_version"] == version
+
+
+def test_predict_with_a_finetuned_segmentation_run(tmp_path, tmp_path_factory):
+    from gfm_core.config import DemoDataCfg, parse_params
+    from gfm_core.data.tasks.dataset import TaskDataset
+    from gfm_core.demo.build import build_demo_data
+    from gfm_core.inference.finetuned import load_finetuned
+    from gfm_core.stages.finetune import run_finetune_task
+
+    root = tmp_path_factory.mktemp("demo")
+    build_demo_data(DemoDataCfg(root=root))
+    seg = {"name": "segmentation", "head": "segmentation", "layout": "folders", "root": str(root / "tasks" /
+           "segmentation"), "img_size": 32, "bands": [3, 2, 1], "value_range": [0, 255],
+           "mask_values": [1, 2, 3, 4, 5, 6, 7]}
+    tiny = {"embed_dim": 16, "depths": [1, 1, 1, 1], "num_heads": [1, 1, 2, 2], "window_size": 4}
+    params = parse_params({
+        "finetune": {"tasks": [seg], "models": [{"name": "imagenet", "kind": "random",
+                                                 "arch": "swin_tiny_patch4_window7_224", "timm_kwargs": tiny}],
+                     "seeds": [0], "batch_size": 16, "max_steps": 2, "decoder_dim": 8, "device": "cpu",
+                     "num_workers": 0, "precision": "fp32", "out_dir": str(tmp_path / "ft")},
+        "evaluate": {"models": ["imagenet"], "out_dir": str(tmp_path / "eval")},
+        "pretrain": {"out_dir": str(tmp_path / "pre")},
+    })
+    res = run_finetune_task(params, "segmentation", "imagenet", 0)
+    loaded, options = load_finetuned(res.out_dir, params)
+    assert options["bands"] == (3, 2, 1) and options["output"] == "classes"
+    ds = TaskDataset(params.task("segmentation"), "test", mean=loaded.contract.mean, std=loaded.contract.std)
+    image = next(iter(ds.refs[0].files.values()))
+    out = predict_scene(image, loaded.model, loaded.contract, tmp_path / "map.tif", device="cpu",
+                        bands=options["bands"], value_range=options["value_range"])
+    with torch.no_grad():  # the dataset's own pipeline (bands, scaling, normalisation) through the same model
+        direct = loaded.model.eval()(ds[0]["image"][None])[0].argmax(0).numpy()
+    pred, _, _, _ = read(out.out)
+    assert pred.shape[1:] == direct.shape and (pred[0] == direct).mean() > 0.99
+
+
+def test_cli_embed_from_an_exported_backbone(tmp_path, backbone, capsys, repo_root):
+    from gfm_core import cli
+
+    scene = random_scene(tmp_path / "s.tif", bands=4, descriptions=("blue", "green", "red", "nir"))
+    out = tmp_path / "e.parquet"
+    rc = cli.main(["embed", str(scene), "--model", str(backbone), "--out", str(out), "--params",
+                   str(repo_root / "params.yaml"), "--band-names", "red,green,blue", "--device", "cpu"])
+    assert rc == 0 and "9 tiles" in capsys.readouterr().out
+    assert json.loads(pq.read_schema(out).metadata[b"gfm"])["bands"] == [3, 2, 1]
+    rc = cli.main(["embed", str(scene), "--model", str(backbone), "--out", str(tmp_path / "x.parquet"),
+                   "--params", str(repo_root / "params.yaml"), "--bands", "1,2", "--device", "cpu"])
+    assert rc == 2 and "2 band(s) selected [1, 2], the model expects (3: red, green, blue)" in capsys.readouterr().err
+    assert cli.main(["predict", str(scene), "--params", str(repo_root / "params.yaml")]) == 2
+    assert "gfm predict needs --model, --out" in capsys.readouterr().err
