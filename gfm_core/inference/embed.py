@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -37,7 +37,7 @@ from gfm_core.inference.scene import Scene, pad_to
 from gfm_core.inference.tiles import Tile, plan_tiles
 from gfm_core.io import durable_replace, temp_prefix
 
-ROW_GROUP = 4096
+ROW_GROUP = 256
 
 
 class PooledFeatures(nn.Module):
@@ -165,7 +165,7 @@ def embed_scene(
         rows = _Rows(tmp, dim)
         try:
             with progress_bar(len(plan), f"embed {Path(scene).name}", progress) as bar:
-                _embed_tiles(src, list(plan), runner, contract, tile, batch_size, rows, bar)
+                _embed_tiles(src, plan, runner, contract, tile, batch_size, rows, bar)
             rows.flush()
         finally:
             rows.writer.close()
@@ -180,7 +180,7 @@ def embed_scene(
     return EmbedResult(out, rows.count, len(plan) - rows.count, dim, round(time.perf_counter() - t0, 3))
 
 
-def _embed_tiles(src: Scene, tiles: list[Tile], runner: TileRunner, contract: BandContract, tile: int,
+def _embed_tiles(src: Scene, tiles: Iterable[Tile], runner: TileRunner, contract: BandContract, tile: int,
                  batch_size: int, rows: _Rows, bar: Any) -> None:
     """Read, batch and embed ``tiles`` into ``rows``, skipping tiles without valid pixels."""
     pending: list[tuple[Tile, float]] = []

@@ -22,7 +22,7 @@ from torch import nn
 
 from gfm_core.errors import DataValidationError
 from gfm_core.inference.bands import BandContract
-from gfm_core.inference.runner import TileRunner, chunks, progress_bar
+from gfm_core.inference.runner import TileRunner, batched, progress_bar
 from gfm_core.inference.scene import Scene, pad_to
 from gfm_core.inference.tiles import Tile, TilePlan, blend_weight, plan_tiles
 from gfm_core.inference.writer import Output, StripWriter
@@ -105,17 +105,16 @@ def predict_scene(
 def _run(src: Scene, plan: TilePlan, runner: TileRunner, contract: BandContract, writer: StripWriter,
          weight: np.ndarray, scale: int, batch_size: int, bar: object) -> int:
     """Every tile of ``plan`` through the model into ``writer``, in row-major batches; returns tiles skipped."""
-    tiles = list(plan)
-    cols, skipped = plan.shape[1], 0
-    for idx in chunks(len(tiles), batch_size):
+    cols, skipped, done = plan.shape[1], 0, 0
+    for chunk in batched(plan, batch_size):
         batch: list[tuple[Tile, np.ndarray]] = []
         xs: list[np.ndarray] = []
-        for i in idx:
-            win = src.read(tiles[i])
+        for t in chunk:
+            win = src.read(t)
             if not win.valid.any():
                 skipped += 1
                 continue
-            batch.append((tiles[i], win.valid))
+            batch.append((t, win.valid))
             xs.append(pad_to(contract.normalise(win.x01), plan.tile, plan.tile))
         if xs:
             outs = runner(np.stack(xs))
@@ -123,8 +122,9 @@ def _run(src: Scene, plan: TilePlan, runner: TileRunner, contract: BandContract,
                 h, w = t.h * scale, t.w * scale
                 mask = np.repeat(np.repeat(valid, scale, axis=0), scale, axis=1) if scale > 1 else valid
                 writer.add(t.y * scale, t.x * scale, o[:, :h, :w], weight * mask)
-        done_rows = (idx[-1] + 1) // cols
+        done += len(chunk)
+        done_rows = done // cols
         final = plan.ys[done_rows] * scale if done_rows < len(plan.ys) else writer.height
         writer.flush(final)
-        bar.update(len(idx))  # type: ignore[attr-defined]
+        bar.update(len(chunk))  # type: ignore[attr-defined]
     return skipped

@@ -8,9 +8,10 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import sys
-from collections.abc import Iterator
-from typing import Any, Literal
+from collections.abc import Iterable, Iterator
+from typing import Any, Literal, TypeVar
 
 import numpy as np
 import torch
@@ -20,6 +21,7 @@ from gfm_core.errors import ConfigError
 from gfm_core.training.backends.devices import auto_device, resolve_device
 
 Precision = Literal["fp32", "bf16"]
+T = TypeVar("T")
 
 
 class TileRunner:
@@ -54,9 +56,14 @@ def progress_bar(total: int, desc: str, enabled: bool | None = None) -> Any:
     return tqdm(total=total, desc=desc, unit="tile", disable=not show, file=sys.stderr)
 
 
-def chunks(n: int, size: int) -> Iterator[range]:
-    """``range(0, n)`` in consecutive ranges of at most ``size``."""
+def batched(items: Iterable[T], size: int) -> Iterator[list[T]]:
+    """``items`` in consecutive lists of at most ``size`` (lazily: a tile plan is never held as a list).
+
+    Raises:
+        ConfigError: ``size`` < 1.
+    """
     if size < 1:
         raise ConfigError(f"batch size must be >= 1, got {size}")
-    for start in range(0, n, size):
-        yield range(start, min(n, start + size))
+    it = iter(items)
+    while chunk := list(itertools.islice(it, size)):
+        yield chunk

@@ -3,7 +3,9 @@
 Nothing reads the whole scene: :meth:`Scene.read` decodes one window (``src.read(window=...)``), so memory
 depends on the tile, not on the scene. Validity follows :mod:`gfm_core.data.raster.reader`: a pixel is nodata
 when every selected band equals the declared nodata value, when the dataset mask (alpha band, internal mask)
-says so, or when it is NaN/Inf; nodata pixels read as 0 in ``[0, 1]`` units.
+says so, or when it is NaN/Inf; nodata pixels read as 0 in ``[0, 1]`` units. GDAL's block cache, which
+otherwise grows to 5 % of RAM as a large scene is read, is capped at :data:`GDAL_CACHE_MB` while a scene is
+open (it must hold one row of the file's blocks for tiles to reuse them).
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ from gfm_core.errors import DataValidationError, RasterReadError
 from gfm_core.inference.bands import BandContract, select_bands, value_range_for
 from gfm_core.inference.tiles import Tile
 
+GDAL_CACHE_MB = 256
+
 
 @dataclass(frozen=True)
 class Window01:
@@ -46,7 +50,7 @@ class Scene:
                  band_names: Sequence[str] | None = None, value_range: Sequence[float] | None = None) -> None:
         self.path = check_path(path)
         self._stack = contextlib.ExitStack()
-        self._stack.enter_context(rasterio.Env(**GDAL_ENV))
+        self._stack.enter_context(rasterio.Env(**GDAL_ENV, GDAL_CACHEMAX=GDAL_CACHE_MB))
         try:
             self.src: Any = self._stack.enter_context(open_raster(self.path))
             src = self.src
