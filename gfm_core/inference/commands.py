@@ -55,6 +55,9 @@ def add_arguments(p: argparse.ArgumentParser, name: str) -> None:
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="autocast (default: %(default)s)")
     if name == "embed":
         p.add_argument("--stride", type=int, default=None, help="tile step (default: the tile: no overlap)")
+        p.add_argument("--raster", type=Path, default=None,
+                       help="also write a low-resolution embedding GeoTIFF here (one pixel per tile, a band per "
+                            "feature)")
     else:
         p.add_argument("--overlap", type=int, default=None,
                        help="pixels shared by neighbouring tiles (default: tile/4)")
@@ -89,11 +92,13 @@ def run_embed(args: argparse.Namespace, params: Any) -> list[str]:
     loaded = load_model(args.model)
     res = embed_scene(args.scene, loaded.model, loaded.contract, args.out, tile=args.tile, stride=args.stride,
                       batch_size=args.batch, bands=args.bands, band_names=args.band_names,
-                      value_range=args.value_range, device=args.device, precision=args.precision, info=loaded.info)
+                      value_range=args.value_range, device=args.device, precision=args.precision, info=loaded.info,
+                      raster=args.raster)
     version = loaded.info.get("model_version")
     return [f"embeddings: {res.out} ({res.tiles} tiles x {res.dim}, {res.skipped} nodata tiles skipped, "
             f"{res.seconds:.1f} s; {loaded.info.get('arch')}{f' version {version}' if version else ''}, "
-            f"weights {str(loaded.info.get('weights_sha256'))[:12]})"]
+            f"weights {str(loaded.info.get('weights_sha256'))[:12]})"] + \
+        ([f"embedding raster: {res.raster}"] if res.raster is not None else [])
 
 
 def run_predict(args: argparse.Namespace, params: Any) -> list[str]:

@@ -12,11 +12,13 @@ Columns: ``geometry`` (WKB polygon of the tile in the scene's CRS), ``embedding`
 ``geo`` (GeoParquet 1.1, :mod:`~gfm_core.inference.geoparquet`) and ``gfm`` (model, weights and teacher sha256,
 registry version, scene, tiling, bands, normalisation). Rows are streamed to a temporary file in row groups
 (memory flat in the scene size), then copied row group by row group under the final metadata (the bbox is known
-only at the end) and moved into place.
+only at the end) and moved into place. Optionally (``raster``) the same vectors also go to a low-resolution
+GeoTIFF, one pixel per tile (:mod:`~gfm_core.inference.embed_raster`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -31,10 +33,11 @@ from torch import Tensor, nn
 
 from gfm_core.errors import DataValidationError
 from gfm_core.inference.bands import BandContract
+from gfm_core.inference.embed_raster import GridWriter
 from gfm_core.inference.geoparquet import polygon_wkb, schema_metadata, tile_ring
 from gfm_core.inference.runner import TileRunner, progress_bar
 from gfm_core.inference.scene import Scene, pad_to
-from gfm_core.inference.tiles import Tile, plan_tiles
+from gfm_core.inference.tiles import Tile, TilePlan, plan_tiles
 from gfm_core.io import durable_replace, temp_prefix
 
 ROW_GROUP = 256
@@ -64,13 +67,15 @@ class PooledFeatures(nn.Module):
 
 @dataclass(frozen=True)
 class EmbedResult:
-    """What :func:`embed_scene` wrote: the file, tiles embedded and skipped, the vector size, seconds."""
+    """What :func:`embed_scene` wrote: the file, tiles embedded and skipped, the vector size, seconds, the
+    embedding GeoTIFF (or None)."""
 
     out: Path
     tiles: int
     skipped: int
     dim: int
     seconds: float
+    raster: Path | None = None
 
 
 class _Rows:
@@ -83,6 +88,8 @@ class _Rows:
             ("h", pa.int32()), ("w", pa.int32()), ("valid_fraction", pa.float32()),
         ])
         self.writer = pq.ParquetWriter(path, self.schema)
+        self.dim = dim
+        self.grid: GridWriter | None = None
         self.rows: list[tuple[bytes, Tile, float]] = []
         self.vectors: list[np.ndarray] = []
         self.bbox = [np.inf, np.inf, -np.inf, -np.inf]
@@ -93,6 +100,8 @@ class _Rows:
         self.bbox = [min(self.bbox[0], *xs), min(self.bbox[1], *ys), max(self.bbox[2], *xs), max(self.bbox[3], *ys)]
         self.rows.append((polygon_wkb(ring), tile, valid_fraction))
         self.vectors.append(vector.astype(np.float32))
+        if self.grid is not None:
+            self.grid.add(tile.row, tile.col, vector)
         self.count += 1
         if len(self.rows) >= ROW_GROUP:
             self.flush()
@@ -140,6 +149,7 @@ def embed_scene(
     device: str = "auto",
     precision: str = "fp32",
     info: Mapping[str, Any] | None = None,
+    raster: str | Path | None = None,
     progress: bool | None = None,
 ) -> EmbedResult:
     """Embed every tile of ``scene`` with ``model``'s pooled features into the GeoParquet ``out`` (module docstring).
@@ -148,6 +158,7 @@ def embed_scene(
         scene: a GeoTIFF/COG of any size. model: a backbone (any module; see :class:`PooledFeatures`).
         contract: its bands and normalisation. tile: window size (default: the contract's input size).
         stride: tile step (default: the tile; at least half of it). info: provenance for the ``gfm`` metadata.
+        raster: also write the low-resolution embedding GeoTIFF here (:mod:`~gfm_core.inference.embed_raster`).
 
     Raises:
         ConfigError, DataValidationError, RasterReadError: bad options, a band mismatch, an unreadable scene,
@@ -155,29 +166,47 @@ def embed_scene(
     """
     t0 = time.perf_counter()
     tile = tile or contract.input_size[1]
+    stride = stride or tile
     runner = TileRunner(PooledFeatures(model), device=device, precision=precision)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f"{temp_prefix(out)}{os.urandom(4).hex()}.rows.parquet"
     with Scene(scene, contract, bands=bands, band_names=band_names, value_range=value_range) as src:
-        plan = plan_tiles(src.height, src.width, tile, tile - (stride or tile))
+        plan = plan_tiles(src.height, src.width, tile, tile - stride)
         dim = int(runner(np.zeros((1, contract.count, tile, tile), np.float32)).shape[-1])
-        rows = _Rows(tmp, dim)
         try:
-            with progress_bar(len(plan), f"embed {Path(scene).name}", progress) as bar:
-                _embed_tiles(src, plan, runner, contract, tile, batch_size, rows, bar)
-            rows.flush()
+            rows = _collect(src, plan, runner, contract, batch_size, _Rows(tmp, dim), raster, progress)
+            gfm = {**dict(info or {}), "scene": str(scene), "height": src.height, "width": src.width,
+                   "transform": list(src.transform)[:6], "tile": tile, "stride": stride,
+                   "bands": list(src.bands), "value_range": list(src.value_range), "contract": asdict(contract),
+                   "precision": precision, "tiles": rows.count, "skipped": len(plan) - rows.count,
+                   "raster": str(raster) if raster is not None else None}
+            _finish(tmp, out, schema_metadata(src.crs, rows.bbox, gfm))
         finally:
-            rows.writer.close()
-        if rows.count == 0:
             tmp.unlink(missing_ok=True)
-            raise DataValidationError(f"{scene}: every one of the {len(plan)} tiles is nodata; nothing to embed")
-        gfm = {**dict(info or {}), "scene": str(scene), "height": src.height, "width": src.width,
-               "transform": list(src.transform)[:6], "tile": tile, "stride": stride or tile,
-               "bands": list(src.bands), "value_range": list(src.value_range), "contract": asdict(contract),
-               "precision": precision, "tiles": rows.count, "skipped": len(plan) - rows.count}
-        _finish(tmp, out, schema_metadata(src.crs, rows.bbox, gfm))
-    return EmbedResult(out, rows.count, len(plan) - rows.count, dim, round(time.perf_counter() - t0, 3))
+    return EmbedResult(out, rows.count, len(plan) - rows.count, dim, round(time.perf_counter() - t0, 3),
+                       Path(raster) if raster is not None else None)
+
+
+def _collect(src: Scene, plan: TilePlan, runner: TileRunner, contract: BandContract, batch_size: int, rows: _Rows,
+             raster: str | Path | None, progress: bool | None) -> _Rows:
+    """Every tile of ``plan`` embedded into ``rows`` (and the embedding GeoTIFF ``raster``, when given).
+
+    Raises:
+        DataValidationError: no tile has a valid pixel (nothing is written).
+    """
+    with contextlib.ExitStack() as stack:
+        stack.callback(rows.writer.close)
+        if raster is not None:
+            rows.grid = stack.enter_context(GridWriter(
+                raster, rows=plan.shape[0], cols=plan.shape[1], dim=rows.dim, crs=src.crs, transform=src.transform,
+                stride=plan.tile - plan.overlap))
+        with progress_bar(len(plan), f"embed {src.path.name}", progress) as bar:
+            _embed_tiles(src, plan, runner, contract, plan.tile, batch_size, rows, bar)
+        rows.flush()
+        if rows.count == 0:
+            raise DataValidationError(f"{src.path}: every one of the {len(plan)} tiles is nodata; nothing to embed")
+    return rows
 
 
 def _embed_tiles(src: Scene, tiles: Iterable[Tile], runner: TileRunner, contract: BandContract, tile: int,

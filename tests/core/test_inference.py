@@ -191,9 +191,15 @@ def test_embed_skips_nodata_tiles(tmp_path, backbone):
     array[:, :64, :64] = 0
     array[:, 64:, 100:] = 0
     scene = write_scene(tmp_path / "n.tif", array, nodata=0)
-    res = embed_scene(scene, loaded.model, loaded.contract, tmp_path / "e.parquet", device="cpu")
+    res = embed_scene(scene, loaded.model, loaded.contract, tmp_path / "e.parquet", device="cpu",
+                      raster=tmp_path / "e.tif")
     table = pq.read_table(res.out)
     assert res.skipped == 2 and table.num_rows == 4  # (0,0) and (1,2) are all nodata
+    grid, crs, transform, _ = read(res.raster)  # one pixel per tile, one band per feature
+    assert grid.shape == (res.dim, 2, 3) and crs.to_string() == CRS and transform == TRANSFORM @ Affine.scale(64)
+    assert np.isnan(grid[:, 0, 0]).all() and np.isnan(grid[:, 1, 2]).all()
+    for row in table.to_pylist():
+        np.testing.assert_array_equal(grid[:, row["row"], row["col"]], np.float32(row["embedding"]))
     fractions = dict(zip(zip(table["row"].to_pylist(), table["col"].to_pylist(), strict=True),
                          table["valid_fraction"].to_pylist(), strict=True))
     assert (0, 0) not in fractions and (1, 2) not in fractions
@@ -264,3 +270,12 @@ def test_cli_embed_from_an_exported_backbone(tmp_path, backbone, capsys, repo_ro
     assert rc == 2 and "2 band(s) selected [1, 2], the model expects (3: red, green, blue)" in capsys.readouterr().err
     assert cli.main(["predict", str(scene), "--params", str(repo_root / "params.yaml")]) == 2
     assert "gfm predict needs --model, --out" in capsys.readouterr().err
+
+
+def test_embed_of_an_all_nodata_scene_fails_and_leaves_nothing(tmp_path, backbone):
+    loaded = load_exported(backbone)
+    scene = write_scene(tmp_path / "empty.tif", np.zeros((3, 70, 70), np.uint8), nodata=0)
+    out = tmp_path / "out"
+    with pytest.raises(DataValidationError, match="every one of the 4 tiles is nodata"):
+        embed_scene(scene, loaded.model, loaded.contract, out / "e.parquet", device="cpu", raster=out / "e.tif")
+    assert list(out.iterdir()) == []
