@@ -35,7 +35,7 @@ from gfm_core.errors import DataValidationError
 from gfm_core.inference.bands import BandContract
 from gfm_core.inference.embed_raster import GridWriter
 from gfm_core.inference.geoparquet import polygon_wkb, schema_metadata, tile_ring
-from gfm_core.inference.runner import TileRunner, progress_bar
+from gfm_core.inference.runner import TileRunner, probe, progress_bar
 from gfm_core.inference.scene import Scene, pad_to
 from gfm_core.inference.tiles import Tile, TilePlan, plan_tiles
 from gfm_core.io import durable_replace, temp_prefix
@@ -173,7 +173,7 @@ def embed_scene(
     tmp = out.parent / f"{temp_prefix(out)}{os.urandom(4).hex()}.rows.parquet"
     with Scene(scene, contract, bands=bands, band_names=band_names, value_range=value_range) as src:
         plan = plan_tiles(src.height, src.width, tile, tile - stride)
-        dim = int(runner(np.zeros((1, contract.count, tile, tile), np.float32)).shape[-1])
+        dim = int(probe(runner, contract.count, tile, contract.input_size[1]).shape[-1])
         try:
             rows = _collect(src, plan, runner, contract, batch_size, _Rows(tmp, dim), raster, progress)
             gfm = {**dict(info or {}), "scene": str(scene), "height": src.height, "width": src.width,

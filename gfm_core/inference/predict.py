@@ -22,7 +22,7 @@ from torch import nn
 
 from gfm_core.errors import DataValidationError
 from gfm_core.inference.bands import BandContract
-from gfm_core.inference.runner import TileRunner, batched, progress_bar
+from gfm_core.inference.runner import TileRunner, batched, probe, progress_bar
 from gfm_core.inference.scene import Scene, pad_to
 from gfm_core.inference.tiles import Tile, TilePlan, blend_weight, plan_tiles
 from gfm_core.inference.writer import Output, StripWriter
@@ -43,8 +43,12 @@ class PredictResult:
 
 
 def _probe(runner: TileRunner, contract: BandContract, th: int, tw: int, scale: int) -> int:
-    """Output channels of the model, checking that a ``th x tw`` tile maps to ``th*scale x tw*scale``."""
-    out = runner(np.zeros((1, contract.count, th, tw), np.float32))
+    """Output channels of the model, checking that a ``th x tw`` tile maps to ``th*scale x tw*scale``.
+
+    Raises:
+        DataValidationError: the model rejects the tile or maps it to another shape.
+    """
+    out = probe(runner, contract.count, th, contract.input_size[1])
     if out.ndim != 4 or out.shape[-2:] != (th * scale, tw * scale):
         raise DataValidationError(
             f"the model maps a [1, {contract.count}, {th}, {tw}] tile to {list(out.shape)}; tiled prediction "

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from gfm_core.errors import ConfigError
+from gfm_core.errors import ConfigError, DataValidationError
 from gfm_core.training.backends.devices import auto_device, resolve_device
 
 Precision = Literal["fp32", "bf16"]
@@ -46,6 +46,21 @@ class TileRunner:
         with self._autocast():
             out = self.model(x)
         return out.float().cpu().numpy()
+
+
+def probe(runner: TileRunner, channels: int, tile: int, default_tile: int) -> np.ndarray:
+    """The model's output for one zero tile ``[1, channels, tile, tile]`` (its output shape, before any read).
+
+    Raises:
+        DataValidationError: the model rejects tiles of this size (e.g. a Swin built for another input size).
+    """
+    try:
+        return runner(np.zeros((1, channels, tile, tile), np.float32))
+    except (RuntimeError, AssertionError, ValueError) as e:  # torch/timm shape checks
+        raise DataValidationError(
+            f"the model does not take [1, {channels}, {tile}, {tile}] tiles ({type(e).__name__}: {str(e)[:300]}); "
+            f"use its input size (tile={default_tile})"
+        ) from e
 
 
 def progress_bar(total: int, desc: str, enabled: bool | None = None) -> Any:

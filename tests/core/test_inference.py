@@ -279,3 +279,22 @@ def test_embed_of_an_all_nodata_scene_fails_and_leaves_nothing(tmp_path, backbon
     with pytest.raises(DataValidationError, match="every one of the 4 tiles is nodata"):
         embed_scene(scene, loaded.model, loaded.contract, out / "e.parquet", device="cpu", raster=out / "e.tif")
     assert list(out.iterdir()) == []
+
+
+def test_a_tile_the_backbone_cannot_take_is_refused_by_name(tmp_path, backbone):
+    loaded = load_exported(backbone)  # a Swin built for 64 px inputs
+    scene = random_scene(tmp_path / "s.tif", h=100, w=100)
+    with pytest.raises(DataValidationError, match=r"does not take \[1, 3, 48, 48\] tiles .*tile=64"):
+        embed_scene(scene, loaded.model, loaded.contract, tmp_path / "e.parquet", tile=48, device="cpu")
+
+
+def test_bf16_autocast_on_cpu_is_close_to_fp32(tmp_path, backbone):
+    loaded = load_exported(backbone)
+    scene = random_scene(tmp_path / "s.tif", h=64, w=128)
+    runs = {p: pq.read_table(embed_scene(scene, loaded.model, loaded.contract, tmp_path / f"{p}.parquet",
+                                         device="cpu", precision=p).out)["embedding"].to_pylist()
+            for p in ("fp32", "bf16")}
+    a, b = np.array(runs["fp32"]), np.array(runs["bf16"])
+    cos = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+    assert a.shape == b.shape and a.shape[0] == 2 and cos.min() > 0.99
+    assert not np.array_equal(a, b)  # autocast did run in bfloat16
