@@ -298,3 +298,19 @@ def test_bf16_autocast_on_cpu_is_close_to_fp32(tmp_path, backbone):
     cos = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
     assert a.shape == b.shape and a.shape[0] == 2 and cos.min() > 0.99
     assert not np.array_equal(a, b)  # autocast did run in bfloat16
+
+
+def test_nearest_tiles_by_cosine(tmp_path, backbone):
+    from gfm_core.inference.similar import nearest, tile_vector
+
+    loaded = load_exported(backbone)
+    array = np.random.default_rng(5).integers(1, 255, (3, 128, 192), dtype=np.uint8)
+    array[:, 64:, 128:] = array[:, :64, :64]  # tile (1, 2) repeats tile (0, 0)
+    scene = write_scene(tmp_path / "s.tif", array)
+    res = embed_scene(scene, loaded.model, loaded.contract, tmp_path / "e.parquet", device="cpu")
+    hits = nearest(res.out, tile_vector(res.out, 0, 0), k=3)
+    assert [(h["row"], h["col"]) for h in hits[:2]] in ([(0, 0), (1, 2)], [(1, 2), (0, 0)])
+    assert hits[1]["similarity"] == pytest.approx(1.0, abs=1e-5) and hits[2]["similarity"] < hits[1]["similarity"]
+    assert len(hits) == 3 and parse_polygon_wkb(hits[0]["geometry"])
+    with pytest.raises(DataValidationError, match="no tile at row 5"):
+        tile_vector(res.out, 5, 0)
