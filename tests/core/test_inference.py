@@ -13,7 +13,7 @@ from affine import Affine
 from helpers.registry import tiny_backbone
 from torch import nn
 
-from gfm_core.errors import DataValidationError
+from gfm_core.errors import CheckpointError, DataValidationError
 from gfm_core.inference.bands import RGB, BandContract
 from gfm_core.inference.embed import embed_scene
 from gfm_core.inference.geoparquet import parse_polygon_wkb
@@ -213,6 +213,9 @@ def test_embed_from_the_registry_champion(store, backbone):
 
     with tracking.stage_run("promote", {"seed": 1}):
         version = tracking.register_backbone(backbone, "gfm-foundation", {})
+    with pytest.raises(CheckpointError, match="without a champion use models:/<name>/latest"):
+        load_model("models:/gfm-foundation@champion")
+    assert load_model("models:/gfm-foundation/latest").info["model_version"] == version
     mlflow.MlflowClient().set_registered_model_alias("gfm-foundation", "champion", version)
     loaded = load_model("models:/gfm-foundation@champion")
     assert loaded.info["model_version"] == version
