@@ -212,7 +212,8 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--images", type=int, default=PAPER_IMAGES, help="images per epoch (default: GeoPile's)")
             p.add_argument("--epochs", type=int, default=None, help="epochs (default: pretrain.epochs)")
         if name == "release-teacher":
-            p.add_argument("teacher", help="lite0 | lite1 | lite2 (or its timm arch); with --weights, a timm arch")
+            p.add_argument("teacher", nargs="?", default="",  # missing: the error lists the valid names
+                           help="lite0 | lite1 | lite2 (or its timm arch); with --weights, a timm arch")
             p.add_argument("--weights", type=Path, default=None, help="release this weight file instead")
         if name == "finetune":
             p.add_argument("--task", action="append", help="only this task (repeatable)")

@@ -47,6 +47,8 @@ def test_unknown_teacher_lists_the_valid_ones(tmp_path, capsys):
         release_teacher(tmp_path, "not_a_model", source=tmp_path / "x.safetensors")
     code = main(["release-teacher", "-S", f"retrain.teacher_dir={tmp_path}", "lite9"])
     assert code == 2 and "valid: lite0" in capsys.readouterr().err
+    assert main(["release-teacher", "-S", f"retrain.teacher_dir={tmp_path}"]) == 2  # no name: the same list
+    assert "'': unknown teacher; valid: lite0" in capsys.readouterr().err
 
 
 def test_a_weight_file_is_released_under_an_explicit_arch(tmp_path, capsys):
