@@ -14,11 +14,13 @@ import json
 import dagster as dg
 import mlflow
 import pytest
+from dagster._core.storage.tags import RUN_KEY_TAG
 from dagster_params import TEACHER, write_params
 
 from gfm_core.io import sha256_file
 from gfm_core.registry.release import release_teacher
 from orchestration.definitions import build_defs
+from orchestration.drill import pending_requests, run_drill
 
 UPSTREAM = ("geopile_manifest", "geopile_shards", "imagenet_teacher", "foundation_model", "ablation_models")
 
@@ -33,8 +35,8 @@ def _downstream(
 ) -> dg.ExecuteInProcessResult:
     """Fine-tune every task, then evaluate and gate: the runs the automation sensor launches after a (re)train."""
     for task in tasks:
-        assert defs.get_job_def("gfm_finetune").execute_in_process(instance=instance, partition_key=task).success
-    res = defs.get_job_def("gfm_evaluate_and_promote").execute_in_process(instance=instance, raise_on_error=False)
+        assert defs.resolve_job_def("gfm_finetune").execute_in_process(instance=instance, partition_key=task).success
+    res = defs.resolve_job_def("gfm_evaluate_and_promote").execute_in_process(instance=instance, raise_on_error=False)
     assert res.success
     return res
 
@@ -56,7 +58,7 @@ def test_a_released_lite2_teacher_retrains_evaluates_and_gates_once(repo_root, w
     lite0_sha = sha256_file(workdir / "demo" / "teacher" / TEACHER)
 
     # (a) the whole graph on the Lite0 teacher: the first champion
-    up = defs.get_job_def("gfm_foundation").execute_in_process(
+    up = defs.resolve_job_def("gfm_foundation").execute_in_process(
         instance=instance, asset_selection=[dg.AssetKey(k) for k in UPSTREAM])
     assert up.success
     first = _downstream(defs, instance, tasks)
@@ -82,7 +84,8 @@ def test_a_released_lite2_teacher_retrains_evaluates_and_gates_once(repo_root, w
 
     # (d) the requested run pretrains on Lite2; the automation sensor asks for the fine-tuning that follows
     before = dg.evaluate_automation_conditions(defs=defs, instance=instance)
-    retrain = defs.get_job_def("retrain").execute_in_process(instance=instance, tags=req.tags)
+    run_tags = {**req.tags, RUN_KEY_TAG: req.run_key}  # as the daemon launches it
+    retrain = defs.resolve_job_def("retrain").execute_in_process(instance=instance, tags=run_tags)
     assert retrain.success and retrain.dagster_run.tags["gfm/teacher_arch"] == "tf_efficientnet_lite2"
     side = json.loads((workdir / "pretrain" / "backbone.json").read_text())["meta"]["teacher"]
     assert side["arch"] == "tf_efficientnet_lite2" and side["sha256"] == rel.sha256
@@ -110,3 +113,25 @@ def test_a_released_lite2_teacher_retrains_evaluates_and_gates_once(repo_root, w
     assert _tick(defs, instance, tick.cursor).run_requests == []
     assert not release_teacher(workdir / "teachers", "lite2").written
     assert _tick(defs, instance, tick.cursor).run_requests == []
+    assert pending_requests(defs, instance) == []  # the drill entry point: its run key has run
+
+
+def test_the_drill_entry_point_retrains_once_per_released_teacher(repo_root, workdir, capsys):
+    """``make drill`` without a daemon: release, tick, the retrain run and its downstream runs, the verdict."""
+    path = write_params(repo_root, workdir, tasks=("scene",), models=("gfm",),
+                        edit=lambda raw: raw["presets"]["demo"]["promote"].update(must_beat=[]))
+    defs = build_defs(str(path))
+    instance = dg.DagsterInstance.ephemeral()
+    assert run_drill(defs, instance) == []  # nothing released yet: the Lite0 teacher in force is not news
+    up = defs.resolve_job_def("gfm_foundation").execute_in_process(
+        instance=instance, asset_selection=[dg.AssetKey(k) for k in UPSTREAM])
+    assert up.success
+    _downstream(defs, instance, ("scene",))
+    rel = release_teacher(workdir / "teachers", "lite2")
+    assert run_drill(defs, instance) == [rel.sha256]
+    out = capsys.readouterr().out
+    assert f"new teacher tf_efficientnet_lite2 {rel.path} (sha256 {rel.sha256}): retrain" in out
+    assert "[dagster] models:/gfm-foundation/2: promoted=" in out
+    assert f"models:/gfm-foundation/2: teacher tf_efficientnet_lite2 (sha256 {rel.sha256}), previous " \
+           f"tf_efficientnet_lite0" in out and "against v1: " in out
+    assert run_drill(defs, instance) == []  # once per teacher
