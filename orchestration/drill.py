@@ -69,7 +69,7 @@ def print_lineage(defs: dg.Definitions) -> None:
 
     from gfm_core import tracking
 
-    params = defs.resources["gfm"].load()
+    params = (defs.resources or {})["gfm"].load()  # the GfmParams resource
     tracking.configure(params.tracking)
     name = params.promote.model_name
     latest = max(mlflow.MlflowClient().search_model_versions(f"name='{name}'"), key=lambda v: int(v.version))
