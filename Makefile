@@ -11,7 +11,7 @@ export DO_NOT_TRACK := 1
 export HF_HUB_OFFLINE := 1
 PYTEST_ARGS ?=
 
-.PHONY: demo science test test-slow env ui mlflow-ui screenshots
+.PHONY: demo drill science test test-slow env ui mlflow-ui screenshots
 
 env:
 	@bash scripts/bootstrap.sh
@@ -24,6 +24,13 @@ env:
 ## Run the whole pipeline end to end on the embedded demo data: every Dagster asset, into $(DAGSTER_HOME).
 demo: env
 	$(VENV)/bin/python -m orchestration.materialize
+
+## The teacher upgrade drill, after `make demo`: release a newer ImageNet teacher (TEACHER=lite1|lite2) into
+## retrain.teacher_dir, tick new_teacher_sensor once, run the retrain it asks for, then fine-tuning and the gate.
+TEACHER ?= lite2
+drill: env
+	$(VENV)/bin/gfm release-teacher $(TEACHER)
+	$(VENV)/bin/python -m orchestration.drill
 
 ## The paper's claims tested at small scale on real data (55 min on 2 cores): outputs/science/report.md
 science: env

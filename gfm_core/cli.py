@@ -166,6 +166,17 @@ def _cmd_estimate(args: argparse.Namespace) -> None:
           f"images x 100 epochs (Swin-B student 192 px + Swin-B teacher 224 px)")
 
 
+def _cmd_release_teacher(args: argparse.Namespace) -> None:
+    from gfm_core.registry.release import release_teacher
+
+    folder = _params(args).retrain.teacher_dir
+    rel = release_teacher(folder, args.teacher, source=args.weights)
+    state = "released" if rel.written else "already released (nothing written)"
+    print(f"{rel.arch} {state}: {rel.path} (sha256 {rel.sha256}); sidecar {rel.sidecar}")
+    if rel.written:
+        print("the Dagster sensor new_teacher_sensor starts one `retrain` run on it once the file holds still")
+
+
 COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], None], str]] = {
     "demo-data": (_cmd_demo_data, "build the embedded demo GeoPile and downstream tasks from real imagery"),
     "ingest": (_cmd_ingest, "read the pile once: manifest, quarantine report, normalisation stats"),
@@ -176,6 +187,8 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], None], str]] = {
     "evaluate": (_cmd_evaluate, "the comparison report: table, ARP, bootstrap CIs, radar chart"),
     "promote": (_cmd_promote, "register the foundation model; alias it @champion only if the evaluation gate passes"),
     "estimate": (_cmd_estimate, "extrapolate the last pretraining's measured rates to the full GeoPile schedule"),
+    "release-teacher": (_cmd_release_teacher, "export a newer ImageNet teacher (lite0, lite1, lite2) into "
+                        "retrain.teacher_dir, where the teacher sensor starts a retrain on it"),
     "demo": (_cmd_demo, "run every stage end to end on the embedded demo data"),
     "science": (_cmd_science, "test the paper's claims at small scale (use --preset science): variants x seeds, "
                 "dense probes, paired bootstrap, report"),
@@ -214,6 +227,10 @@ def build_parser() -> argparse.ArgumentParser:
                            help="a pretraining's summary.json (default: pretrain.out_dir's)")
             p.add_argument("--images", type=int, default=PAPER_IMAGES, help="images per epoch (default: GeoPile's)")
             p.add_argument("--epochs", type=int, default=None, help="epochs (default: pretrain.epochs)")
+        if name == "release-teacher":
+            p.add_argument("teacher", nargs="?", default="",  # missing: the error lists the valid names
+                           help="lite0 | lite1 | lite2 (or its timm arch); with --weights, a timm arch")
+            p.add_argument("--weights", type=Path, default=None, help="release this weight file instead")
         if name == "finetune":
             p.add_argument("--task", action="append", help="only this task (repeatable)")
             p.add_argument("--model", action="append", help="only this model (repeatable)")

