@@ -15,11 +15,21 @@ with GFM's no-decay rule) after grad-norm clipping at 5.
   ``backend.step`` (clip, AdamW, zero grad).
 
 Both start from the same weights and see the same batch; they run in one process, alternating (ABBA order),
-after warm-up steps; step times are medians. The printed ratio is candidate images/s over baseline images/s.
+after warm-up steps; step times are medians (with the interquartile range). The printed ratio is candidate
+images/s over baseline images/s. CPU default: 2 warm-up + 10 timed steps per variant (the first steps create
+oneDNN primitives and grow the allocator's pools; ten alternating steps give a median whose IQR is a few per
+cent on an idle machine, at about two minutes for the paper geometry).
 FLOPs of one step are counted once with ``torch.utils.flop_counter.FlopCounterMode`` over the candidate's
 forward + backward (the same math as the baseline's: matmuls, convolutions and attention; the optimizer's
-element-wise work is not counted); achieved FLOP/s = FLOPs / median step time. On CUDA, MFU = the candidate's
-achieved FLOP/s over the GPU's dense bf16 peak (table below, or ``--peak-tflops``).
+element-wise work is not counted); achieved FLOP/s = FLOPs / median step time. The same process measures this
+machine's bf16 matmul ceiling (a large ``torch.mm``, median FLOP/s, the same threads) and prints the
+candidate's share of it. On CUDA, MFU = the candidate's achieved FLOP/s over the GPU's dense bf16 peak (table
+below, or ``--peak-tflops``).
+
+Every run writes a results JSON (machine, versions, settings, every step time, medians, IQR, ratio, FLOP/s,
+ceiling) to ``--json`` or ``benchmarks/results/pretrain_step-<device>-<UTC time>.json`` (git-ignored; copy a
+run that a document cites to ``benchmarks/reference/``). ``--compare PREVIOUS.json`` prints this run's
+median step time over the previous run's per variant and names any machine/version/setting that differs.
 
 Peak memory = resident state (weights, buffers, optimizer state: the tensors' bytes) + the step's own peak
 (activations, gradients, temporaries), measured on one extra untimed step per variant: on CUDA
@@ -28,8 +38,9 @@ Peak memory = resident state (weights, buffers, optimizer state: the tensors' by
 
 Usage (from the repository root)::
 
-    .venv/bin/python benchmarks/pretrain_step.py                    # CPU: batch 8, 1 warm-up + 4 timed steps
+    .venv/bin/python benchmarks/pretrain_step.py                    # CPU: batch 8, 2 warm-up + 10 timed steps
     .venv/bin/python benchmarks/pretrain_step.py --device cuda      # batch 64, 3 warm-up + 10 steps, MFU
+    .venv/bin/python benchmarks/pretrain_step.py --compare benchmarks/reference/<earlier run>.json
     .venv/bin/python benchmarks/pretrain_step.py --tiny --steps 1 --warmup 0 --json /tmp/step.json
 """
 
@@ -39,9 +50,7 @@ import argparse
 import contextlib
 import ctypes
 import gc
-import json
 import math
-import platform
 import re
 import statistics
 import sys
@@ -49,6 +58,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +72,8 @@ from torch import Tensor, nn
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
+
+from benchmarks import record  # noqa: E402  (after the path insert: run as a script)
 
 TARGET_SPEEDUP = 1.5
 TARGET_MFU = 0.40
@@ -203,15 +215,6 @@ def baseline_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torc
 # ----------------------------------------------------------------------------------------------- harness
 
 
-def cpu_model() -> str:
-    """The CPU model name from /proc/cpuinfo (or platform's guess)."""
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
-
-
 def bf16_peak_flops(gpu_name: str) -> float | None:
     """Dense bf16 peak FLOP/s of a known GPU (None when unknown)."""
     for key, tflops in BF16_PEAK_TFLOPS:
@@ -285,6 +288,7 @@ class Variant:
     state_fn: Callable[[], int]  # bytes of weights, buffers and optimizer state
     state_bytes: int = 0
     times: list[float] = field(default_factory=list)
+    warmup_times: list[float] = field(default_factory=list)
     phases: list[tuple[float, float, float]] = field(default_factory=list)
     losses: list[float] = field(default_factory=list)
     step_mem_bytes: int | None = None
@@ -419,7 +423,7 @@ def count_flops(fn: Callable[[], None]) -> int:
 
 
 def _progress(msg: str) -> None:
-    print(f"[pretrain_step] {msg}", file=sys.stderr, flush=True)
+    record.progress("pretrain_step", msg)
 
 
 def _summary(v: Variant, batch: int, flops: int) -> dict[str, Any]:
@@ -427,6 +431,8 @@ def _summary(v: Variant, batch: int, flops: int) -> dict[str, Any]:
     peak = None if v.step_mem_bytes is None else v.state_bytes + v.step_mem_bytes
     return {
         "step_s": [round(t, 4) for t in v.times],
+        "warmup_step_s": [round(t, 4) for t in v.warmup_times],
+        "step_s_stats": record.stats(v.times),
         "step_s_median": med,
         "step_s_min": min(v.times),
         "images_per_s": batch / med,
@@ -447,8 +453,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="auto", help="auto (cuda when visible), cpu, cuda, cuda:N")
     p.add_argument("--batch", type=int, default=None, help="images per step (default: 8 on CPU, 64 on GPU)")
-    p.add_argument("--steps", type=int, default=None, help="timed steps per variant (default: 4 CPU, 10 GPU)")
-    p.add_argument("--warmup", type=int, default=None, help="untimed steps per variant (default: 1 CPU, 3 GPU)")
+    p.add_argument("--steps", type=int, default=None, help="timed steps per variant (default: 10)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed steps per variant (default: 2 CPU, 3 GPU)")
     p.add_argument(
         "--precision",
         default=None,
@@ -463,32 +469,75 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="torch.compile the candidate's student and teacher (experimental; fit does not)",
     )
     p.add_argument("--peak-tflops", type=float, default=None, help="bf16 peak for MFU on an unlisted GPU")
-    p.add_argument("--json", type=Path, default=None, help="write the results here")
+    p.add_argument(
+        "--json",
+        type=Path,
+        default=None,
+        help="write the results here (default: benchmarks/results/pretrain_step-<device>-<UTC time>.json)",
+    )
+    p.add_argument("--compare", type=Path, default=None, help="a previous results JSON to compare this run with")
+    p.add_argument(
+        "--matmul-n",
+        type=int,
+        default=None,
+        help="edge of the bf16 matmul that measures the ceiling (default: 512 tiny, 2048 CPU, 8192 CUDA)",
+    )
     return p.parse_args(argv)
 
 
+def _time_variants(variants: tuple[Variant, Variant], warmup: int, steps: int, on_gpu: bool, device: Any) -> None:
+    """Warm-up and timed steps, alternating (ABBA); then one untimed step each for memory."""
+    for i in range(warmup):
+        for v in variants if i % 2 == 0 else variants[::-1]:
+            t0 = time.perf_counter()
+            v.losses.append(v.step()[0])
+            v.warmup_times.append(time.perf_counter() - t0)
+    for i in range(steps):
+        for v in variants if i % 2 == 0 else variants[::-1]:
+            t0 = time.perf_counter()
+            loss, *phases = v.step()
+            v.times.append(time.perf_counter() - t0)
+            v.phases.append((phases[0], phases[1], phases[2]))
+            v.losses.append(loss)
+            _progress(f"step {i + 1}/{steps} {v.name}: {v.times[-1]:.3f} s")
+    _progress("memory: one more step each; then FLOPs of the candidate's forward + backward")
+    host = HostMemory()
+    for v in variants:
+        if on_gpu:
+            torch.cuda.synchronize(device)
+            gc.collect()
+            torch.cuda.reset_peak_memory_stats(device)
+            before = torch.cuda.memory_allocated(device)
+            v.losses.append(v.step()[0])
+            torch.cuda.synchronize(device)
+            v.step_mem_bytes = torch.cuda.max_memory_allocated(device) - before
+        elif host.available:
+            v.step_mem_bytes = host.measure(lambda v=v: v.losses.append(v.step()[0]))
+        v.state_bytes = v.state_fn()  # after a step: AdamW's state exists
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    """Run the benchmark; print the table; return (and optionally write) the results."""
+    """Run the benchmark; print the table; write the results JSON and return them."""
     args = parse_args(argv)
     from gfm_core.config import PretrainCfg
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    device_arg = args.device
-    if device_arg == "auto":
-        device_arg = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(device_arg)
+    device_arg = "cuda" if args.device == "auto" and torch.cuda.is_available() else args.device
+    device = torch.device("cpu" if device_arg == "auto" else device_arg)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
     on_gpu = device.type == "cuda"
     g = TINY if args.tiny else PAPER
     batch = args.batch or (2 if args.tiny else 64 if on_gpu else 8)
-    steps = args.steps if args.steps is not None else (10 if on_gpu else 4)
-    warmup = args.warmup if args.warmup is not None else (3 if on_gpu else 1)
+    steps = args.steps if args.steps is not None else 10
+    warmup = args.warmup if args.warmup is not None else (3 if on_gpu else 2)
     if steps < 1 or warmup < 0 or batch < 1:
         raise SystemExit("--steps and --batch must be >= 1, --warmup >= 0")
+    previous = record.load(args.compare) if args.compare else None  # fail before the long run
     precision = args.precision or PretrainCfg().precision
-    name = torch.cuda.get_device_name(device) if on_gpu else cpu_model()
+    machine = record.machine(device)
+    created = datetime.now(UTC).isoformat(timespec="seconds")
 
     with tempfile.TemporaryDirectory(prefix="gfm_step_bench_") as tmp:
         t_build = time.perf_counter()
@@ -497,46 +546,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         )
         build_s = time.perf_counter() - t_build
         _progress(f"built both variants in {build_s:.1f} s; {warmup} warm-up + {steps} timed steps each")
-        variants = (base, cand)
-        for i in range(warmup):
-            for v in variants if i % 2 == 0 else variants[::-1]:
-                v.losses.append(v.step()[0])
-        for i in range(steps):
-            for v in variants if i % 2 == 0 else variants[::-1]:
-                t0 = time.perf_counter()
-                loss, *phases = v.step()
-                v.times.append(time.perf_counter() - t0)
-                v.phases.append(tuple(phases))
-                v.losses.append(loss)
-                _progress(f"step {i + 1}/{steps} {v.name}: {v.times[-1]:.3f} s")
-        _progress("memory: one more step each; then FLOPs of the candidate's forward + backward")
-        # memory: one extra untimed step each
-        host = HostMemory()
-        for v in variants:
-            if on_gpu:
-                torch.cuda.synchronize(device)
-                gc.collect()
-                torch.cuda.reset_peak_memory_stats(device)
-                before = torch.cuda.memory_allocated(device)
-                v.losses.append(v.step()[0])
-                torch.cuda.synchronize(device)
-                v.step_mem_bytes = torch.cuda.max_memory_allocated(device) - before
-            elif host.available:
-                v.step_mem_bytes = host.measure(lambda v=v: v.losses.append(v.step()[0]))
-            v.state_bytes = v.state_fn()  # after a step: AdamW's state exists
+        _time_variants((base, cand), warmup, steps, on_gpu, device)
         flops = count_flops(cand_fwd_bwd)
+    n = args.matmul_n or (512 if args.tiny else 8192 if on_gpu else 2048)
+    _progress(f"bf16 matmul ceiling: {n} x {n}")
+    ceiling = record.matmul_ceiling(device, n)
+    machine["load_avg_1_5_15_end"] = record.machine(device)["load_avg_1_5_15"]
 
-    res_b, res_c = _summary(base, batch, flops), _summary(cand, batch, flops)
-    speedup = res_c["images_per_s"] / res_b["images_per_s"]
-    speedup_min = res_b["step_s_min"] / res_c["step_s_min"]
-    peak = args.peak_tflops * 1e12 if args.peak_tflops else (bf16_peak_flops(name) if on_gpu else None)
-    mfu = res_c["achieved_flops_per_s"] / peak if peak else None
-    result: dict[str, Any] = {
-        "device": device.type,
-        "device_name": name,
-        "threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "timm": timm.__version__,
+    settings = {
         "geometry": g.name,
         "student": f"{g.student_arch} {g.student_kwargs}",
         "teacher": f"{g.teacher_arch} img_size={g.teacher_img} stage {g.stage}",
@@ -545,14 +562,63 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "warmup": warmup,
         "precision": precision,
         "compile": bool(args.compile),
+        "device": str(device),
+    }
+    result = _result(created, machine, settings, base, cand, flops, ceiling, build_s, args.peak_tflops)
+    print(format_report(result))
+    if previous is not None:
+        result["compare"] = record.compare(result, previous, args.compare)
+        print(record.format_compare(result["compare"]))
+    path = record.write(result, args.json or record.default_path(device))
+    print(f"results     {path}")
+    return result
+
+
+def _result(
+    created: str,
+    machine: dict[str, Any],
+    settings: dict[str, Any],
+    base: Variant,
+    cand: Variant,
+    flops: int,
+    ceiling: dict[str, Any],
+    build_s: float,
+    peak_tflops: float | None,
+) -> dict[str, Any]:
+    """The results dict: the sections a later run compares with, and the flat keys of earlier versions."""
+    on_gpu = machine["device"] == "cuda"
+    batch = settings["batch"]
+    res_b, res_c = _summary(base, batch, flops), _summary(cand, batch, flops)
+    speedup = res_c["images_per_s"] / res_b["images_per_s"]
+    peak = peak_tflops * 1e12 if peak_tflops else (bf16_peak_flops(machine["gpu_name"]) if on_gpu else None)
+    mfu = res_c["achieved_flops_per_s"] / peak if peak else None
+    compile_s = None
+    if settings["compile"] and cand.warmup_times:  # the first step compiles; later steps run the cached graphs
+        compile_s = cand.warmup_times[0] - res_c["step_s_median"]
+    return {
+        "schema": record.SCHEMA,
+        "created_utc": created,
+        "machine": machine,
+        "versions": record.versions(),
+        "settings": settings,
+        "device": machine["device"],
+        "device_name": machine["device_name"],
+        "threads": machine["threads"],
+        "torch": torch.__version__,
+        "timm": timm.__version__,
+        **{k: settings[k] for k in ("geometry", "student", "teacher", "batch", "steps", "warmup", "precision")},
+        "compile": settings["compile"],
+        "compile_s": compile_s,
         "build_s": build_s,
         "baseline": res_b,
         "candidate": res_c,
         "speedup": speedup,
-        "speedup_fastest_steps": speedup_min,
+        "speedup_fastest_steps": res_b["step_s_min"] / res_c["step_s_min"],
         "target_speedup": TARGET_SPEEDUP,
         "meets_target": speedup >= TARGET_SPEEDUP,
         "flops_per_step": flops,
+        "matmul_ceiling": ceiling,
+        "candidate_share_of_ceiling": res_c["achieved_flops_per_s"] / ceiling["flops_per_s"],
         "peak_flops": peak,
         "mfu": mfu,
         "mfu_note": (
@@ -564,11 +630,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             else "peak RSS (VmHWM, reset via clear_refs) above RSS before the step, after malloc_trim"
         ),
     }
-    print(format_report(result))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
-    return result
+
+
+def _load(machine: dict[str, Any], key: str) -> str:
+    loads = machine.get(key)
+    return "n/a" if not loads else f"{loads[0]:.2f}"
 
 
 def _mib(n: int | None) -> str:
@@ -579,7 +645,8 @@ def format_report(r: dict[str, Any]) -> str:
     """The human-readable table."""
     lines = [
         f"GFM pretraining step benchmark ({r['geometry']} geometry)",
-        f"device      {r['device']}: {r['device_name']}; torch {r['torch']}, timm {r['timm']}, {r['threads']} threads",
+        f"device      {r['device']}: {r['device_name']}; torch {r['torch']}, timm {r['timm']}, {r['threads']} threads; "
+        f"load {_load(r['machine'], 'load_avg_1_5_15')} -> {_load(r['machine'], 'load_avg_1_5_15_end')}",
         f"student     {r['student']}",
         f"teacher     {r['teacher']}",
         f"batch       {r['batch']}; {r['warmup']} warm-up + {r['steps']} timed steps per variant, alternating",
@@ -587,14 +654,15 @@ def format_report(r: dict[str, Any]) -> str:
         f"candidate   build_continual_pretrain + TorchBackend({r['precision']}) + "
         "build_optimizer(param_groups, fused=True)" + (" + torch.compile" if r["compile"] else ""),
         "",
-        f"{'variant':<10} {'step s (median)':>15} {'min':>7} {'images/s':>9} {'fwd s':>7} {'bwd s':>7} "
+        f"{'variant':<10} {'step s (median)':>15} {'IQR':>5} {'min':>7} {'images/s':>9} {'fwd s':>7} {'bwd s':>7} "
         f"{'opt s':>7} {'state MiB':>10} {'step MiB':>9} {'peak MiB':>9} {'GFLOP/s':>9} {'1st loss':>9}",
     ]
     for key in ("baseline", "candidate"):
         v = r[key]
         ph = v["phases_s_median"]
         lines.append(
-            f"{key:<10} {v['step_s_median']:>15.3f} {v['step_s_min']:>7.3f} {v['images_per_s']:>9.2f} "
+            f"{key:<10} {v['step_s_median']:>15.3f} {v['step_s_stats']['iqr_rel']:>5.0%} {v['step_s_min']:>7.3f} "
+            f"{v['images_per_s']:>9.2f} "
             f"{ph['forward']:>7.3f} {ph['backward']:>7.3f} {ph['optimizer']:>7.3f} "
             f"{_mib(v['state_bytes']):>10} {_mib(v['step_mem_bytes']):>9} {_mib(v['peak_mem_bytes']):>9} "
             f"{v['achieved_flops_per_s'] / 1e9:>9.1f} {v['first_loss']:>9.4f}"
@@ -620,8 +688,12 @@ def format_report(r: dict[str, Any]) -> str:
         f"FLOPs/step  {r['flops_per_step'] / 1e12:.3f} TFLOP (FlopCounterMode, candidate fwd + bwd); "
         f"achieved {r['candidate']['achieved_flops_per_s'] / 1e12:.3f} TFLOP/s candidate, "
         f"{r['baseline']['achieved_flops_per_s'] / 1e12:.3f} TFLOP/s baseline",
+        f"ceiling     bf16 matmul {r['matmul_ceiling']['flops_per_s'] / 1e12:.3f} TFLOP/s on this machine "
+        f"({r['matmul_ceiling']['what']}); candidate at {r['candidate_share_of_ceiling']:.1%} of it",
         f"MFU         {mfu}",
     ]
+    if r["compile_s"] is not None:
+        lines.append(f"compile     {r['compile_s']:.1f} s (first warm-up step minus the median step)")
     return "\n".join(lines)
 
 
