@@ -124,7 +124,7 @@ def throughput(loader, n_images: int) -> float:
     return seen / dt
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     p.add_argument("--images", type=int, default=2000, help="synthetic JPEGs to generate (default 2000)")
     p.add_argument("--data", type=Path, help="an ImageFolder-layout folder of real images instead")
@@ -136,7 +136,8 @@ def main() -> None:
     p.add_argument("--quality", type=int, default=90, help="synthetic JPEG quality")
     p.add_argument("--shard-size", type=int, default=256, help="short side stored in the shards")
     p.add_argument("--work-dir", type=Path, help="keep generated data, manifest and shards here")
-    args = p.parse_args()
+    p.add_argument("--json", type=Path, help="also write the results (machine, versions, settings, runs) here")
+    args = p.parse_args(argv)
 
     import PIL
     import torch
@@ -257,6 +258,19 @@ def main() -> None:
     print(f"  shards+mask (PretrainStream, full sample)            {med['shards+mask']:8.1f} img/s per core")
     print(f"ratio shards / imagefolder:      {med['shards'] / med['imagefolder']:.2f}x  (target >= 3x)")
     print(f"ratio shards+mask / imagefolder: {med['shards+mask'] / med['imagefolder']:.2f}x")
+    if args.json:
+        from benchmarks import record
+
+        settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "json"}
+        result = {
+            "machine": record.machine(torch.device("cpu")),
+            "versions": record.versions() | {"torchvision": torchvision.__version__, "pillow": PIL.__version__},
+            "settings": settings | {"images_found": n, "mean_jpeg_kb": float(mean_kb)},
+            "images_per_s_per_core": runs,
+            "median_images_per_s_per_core": med,
+            "ratio_shards_over_imagefolder": med["shards"] / med["imagefolder"],
+        }
+        print(f"results: {record.write(result, args.json)}")
     if args.work_dir is None:
         import shutil
 

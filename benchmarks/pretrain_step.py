@@ -6,8 +6,9 @@ merging, 7x7x1024, pooled) on the resized unmasked image; loss = masked L1 + neg
 with GFM's no-decay rule) after grad-norm clipping at 5.
 
 - ``baseline``: the step as a researcher writes it (the way GFM's own code runs it), in this file and without
-  any gfm_core code: eager, float32, timm's default attention, teacher forward under ``no_grad`` every step,
-  ``torch.optim.AdamW`` with its defaults.
+  any gfm_core code: eager, float32 on the CPU and fp16 AMP with a GradScaler on CUDA (GFM's ``amp``
+  path), timm's default attention, teacher forward under ``no_grad`` every step, ``torch.optim.AdamW`` with
+  its defaults.
 - ``candidate``: what :func:`gfm_core.training.loop.fit` runs: :func:`gfm_core.objectives.
   build_continual_pretrain` (the teacher read from a safetensors file through its real loader), a
   :class:`~gfm_core.training.backends.TorchBackend` with the config's precision (bf16 autocast by default),
@@ -100,6 +101,7 @@ class Geometry:
     mask_patch: int
     mask_ratio: float = 0.6
     stage: int = 3
+    teacher_kwargs: dict[str, Any] = field(default_factory=dict)  # extra timm kwargs (reduced geometries)
 
     @property
     def img(self) -> int:
@@ -161,7 +163,9 @@ class EagerGFM(nn.Module):
         self.decoder = nn.Sequential(
             nn.Conv2d(self.encoder.num_features, stride**2 * in_chans, kernel_size=1), nn.PixelShuffle(stride)
         )
-        self.teacher = timm.create_model(g.teacher_arch, pretrained=False, num_classes=0, img_size=g.teacher_img)
+        self.teacher = timm.create_model(
+            g.teacher_arch, pretrained=False, num_classes=0, img_size=g.teacher_img, **g.teacher_kwargs
+        )
         self.teacher.load_state_dict(teacher_weights)
         self.teacher.requires_grad_(False)
         self.teacher_size = (g.teacher_img, g.teacher_img)
@@ -294,39 +298,33 @@ class Variant:
     step_mem_bytes: int | None = None
 
 
-def build_variants(
-    g: Geometry,
-    device: torch.device,
-    batch_size: int,
-    precision: str,
-    workdir: Path,
-    *,
-    lr: float = 1e-4,
-    compile_candidate: bool = False,
-) -> tuple[Variant, Variant, Callable[[], None]]:
-    """The baseline and candidate steps on the same initial weights, and the candidate's forward+backward."""
+def write_teacher(g: Geometry, workdir: Path) -> Path:
+    """A random-weight teacher (seed 1) as a safetensors file, which the candidate loads through its real loader."""
+    torch.manual_seed(1)
+    src = timm.create_model(g.teacher_arch, pretrained=False, num_classes=0, img_size=g.teacher_img, **g.teacher_kwargs)
+    teacher_file = workdir / "teacher.safetensors"
+    save_file({k: v.contiguous() for k, v in src.state_dict().items()}, str(teacher_file))
+    return teacher_file
+
+
+def build_candidate(
+    g: Geometry, device: torch.device, precision: str, teacher_file: Path, lr: float, compile_candidate: bool
+) -> tuple[Any, Any, Any]:
+    """The config -> objective -> backend -> optimizer path of ``fit()`` (seed 0): (cfg, objective, backend)."""
     from gfm_core.config import PretrainCfg, StudentCfg, TeacherCfg
     from gfm_core.objectives import build_continual_pretrain
     from gfm_core.training.backends import TorchBackend
     from gfm_core.training.optim import build_optimizer, param_groups
 
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-
-    def now() -> float:
-        sync()
-        return time.perf_counter()
-
-    # the random-weight teacher, written to a file that the candidate loads through its real loader
-    torch.manual_seed(1)
-    src = timm.create_model(g.teacher_arch, pretrained=False, num_classes=0, img_size=g.teacher_img)
-    teacher_file = workdir / "teacher.safetensors"
-    save_file({k: v.contiguous() for k, v in src.state_dict().items()}, str(teacher_file))
-    del src
-
-    # candidate: the config -> objective -> backend -> optimizer path of fit()
     cfg = PretrainCfg(
         student=StudentCfg(arch=g.student_arch, drop_path_rate=0.0, **g.student_kwargs),
-        teacher=TeacherCfg(arch=g.teacher_arch, checkpoint=teacher_file, img_size=g.teacher_img, feature_stage=g.stage),
+        teacher=TeacherCfg(
+            arch=g.teacher_arch,
+            checkpoint=teacher_file,
+            img_size=g.teacher_img,
+            feature_stage=g.stage,
+            timm_kwargs=g.teacher_kwargs,
+        ),
         mask_patch_size=g.mask_patch,
         mask_ratio=g.mask_ratio,
         precision=precision,
@@ -343,6 +341,29 @@ def build_variants(
         objective.student.compile()
         if objective.teacher is not None:
             objective.teacher.compile()
+    return cfg, objective, backend
+
+
+def build_variants(
+    g: Geometry,
+    device: torch.device,
+    batch_size: int,
+    precision: str,
+    workdir: Path,
+    *,
+    lr: float = 1e-4,
+    compile_candidate: bool = False,
+) -> tuple[Variant, Variant, Callable[[], None]]:
+    """The baseline and candidate steps on the same initial weights, and the candidate's forward+backward."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    def now() -> float:
+        sync()
+        return time.perf_counter()
+
+    teacher_file = write_teacher(g, workdir)
+    cfg, objective, backend = build_candidate(g, device, precision, teacher_file, lr, compile_candidate)
+    optimizer = backend.optimizer
 
     # baseline: same initial trainable weights, same teacher weights
     baseline = EagerGFM(g, load_file(str(teacher_file)))
@@ -367,16 +388,23 @@ def build_variants(
     clip = float(cfg.clip_grad or 0.0)
     batch = make_batch(g, batch_size, device)
 
+    # on CUDA GFM's code trains under fp16 AMP with dynamic loss scaling (apex O1 there; torch.amp here)
+    amp = device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda", enabled=amp)
+
     def baseline_step() -> tuple[float, float, float, float]:
         t0 = now()
-        loss = baseline(batch["image"], batch["mask"])
+        with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
+            loss = baseline(batch["image"], batch["mask"])
         value = float(loss.detach())
         t1 = now()
-        loss.backward()
+        scaler.scale(loss).backward()
         t2 = now()
+        scaler.unscale_(b_opt)
         if clip:
             torch.nn.utils.clip_grad_norm_(b_params, clip)
-        b_opt.step()
+        scaler.step(b_opt)
+        scaler.update()
         b_opt.zero_grad(set_to_none=True)
         t3 = now()
         return value, t1 - t0, t2 - t1, t3 - t2
@@ -650,7 +678,8 @@ def format_report(r: dict[str, Any]) -> str:
         f"student     {r['student']}",
         f"teacher     {r['teacher']}",
         f"batch       {r['batch']}; {r['warmup']} warm-up + {r['steps']} timed steps per variant, alternating",
-        "baseline    eager fp32, timm default attention, teacher every step, torch AdamW, clip 5",
+        f"baseline    eager {'fp16 AMP + GradScaler' if r['device'] == 'cuda' else 'fp32'}, timm default attention, "
+        "teacher every step, torch AdamW, clip 5",
         f"candidate   build_continual_pretrain + TorchBackend({r['precision']}) + "
         "build_optimizer(param_groups, fused=True)" + (" + torch.compile" if r["compile"] else ""),
         "",

@@ -88,7 +88,9 @@ def versions() -> dict[str, Any]:
 def stats(times: list[float]) -> dict[str, float]:
     """Median, quartiles and IQR (inclusive method; IQR 0 for a single time) of step times in seconds."""
     med = statistics.median(times)
-    q1, q3 = statistics.quantiles(times, n=4, method="inclusive") if len(times) > 1 else (med, med)
+    q1, q3 = (med, med)
+    if len(times) > 1:
+        q1, _, q3 = statistics.quantiles(times, n=4, method="inclusive")
     return {"median": med, "q1": q1, "q3": q3, "iqr": q3 - q1, "iqr_rel": (q3 - q1) / med, "min": min(times)}
 
 
