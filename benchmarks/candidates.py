@@ -23,7 +23,6 @@ Usage (from the repository root)::
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import statistics
 import sys
 import tempfile
@@ -39,15 +38,8 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from benchmarks import record  # noqa: E402
-from benchmarks.pretrain_step import PAPER, TINY, Geometry, build_candidate, make_batch, write_teacher  # noqa: E402
+from benchmarks.pretrain_step import GEOMETRIES, Geometry, build_candidate, make_batch, write_teacher  # noqa: E402
 
-SWINB_D2 = dataclasses.replace(
-    PAPER,
-    name="swinb-d2",
-    student_kwargs={**PAPER.student_kwargs, "depths": (2, 2, 2, 2)},
-    teacher_kwargs={"depths": (2, 2, 2, 2)},
-)
-GEOMETRIES = {g.name: g for g in (TINY, SWINB_D2, PAPER)}
 VARIANTS = ("eager", "compile", "sdpa", "channels_last")
 
 

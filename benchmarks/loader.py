@@ -59,9 +59,7 @@ def synth_image(rng: np.random.Generator, size: int = 256) -> np.ndarray:
     img = np.zeros((size, size, 3), np.float32)
     for cells, amp in ((4, 0.45), (16, 0.25), (48, 0.15), (128, 0.10)):
         small = (rng.random((cells, cells, 3)) * 255).astype(np.uint8)
-        img += amp * np.asarray(
-            Image.fromarray(small).resize((size, size), Image.Resampling.BICUBIC), np.float32
-        )
+        img += amp * np.asarray(Image.fromarray(small).resize((size, size), Image.Resampling.BICUBIC), np.float32)
     tint = rng.uniform(0.6, 1.2, 3).astype(np.float32)
     img *= tint
     for _ in range(int(rng.integers(5, 40))):  # fields, roofs, parking lots
@@ -111,13 +109,7 @@ def throughput(loader, n_images: int) -> float:
     t0 = time.perf_counter()
     seen = 0
     for batch in loader:
-        x = (
-            batch[0]
-            if isinstance(batch, list | tuple)
-            else batch["image"]
-            if isinstance(batch, dict)
-            else batch
-        )
+        x = batch[0] if isinstance(batch, list | tuple) else batch["image"] if isinstance(batch, dict) else batch
         seen += x.shape[0]
     dt = time.perf_counter() - t0
     assert seen == n_images, (seen, n_images)
@@ -190,8 +182,13 @@ def main(argv: list[str] | None = None) -> None:
 
     # (a) shards through the training code's transform; (b) ImageFolder + PIL + the same v2 transforms
     mask = MaskGenerator(img_size, 32, 4, 0.6)
-    shard_tf = v2.Compose([v2.RandomResizedCrop(img_size, scale=scale, ratio=ratio, antialias=True),
-                           v2.RandomHorizontalFlip(), NormaliseToFloat(IMAGENET_MEAN, IMAGENET_STD)])
+    shard_tf = v2.Compose(
+        [
+            v2.RandomResizedCrop(img_size, scale=scale, ratio=ratio, antialias=True),
+            v2.RandomHorizontalFlip(),
+            NormaliseToFloat(IMAGENET_MEAN, IMAGENET_STD),
+        ]
+    )
 
     folder_tf = v2.Compose(
         [
@@ -224,11 +221,7 @@ def main(argv: list[str] | None = None) -> None:
     for r in range(args.repeats):
         for name, ds in datasets.items():
             runs[name].append(throughput(loader(ds), n) / cores)
-        print(
-            f"run {r + 1}/{args.repeats}: "
-            + ", ".join(f"{k} {v[-1]:.0f}" for k, v in runs.items())
-            + " img/s/core"
-        )
+        print(f"run {r + 1}/{args.repeats}: " + ", ".join(f"{k} {v[-1]:.0f}" for k, v in runs.items()) + " img/s/core")
 
     med = {k: statistics.median(v) for k, v in runs.items()}
     affinity = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()

@@ -117,6 +117,18 @@ def matmul_ceiling(device: torch.device, n: int, reps: int = 10, warmup: int = 2
     }
 
 
+def best_ceiling(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
+    """The higher of two ceiling measurements (before and after the timed steps: load on a shared machine only
+    lowers it), with both kept."""
+    best = max(before, after, key=lambda c: c["flops_per_s"])
+    return {
+        **best,
+        "what": best["what"] + "; the higher of before/after the steps",
+        "flops_per_s_before": before["flops_per_s"],
+        "flops_per_s_after": after["flops_per_s"],
+    }
+
+
 def default_path(device: torch.device, name: str = "pretrain_step") -> Path:
     """``benchmarks/results/<name>-<device>-<UTC timestamp>.json`` (the folder is git-ignored)."""
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")

@@ -6,7 +6,8 @@
 #
 #   scripts/device_check.sh [OUT_DIR]      # OUT_DIR default: $OUT, else benchmarks/results
 #
-# Environment: PYTHON (default .venv/bin/python, else python3), GPU_BATCH (default 64), GPU_STEPS (default 10).
+# Environment: PYTHON (default .venv/bin/python, else python3), GPU_BATCH (default 128: the issue's MFU target
+# batch per GPU), GPU_STEPS (default 10).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
@@ -47,7 +48,7 @@ run() {  # run NAME CMD...: log to $WORK/NAME.log, record the exit code
 
 if [ "$CUDA" = 1 ]; then
     run pytest_gpu "$PY" -m pytest -m gpu -q -p no:cacheprovider --junitxml="$WORK/pytest_gpu.xml"
-    run pretrain_step "$PY" benchmarks/pretrain_step.py --device cuda --batch "${GPU_BATCH:-64}" \
+    run pretrain_step "$PY" benchmarks/pretrain_step.py --device cuda --batch "${GPU_BATCH:-128}" \
         --steps "${GPU_STEPS:-10}" --json "$WORK/pretrain_step.json"
     run loader "$PY" benchmarks/loader.py --images 2000 --workers 0 --json "$WORK/loader.json"
 else

@@ -49,3 +49,10 @@ def test_compare_ratios_and_what_differs(record, tmp_path):
     text = record.format_compare(c)
     assert "0.500x step time" in text and "WARNING: not like for like: machine.threads 1 -> 2" in text
     assert record.compare(run(1.0, "2.14", 2), run(1.0, "2.14", 2), tmp_path)["differs"] == {}
+
+
+def test_best_ceiling_keeps_the_higher_and_both_values(record):
+    low, high = ({"what": "mm", "n": 8, "reps": 1, "tflops_all": [v], "flops_per_s": v} for v in (1.0, 3.0))
+    best = record.best_ceiling(low, high)
+    assert best["flops_per_s"] == 3.0 and (best["flops_per_s_before"], best["flops_per_s_after"]) == (1.0, 3.0)
+    assert record.best_ceiling(high, low)["flops_per_s"] == 3.0
