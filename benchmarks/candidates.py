@@ -74,8 +74,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--variants", default="eager,sdpa,channels_last", help=f"comma list of {', '.join(VARIANTS)}")
     p.add_argument("--precision", default="bf16", choices=("fp32", "bf16"))
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     names = ["eager", *(v for v in args.variants.split(",") if v and v != "eager")]
     unknown = set(names) - set(VARIANTS)
     if unknown:
