@@ -18,8 +18,9 @@ with GFM's no-decay rule) after grad-norm clipping at 5.
 Both start from the same weights and see the same batch; they run in one process, alternating (ABBA order),
 after warm-up steps; step times are medians (with the interquartile range). The printed ratio is candidate
 images/s over baseline images/s. CPU default: 2 warm-up + 10 timed steps per variant (the first steps create
-oneDNN primitives and grow the allocator's pools; ten alternating steps give a median whose IQR is a few per
-cent on an idle machine, at about two minutes for the paper geometry).
+oneDNN primitives and grow the allocator's pools; a median of ten alternating steps shrugs off two or three
+steps disturbed by other processes, and the printed IQR shows how disturbed the run was; about three minutes
+for the paper geometry on 2 cores).
 FLOPs of one step are counted once with ``torch.utils.flop_counter.FlopCounterMode`` over the candidate's
 forward + backward (the same math as the baseline's: matmuls, convolutions and attention; the optimizer's
 element-wise work is not counted); achieved FLOP/s = FLOPs / median step time. The same process measures this
