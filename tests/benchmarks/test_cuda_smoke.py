@@ -30,7 +30,6 @@ def test_fused_attention_on_cuda_matches_timms_path():
         num_heads=(1, 2, 4, 8),
     ).cuda()
     x = torch.randn(2, 3, 64, 64, device="cuda")
-    torch.backends.cuda.matmul.allow_tf32 = False
     set_fused_attention(model, enabled=False)
     ref = model.forward_features(x)
     assert set_fused_attention(model) == 8
