@@ -59,9 +59,7 @@ def synth_image(rng: np.random.Generator, size: int = 256) -> np.ndarray:
     img = np.zeros((size, size, 3), np.float32)
     for cells, amp in ((4, 0.45), (16, 0.25), (48, 0.15), (128, 0.10)):
         small = (rng.random((cells, cells, 3)) * 255).astype(np.uint8)
-        img += amp * np.asarray(
-            Image.fromarray(small).resize((size, size), Image.Resampling.BICUBIC), np.float32
-        )
+        img += amp * np.asarray(Image.fromarray(small).resize((size, size), Image.Resampling.BICUBIC), np.float32)
     tint = rng.uniform(0.6, 1.2, 3).astype(np.float32)
     img *= tint
     for _ in range(int(rng.integers(5, 40))):  # fields, roofs, parking lots
@@ -111,20 +109,14 @@ def throughput(loader, n_images: int) -> float:
     t0 = time.perf_counter()
     seen = 0
     for batch in loader:
-        x = (
-            batch[0]
-            if isinstance(batch, list | tuple)
-            else batch["image"]
-            if isinstance(batch, dict)
-            else batch
-        )
+        x = batch[0] if isinstance(batch, list | tuple) else batch["image"] if isinstance(batch, dict) else batch
         seen += x.shape[0]
     dt = time.perf_counter() - t0
     assert seen == n_images, (seen, n_images)
     return seen / dt
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     p.add_argument("--images", type=int, default=2000, help="synthetic JPEGs to generate (default 2000)")
     p.add_argument("--data", type=Path, help="an ImageFolder-layout folder of real images instead")
@@ -136,7 +128,8 @@ def main() -> None:
     p.add_argument("--quality", type=int, default=90, help="synthetic JPEG quality")
     p.add_argument("--shard-size", type=int, default=256, help="short side stored in the shards")
     p.add_argument("--work-dir", type=Path, help="keep generated data, manifest and shards here")
-    args = p.parse_args()
+    p.add_argument("--json", type=Path, help="also write the results (machine, versions, settings, runs) here")
+    args = p.parse_args(argv)
 
     import PIL
     import torch
@@ -189,8 +182,13 @@ def main() -> None:
 
     # (a) shards through the training code's transform; (b) ImageFolder + PIL + the same v2 transforms
     mask = MaskGenerator(img_size, 32, 4, 0.6)
-    shard_tf = v2.Compose([v2.RandomResizedCrop(img_size, scale=scale, ratio=ratio, antialias=True),
-                           v2.RandomHorizontalFlip(), NormaliseToFloat(IMAGENET_MEAN, IMAGENET_STD)])
+    shard_tf = v2.Compose(
+        [
+            v2.RandomResizedCrop(img_size, scale=scale, ratio=ratio, antialias=True),
+            v2.RandomHorizontalFlip(),
+            NormaliseToFloat(IMAGENET_MEAN, IMAGENET_STD),
+        ]
+    )
 
     folder_tf = v2.Compose(
         [
@@ -223,11 +221,7 @@ def main() -> None:
     for r in range(args.repeats):
         for name, ds in datasets.items():
             runs[name].append(throughput(loader(ds), n) / cores)
-        print(
-            f"run {r + 1}/{args.repeats}: "
-            + ", ".join(f"{k} {v[-1]:.0f}" for k, v in runs.items())
-            + " img/s/core"
-        )
+        print(f"run {r + 1}/{args.repeats}: " + ", ".join(f"{k} {v[-1]:.0f}" for k, v in runs.items()) + " img/s/core")
 
     med = {k: statistics.median(v) for k, v in runs.items()}
     affinity = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
@@ -257,6 +251,19 @@ def main() -> None:
     print(f"  shards+mask (PretrainStream, full sample)            {med['shards+mask']:8.1f} img/s per core")
     print(f"ratio shards / imagefolder:      {med['shards'] / med['imagefolder']:.2f}x  (target >= 3x)")
     print(f"ratio shards+mask / imagefolder: {med['shards+mask'] / med['imagefolder']:.2f}x")
+    if args.json:
+        from benchmarks import record
+
+        settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "json"}
+        result = {
+            "machine": record.machine(torch.device("cpu")),
+            "versions": record.versions() | {"torchvision": torchvision.__version__, "pillow": PIL.__version__},
+            "settings": settings | {"images_found": n, "mean_jpeg_kb": float(mean_kb)},
+            "images_per_s_per_core": runs,
+            "median_images_per_s_per_core": med,
+            "ratio_shards_over_imagefolder": med["shards"] / med["imagefolder"],
+        }
+        print(f"results: {record.write(result, args.json)}")
     if args.work_dir is None:
         import shutil
 

@@ -6,8 +6,9 @@ merging, 7x7x1024, pooled) on the resized unmasked image; loss = masked L1 + neg
 with GFM's no-decay rule) after grad-norm clipping at 5.
 
 - ``baseline``: the step as a researcher writes it (the way GFM's own code runs it), in this file and without
-  any gfm_core code: eager, float32, timm's default attention, teacher forward under ``no_grad`` every step,
-  ``torch.optim.AdamW`` with its defaults.
+  any gfm_core code: eager, float32 on the CPU and fp16 AMP with a GradScaler on CUDA (GFM's ``amp``
+  path), timm's default attention, teacher forward under ``no_grad`` every step, ``torch.optim.AdamW`` with
+  its defaults.
 - ``candidate``: what :func:`gfm_core.training.loop.fit` runs: :func:`gfm_core.objectives.
   build_continual_pretrain` (the teacher read from a safetensors file through its real loader), a
   :class:`~gfm_core.training.backends.TorchBackend` with the config's precision (bf16 autocast by default),
@@ -15,11 +16,22 @@ with GFM's no-decay rule) after grad-norm clipping at 5.
   ``backend.step`` (clip, AdamW, zero grad).
 
 Both start from the same weights and see the same batch; they run in one process, alternating (ABBA order),
-after warm-up steps; step times are medians. The printed ratio is candidate images/s over baseline images/s.
+after warm-up steps; step times are medians (with the interquartile range). The printed ratio is candidate
+images/s over baseline images/s. CPU default: 2 warm-up + 10 timed steps per variant (the first steps create
+oneDNN primitives and grow the allocator's pools; a median of ten alternating steps shrugs off two or three
+steps disturbed by other processes, and the printed IQR shows how disturbed the run was; about three minutes
+for the paper geometry on 2 cores).
 FLOPs of one step are counted once with ``torch.utils.flop_counter.FlopCounterMode`` over the candidate's
 forward + backward (the same math as the baseline's: matmuls, convolutions and attention; the optimizer's
-element-wise work is not counted); achieved FLOP/s = FLOPs / median step time. On CUDA, MFU = the candidate's
-achieved FLOP/s over the GPU's dense bf16 peak (table below, or ``--peak-tflops``).
+element-wise work is not counted); achieved FLOP/s = FLOPs / median step time. The same process measures this
+machine's bf16 matmul ceiling (a large ``torch.mm``, median FLOP/s, the same threads) and prints the
+candidate's share of it. On CUDA, MFU = the candidate's achieved FLOP/s over the GPU's dense bf16 peak (table
+below, or ``--peak-tflops``).
+
+Every run writes a results JSON (machine, versions, settings, every step time, medians, IQR, ratio, FLOP/s,
+ceiling) to ``--json`` or ``benchmarks/results/pretrain_step-<device>-<UTC time>.json`` (git-ignored; copy a
+run that a document cites to ``benchmarks/reference/``). ``--compare PREVIOUS.json`` prints this run's
+median step time over the previous run's per variant and names any machine/version/setting that differs.
 
 Peak memory = resident state (weights, buffers, optimizer state: the tensors' bytes) + the step's own peak
 (activations, gradients, temporaries), measured on one extra untimed step per variant: on CUDA
@@ -28,8 +40,9 @@ Peak memory = resident state (weights, buffers, optimizer state: the tensors' by
 
 Usage (from the repository root)::
 
-    .venv/bin/python benchmarks/pretrain_step.py                    # CPU: batch 8, 1 warm-up + 4 timed steps
+    .venv/bin/python benchmarks/pretrain_step.py                    # CPU: batch 8, 2 warm-up + 10 timed steps
     .venv/bin/python benchmarks/pretrain_step.py --device cuda      # batch 64, 3 warm-up + 10 steps, MFU
+    .venv/bin/python benchmarks/pretrain_step.py --compare benchmarks/reference/<earlier run>.json
     .venv/bin/python benchmarks/pretrain_step.py --tiny --steps 1 --warmup 0 --json /tmp/step.json
 """
 
@@ -39,9 +52,7 @@ import argparse
 import contextlib
 import ctypes
 import gc
-import json
 import math
-import platform
 import re
 import statistics
 import sys
@@ -49,6 +60,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +74,8 @@ from torch import Tensor, nn
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
+
+from benchmarks import record  # noqa: E402  (after the path insert: run as a script)
 
 TARGET_SPEEDUP = 1.5
 TARGET_MFU = 0.40
@@ -88,6 +102,7 @@ class Geometry:
     mask_patch: int
     mask_ratio: float = 0.6
     stage: int = 3
+    teacher_kwargs: dict[str, Any] = field(default_factory=dict)  # extra timm kwargs (reduced geometries)
 
     @property
     def img(self) -> int:
@@ -123,6 +138,17 @@ TINY = Geometry(  # the smoke-test geometry: same structure, seconds per step
     mask_patch=16,
 )
 
+SWINB_D2 = Geometry(  # every block shape of the paper's Swin-B at depths (2, 2, 2, 2): quick, compiles fast
+    name="swinb-d2",
+    student_arch=PAPER.student_arch,
+    student_kwargs={**PAPER.student_kwargs, "depths": (2, 2, 2, 2)},
+    teacher_arch=PAPER.teacher_arch,
+    teacher_img=PAPER.teacher_img,
+    mask_patch=PAPER.mask_patch,
+    teacher_kwargs={"depths": (2, 2, 2, 2)},
+)
+GEOMETRIES = {g.name: g for g in (PAPER, TINY, SWINB_D2)}
+
 # ----------------------------------------------------------------------------------------------- baseline
 
 
@@ -149,7 +175,9 @@ class EagerGFM(nn.Module):
         self.decoder = nn.Sequential(
             nn.Conv2d(self.encoder.num_features, stride**2 * in_chans, kernel_size=1), nn.PixelShuffle(stride)
         )
-        self.teacher = timm.create_model(g.teacher_arch, pretrained=False, num_classes=0, img_size=g.teacher_img)
+        self.teacher = timm.create_model(
+            g.teacher_arch, pretrained=False, num_classes=0, img_size=g.teacher_img, **g.teacher_kwargs
+        )
         self.teacher.load_state_dict(teacher_weights)
         self.teacher.requires_grad_(False)
         self.teacher_size = (g.teacher_img, g.teacher_img)
@@ -201,15 +229,6 @@ def baseline_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torc
 
 
 # ----------------------------------------------------------------------------------------------- harness
-
-
-def cpu_model() -> str:
-    """The CPU model name from /proc/cpuinfo (or platform's guess)."""
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
 
 
 def bf16_peak_flops(gpu_name: str) -> float | None:
@@ -285,44 +304,39 @@ class Variant:
     state_fn: Callable[[], int]  # bytes of weights, buffers and optimizer state
     state_bytes: int = 0
     times: list[float] = field(default_factory=list)
+    warmup_times: list[float] = field(default_factory=list)
     phases: list[tuple[float, float, float]] = field(default_factory=list)
     losses: list[float] = field(default_factory=list)
     step_mem_bytes: int | None = None
 
 
-def build_variants(
-    g: Geometry,
-    device: torch.device,
-    batch_size: int,
-    precision: str,
-    workdir: Path,
-    *,
-    lr: float = 1e-4,
-    compile_candidate: bool = False,
-) -> tuple[Variant, Variant, Callable[[], None]]:
-    """The baseline and candidate steps on the same initial weights, and the candidate's forward+backward."""
+def write_teacher(g: Geometry, workdir: Path) -> Path:
+    """A random-weight teacher (seed 1) as a safetensors file, which the candidate loads through its real loader."""
+    torch.manual_seed(1)
+    src = timm.create_model(g.teacher_arch, pretrained=False, num_classes=0, img_size=g.teacher_img, **g.teacher_kwargs)
+    teacher_file = workdir / "teacher.safetensors"
+    save_file({k: v.contiguous() for k, v in src.state_dict().items()}, str(teacher_file))
+    return teacher_file
+
+
+def build_candidate(
+    g: Geometry, device: torch.device, precision: str, teacher_file: Path, lr: float, compile_candidate: bool
+) -> tuple[Any, Any, Any]:
+    """The config -> objective -> backend -> optimizer path of ``fit()`` (seed 0): (cfg, objective, backend)."""
     from gfm_core.config import PretrainCfg, StudentCfg, TeacherCfg
     from gfm_core.objectives import build_continual_pretrain
     from gfm_core.training.backends import TorchBackend
     from gfm_core.training.optim import build_optimizer, param_groups
 
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-
-    def now() -> float:
-        sync()
-        return time.perf_counter()
-
-    # the random-weight teacher, written to a file that the candidate loads through its real loader
-    torch.manual_seed(1)
-    src = timm.create_model(g.teacher_arch, pretrained=False, num_classes=0, img_size=g.teacher_img)
-    teacher_file = workdir / "teacher.safetensors"
-    save_file({k: v.contiguous() for k, v in src.state_dict().items()}, str(teacher_file))
-    del src
-
-    # candidate: the config -> objective -> backend -> optimizer path of fit()
     cfg = PretrainCfg(
         student=StudentCfg(arch=g.student_arch, drop_path_rate=0.0, **g.student_kwargs),
-        teacher=TeacherCfg(arch=g.teacher_arch, checkpoint=teacher_file, img_size=g.teacher_img, feature_stage=g.stage),
+        teacher=TeacherCfg(
+            arch=g.teacher_arch,
+            checkpoint=teacher_file,
+            img_size=g.teacher_img,
+            feature_stage=g.stage,
+            timm_kwargs=g.teacher_kwargs,
+        ),
         mask_patch_size=g.mask_patch,
         mask_ratio=g.mask_ratio,
         precision=precision,
@@ -339,6 +353,29 @@ def build_variants(
         objective.student.compile()
         if objective.teacher is not None:
             objective.teacher.compile()
+    return cfg, objective, backend
+
+
+def build_variants(
+    g: Geometry,
+    device: torch.device,
+    batch_size: int,
+    precision: str,
+    workdir: Path,
+    *,
+    lr: float = 1e-4,
+    compile_candidate: bool = False,
+) -> tuple[Variant, Variant, Callable[[], None]]:
+    """The baseline and candidate steps on the same initial weights, and the candidate's forward+backward."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    def now() -> float:
+        sync()
+        return time.perf_counter()
+
+    teacher_file = write_teacher(g, workdir)
+    cfg, objective, backend = build_candidate(g, device, precision, teacher_file, lr, compile_candidate)
+    optimizer = backend.optimizer
 
     # baseline: same initial trainable weights, same teacher weights
     baseline = EagerGFM(g, load_file(str(teacher_file)))
@@ -363,16 +400,23 @@ def build_variants(
     clip = float(cfg.clip_grad or 0.0)
     batch = make_batch(g, batch_size, device)
 
+    # on CUDA GFM's code trains under fp16 AMP with dynamic loss scaling (apex O1 there; torch.amp here)
+    amp = device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda", enabled=amp)
+
     def baseline_step() -> tuple[float, float, float, float]:
         t0 = now()
-        loss = baseline(batch["image"], batch["mask"])
+        with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
+            loss = baseline(batch["image"], batch["mask"])
         value = float(loss.detach())
         t1 = now()
-        loss.backward()
+        scaler.scale(loss).backward()
         t2 = now()
+        scaler.unscale_(b_opt)
         if clip:
             torch.nn.utils.clip_grad_norm_(b_params, clip)
-        b_opt.step()
+        scaler.step(b_opt)
+        scaler.update()
         b_opt.zero_grad(set_to_none=True)
         t3 = now()
         return value, t1 - t0, t2 - t1, t3 - t2
@@ -419,7 +463,7 @@ def count_flops(fn: Callable[[], None]) -> int:
 
 
 def _progress(msg: str) -> None:
-    print(f"[pretrain_step] {msg}", file=sys.stderr, flush=True)
+    record.progress("pretrain_step", msg)
 
 
 def _summary(v: Variant, batch: int, flops: int) -> dict[str, Any]:
@@ -427,6 +471,8 @@ def _summary(v: Variant, batch: int, flops: int) -> dict[str, Any]:
     peak = None if v.step_mem_bytes is None else v.state_bytes + v.step_mem_bytes
     return {
         "step_s": [round(t, 4) for t in v.times],
+        "warmup_step_s": [round(t, 4) for t in v.warmup_times],
+        "step_s_stats": record.stats(v.times),
         "step_s_median": med,
         "step_s_min": min(v.times),
         "images_per_s": batch / med,
@@ -447,8 +493,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="auto", help="auto (cuda when visible), cpu, cuda, cuda:N")
     p.add_argument("--batch", type=int, default=None, help="images per step (default: 8 on CPU, 64 on GPU)")
-    p.add_argument("--steps", type=int, default=None, help="timed steps per variant (default: 4 CPU, 10 GPU)")
-    p.add_argument("--warmup", type=int, default=None, help="untimed steps per variant (default: 1 CPU, 3 GPU)")
+    p.add_argument("--steps", type=int, default=None, help="timed steps per variant (default: 10)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed steps per variant (default: 2 CPU, 3 GPU)")
     p.add_argument(
         "--precision",
         default=None,
@@ -456,39 +502,86 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="the candidate's precision (default: the pretrain config's, bf16)",
     )
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
-    p.add_argument("--tiny", action="store_true", help="tiny Swin geometry (smoke test), not the paper's")
+    p.add_argument("--tiny", action="store_true", help="tiny Swin geometry (smoke test): --geometry tiny")
+    p.add_argument("--geometry", choices=sorted(GEOMETRIES), default="paper", help="paper (default), tiny, swinb-d2")
     p.add_argument(
         "--compile",
         action="store_true",
         help="torch.compile the candidate's student and teacher (experimental; fit does not)",
     )
     p.add_argument("--peak-tflops", type=float, default=None, help="bf16 peak for MFU on an unlisted GPU")
-    p.add_argument("--json", type=Path, default=None, help="write the results here")
+    p.add_argument(
+        "--json",
+        type=Path,
+        default=None,
+        help="write the results here (default: benchmarks/results/pretrain_step-<device>-<UTC time>.json)",
+    )
+    p.add_argument("--compare", type=Path, default=None, help="a previous results JSON to compare this run with")
+    p.add_argument(
+        "--matmul-n",
+        type=int,
+        default=None,
+        help="edge of the bf16 matmul that measures the ceiling (default: 512 tiny, 2048 CPU, 8192 CUDA)",
+    )
     return p.parse_args(argv)
 
 
+def _time_variants(variants: tuple[Variant, Variant], warmup: int, steps: int, on_gpu: bool, device: Any) -> None:
+    """Warm-up and timed steps, alternating (ABBA); then one untimed step each for memory."""
+    for i in range(warmup):
+        for v in variants if i % 2 == 0 else variants[::-1]:
+            t0 = time.perf_counter()
+            v.losses.append(v.step()[0])
+            v.warmup_times.append(time.perf_counter() - t0)
+    for i in range(steps):
+        for v in variants if i % 2 == 0 else variants[::-1]:
+            t0 = time.perf_counter()
+            loss, *phases = v.step()
+            v.times.append(time.perf_counter() - t0)
+            v.phases.append((phases[0], phases[1], phases[2]))
+            v.losses.append(loss)
+            _progress(f"step {i + 1}/{steps} {v.name}: {v.times[-1]:.3f} s")
+    _progress("memory: one more step each; then FLOPs of the candidate's forward + backward")
+    host = HostMemory()
+    for v in variants:
+        if on_gpu:
+            torch.cuda.synchronize(device)
+            gc.collect()
+            torch.cuda.reset_peak_memory_stats(device)
+            before = torch.cuda.memory_allocated(device)
+            v.losses.append(v.step()[0])
+            torch.cuda.synchronize(device)
+            v.step_mem_bytes = torch.cuda.max_memory_allocated(device) - before
+        elif host.available:
+            v.step_mem_bytes = host.measure(lambda v=v: v.losses.append(v.step()[0]))
+        v.state_bytes = v.state_fn()  # after a step: AdamW's state exists
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    """Run the benchmark; print the table; return (and optionally write) the results."""
+    """Run the benchmark; print the table; write the results JSON and return them."""
     args = parse_args(argv)
     from gfm_core.config import PretrainCfg
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    device_arg = args.device
-    if device_arg == "auto":
-        device_arg = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(device_arg)
+    device_arg = "cuda" if args.device == "auto" and torch.cuda.is_available() else args.device
+    device = torch.device("cpu" if device_arg == "auto" else device_arg)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
     on_gpu = device.type == "cuda"
-    g = TINY if args.tiny else PAPER
-    batch = args.batch or (2 if args.tiny else 64 if on_gpu else 8)
-    steps = args.steps if args.steps is not None else (10 if on_gpu else 4)
-    warmup = args.warmup if args.warmup is not None else (3 if on_gpu else 1)
+    g = TINY if args.tiny else GEOMETRIES[args.geometry]
+    batch = args.batch or (2 if g is TINY else 64 if on_gpu else 8)
+    steps = args.steps if args.steps is not None else 10
+    warmup = args.warmup if args.warmup is not None else (3 if on_gpu else 2)
     if steps < 1 or warmup < 0 or batch < 1:
         raise SystemExit("--steps and --batch must be >= 1, --warmup >= 0")
+    previous = record.load(args.compare) if args.compare else None  # fail before the long run
     precision = args.precision or PretrainCfg().precision
-    name = torch.cuda.get_device_name(device) if on_gpu else cpu_model()
+    machine = record.machine(device)
+    created = datetime.now(UTC).isoformat(timespec="seconds")
+    n = args.matmul_n or (512 if g is TINY else 8192 if on_gpu else 2048)
+    _progress(f"bf16 matmul ceiling before the steps: {n} x {n}")
+    ceiling_before = record.matmul_ceiling(device, n)
 
     with tempfile.TemporaryDirectory(prefix="gfm_step_bench_") as tmp:
         t_build = time.perf_counter()
@@ -497,46 +590,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         )
         build_s = time.perf_counter() - t_build
         _progress(f"built both variants in {build_s:.1f} s; {warmup} warm-up + {steps} timed steps each")
-        variants = (base, cand)
-        for i in range(warmup):
-            for v in variants if i % 2 == 0 else variants[::-1]:
-                v.losses.append(v.step()[0])
-        for i in range(steps):
-            for v in variants if i % 2 == 0 else variants[::-1]:
-                t0 = time.perf_counter()
-                loss, *phases = v.step()
-                v.times.append(time.perf_counter() - t0)
-                v.phases.append(tuple(phases))
-                v.losses.append(loss)
-                _progress(f"step {i + 1}/{steps} {v.name}: {v.times[-1]:.3f} s")
-        _progress("memory: one more step each; then FLOPs of the candidate's forward + backward")
-        # memory: one extra untimed step each
-        host = HostMemory()
-        for v in variants:
-            if on_gpu:
-                torch.cuda.synchronize(device)
-                gc.collect()
-                torch.cuda.reset_peak_memory_stats(device)
-                before = torch.cuda.memory_allocated(device)
-                v.losses.append(v.step()[0])
-                torch.cuda.synchronize(device)
-                v.step_mem_bytes = torch.cuda.max_memory_allocated(device) - before
-            elif host.available:
-                v.step_mem_bytes = host.measure(lambda v=v: v.losses.append(v.step()[0]))
-            v.state_bytes = v.state_fn()  # after a step: AdamW's state exists
+        _time_variants((base, cand), warmup, steps, on_gpu, device)
         flops = count_flops(cand_fwd_bwd)
+    _progress("bf16 matmul ceiling after the steps")
+    ceiling = record.best_ceiling(ceiling_before, record.matmul_ceiling(device, n))
+    machine["load_avg_1_5_15_end"] = record.machine(device)["load_avg_1_5_15"]
 
-    res_b, res_c = _summary(base, batch, flops), _summary(cand, batch, flops)
-    speedup = res_c["images_per_s"] / res_b["images_per_s"]
-    speedup_min = res_b["step_s_min"] / res_c["step_s_min"]
-    peak = args.peak_tflops * 1e12 if args.peak_tflops else (bf16_peak_flops(name) if on_gpu else None)
-    mfu = res_c["achieved_flops_per_s"] / peak if peak else None
-    result: dict[str, Any] = {
-        "device": device.type,
-        "device_name": name,
-        "threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "timm": timm.__version__,
+    settings = {
         "geometry": g.name,
         "student": f"{g.student_arch} {g.student_kwargs}",
         "teacher": f"{g.teacher_arch} img_size={g.teacher_img} stage {g.stage}",
@@ -545,14 +605,63 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "warmup": warmup,
         "precision": precision,
         "compile": bool(args.compile),
+        "device": str(device),
+    }
+    result = _result(created, machine, settings, base, cand, flops, ceiling, build_s, args.peak_tflops)
+    print(format_report(result))
+    if previous is not None:
+        result["compare"] = record.compare(result, previous, args.compare)
+        print(record.format_compare(result["compare"]))
+    path = record.write(result, args.json or record.default_path(device))
+    print(f"results     {path}")
+    return result
+
+
+def _result(
+    created: str,
+    machine: dict[str, Any],
+    settings: dict[str, Any],
+    base: Variant,
+    cand: Variant,
+    flops: int,
+    ceiling: dict[str, Any],
+    build_s: float,
+    peak_tflops: float | None,
+) -> dict[str, Any]:
+    """The results dict: the sections a later run compares with, and the flat keys of earlier versions."""
+    on_gpu = machine["device"] == "cuda"
+    batch = settings["batch"]
+    res_b, res_c = _summary(base, batch, flops), _summary(cand, batch, flops)
+    speedup = res_c["images_per_s"] / res_b["images_per_s"]
+    peak = peak_tflops * 1e12 if peak_tflops else (bf16_peak_flops(machine["gpu_name"]) if on_gpu else None)
+    mfu = res_c["achieved_flops_per_s"] / peak if peak else None
+    compile_s = None
+    if settings["compile"] and cand.warmup_times:  # the first step compiles; later steps run the cached graphs
+        compile_s = cand.warmup_times[0] - res_c["step_s_median"]
+    return {
+        "schema": record.SCHEMA,
+        "created_utc": created,
+        "machine": machine,
+        "versions": record.versions(),
+        "settings": settings,
+        "device": machine["device"],
+        "device_name": machine["device_name"],
+        "threads": machine["threads"],
+        "torch": torch.__version__,
+        "timm": timm.__version__,
+        **{k: settings[k] for k in ("geometry", "student", "teacher", "batch", "steps", "warmup", "precision")},
+        "compile": settings["compile"],
+        "compile_s": compile_s,
         "build_s": build_s,
         "baseline": res_b,
         "candidate": res_c,
         "speedup": speedup,
-        "speedup_fastest_steps": speedup_min,
+        "speedup_fastest_steps": res_b["step_s_min"] / res_c["step_s_min"],
         "target_speedup": TARGET_SPEEDUP,
         "meets_target": speedup >= TARGET_SPEEDUP,
         "flops_per_step": flops,
+        "matmul_ceiling": ceiling,
+        "candidate_share_of_ceiling": res_c["achieved_flops_per_s"] / ceiling["flops_per_s"],
         "peak_flops": peak,
         "mfu": mfu,
         "mfu_note": (
@@ -564,11 +673,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             else "peak RSS (VmHWM, reset via clear_refs) above RSS before the step, after malloc_trim"
         ),
     }
-    print(format_report(result))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
-    return result
+
+
+def _load(machine: dict[str, Any], key: str) -> str:
+    loads = machine.get(key)
+    return "n/a" if not loads else f"{loads[0]:.2f}"
 
 
 def _mib(n: int | None) -> str:
@@ -579,22 +688,25 @@ def format_report(r: dict[str, Any]) -> str:
     """The human-readable table."""
     lines = [
         f"GFM pretraining step benchmark ({r['geometry']} geometry)",
-        f"device      {r['device']}: {r['device_name']}; torch {r['torch']}, timm {r['timm']}, {r['threads']} threads",
+        f"device      {r['device']}: {r['device_name']}; torch {r['torch']}, timm {r['timm']}, {r['threads']} threads; "
+        f"load {_load(r['machine'], 'load_avg_1_5_15')} -> {_load(r['machine'], 'load_avg_1_5_15_end')}",
         f"student     {r['student']}",
         f"teacher     {r['teacher']}",
         f"batch       {r['batch']}; {r['warmup']} warm-up + {r['steps']} timed steps per variant, alternating",
-        "baseline    eager fp32, timm default attention, teacher every step, torch AdamW, clip 5",
+        f"baseline    eager {'fp16 AMP + GradScaler' if r['device'] == 'cuda' else 'fp32'}, timm default attention, "
+        "teacher every step, torch AdamW, clip 5",
         f"candidate   build_continual_pretrain + TorchBackend({r['precision']}) + "
         "build_optimizer(param_groups, fused=True)" + (" + torch.compile" if r["compile"] else ""),
         "",
-        f"{'variant':<10} {'step s (median)':>15} {'min':>7} {'images/s':>9} {'fwd s':>7} {'bwd s':>7} "
+        f"{'variant':<10} {'step s (median)':>15} {'IQR':>5} {'min':>7} {'images/s':>9} {'fwd s':>7} {'bwd s':>7} "
         f"{'opt s':>7} {'state MiB':>10} {'step MiB':>9} {'peak MiB':>9} {'GFLOP/s':>9} {'1st loss':>9}",
     ]
     for key in ("baseline", "candidate"):
         v = r[key]
         ph = v["phases_s_median"]
         lines.append(
-            f"{key:<10} {v['step_s_median']:>15.3f} {v['step_s_min']:>7.3f} {v['images_per_s']:>9.2f} "
+            f"{key:<10} {v['step_s_median']:>15.3f} {v['step_s_stats']['iqr_rel']:>5.0%} {v['step_s_min']:>7.3f} "
+            f"{v['images_per_s']:>9.2f} "
             f"{ph['forward']:>7.3f} {ph['backward']:>7.3f} {ph['optimizer']:>7.3f} "
             f"{_mib(v['state_bytes']):>10} {_mib(v['step_mem_bytes']):>9} {_mib(v['peak_mem_bytes']):>9} "
             f"{v['achieved_flops_per_s'] / 1e9:>9.1f} {v['first_loss']:>9.4f}"
@@ -620,8 +732,12 @@ def format_report(r: dict[str, Any]) -> str:
         f"FLOPs/step  {r['flops_per_step'] / 1e12:.3f} TFLOP (FlopCounterMode, candidate fwd + bwd); "
         f"achieved {r['candidate']['achieved_flops_per_s'] / 1e12:.3f} TFLOP/s candidate, "
         f"{r['baseline']['achieved_flops_per_s'] / 1e12:.3f} TFLOP/s baseline",
+        f"ceiling     bf16 matmul {r['matmul_ceiling']['flops_per_s'] / 1e12:.3f} TFLOP/s on this machine "
+        f"({r['matmul_ceiling']['what']}); candidate at {r['candidate_share_of_ceiling']:.1%} of it",
         f"MFU         {mfu}",
     ]
+    if r["compile_s"] is not None:
+        lines.append(f"compile     {r['compile_s']:.1f} s (first warm-up step minus the median step)")
     return "\n".join(lines)
 
 
