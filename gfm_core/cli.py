@@ -177,6 +177,17 @@ def _cmd_release_teacher(args: argparse.Namespace) -> None:
         print("the Dagster sensor new_teacher_sensor starts one `retrain` run on it once the file holds still")
 
 
+def _cmd_compare(args: argparse.Namespace) -> None:
+    from gfm_core import tracking
+    from gfm_core.registry.versions import compare_versions, render_markdown
+
+    params = _params(args)
+    tracking.configure(params.tracking)
+    rows = compare_versions(params.promote.model_name, args.versions, n_bootstrap=params.evaluate.n_bootstrap,
+                            ci=params.evaluate.ci)
+    print(render_markdown(rows))
+
+
 COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], None], str]] = {
     "demo-data": (_cmd_demo_data, "build the embedded demo GeoPile and downstream tasks from real imagery"),
     "ingest": (_cmd_ingest, "read the pile once: manifest, quarantine report, normalisation stats"),
@@ -189,6 +200,8 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], None], str]] = {
     "estimate": (_cmd_estimate, "extrapolate the last pretraining's measured rates to the full GeoPile schedule"),
     "release-teacher": (_cmd_release_teacher, "export a newer ImageNet teacher (lite0, lite1, lite2) into "
                         "retrain.teacher_dir, where the teacher sensor starts a retrain on it"),
+    "compare": (_cmd_compare, "registered versions side by side: raw test scores against the first version, "
+                "paired bootstrap intervals on the same samples and seeds (e.g. one student per teacher)"),
     "demo": (_cmd_demo, "run every stage end to end on the embedded demo data"),
     "science": (_cmd_science, "test the paper's claims at small scale (use --preset science): variants x seeds, "
                 "dense probes, paired bootstrap, report"),
@@ -231,6 +244,9 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("teacher", nargs="?", default="",  # missing: the error lists the valid names
                            help="lite0 | lite1 | lite2 (or its timm arch); with --weights, a timm arch")
             p.add_argument("--weights", type=Path, default=None, help="release this weight file instead")
+        if name == "compare":
+            p.add_argument("versions", nargs="+", help="versions of promote.model_name, the reference first: "
+                           "`1 2 3`, `@champion 4`")
         if name == "finetune":
             p.add_argument("--task", action="append", help="only this task (repeatable)")
             p.add_argument("--model", action="append", help="only this model (repeatable)")

@@ -65,7 +65,7 @@ def build_defs(
         assets=assets,
         asset_checks=[great_expectations_suite],
         jobs=[foundation, finetune, report, retrain, observe, science_job],
-        schedules=[build_retrain_schedule(params, retrain)],
+        schedules=[build_retrain_schedule(params, lambda: load_params(params_path, preset=preset), retrain)],
         sensors=[
             build_teacher_sensor(lambda: load_params(params_path, preset=preset), retrain),
             dg.AutomationConditionSensorDefinition(

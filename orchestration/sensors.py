@@ -32,6 +32,7 @@ import dagster as dg
 from gfm_core.config import Params
 from gfm_core.io import sha256_file
 from gfm_core.registry import scan_teachers, teacher_stats, timm_teachers
+from gfm_core.registry.teachers import champion_teacher
 from orchestration.resources import TEACHER_ARCH_TAG, TEACHER_FILE_TAG, TEACHER_SHA_TAG
 
 
@@ -108,8 +109,28 @@ def build_teacher_sensor(load_params: Callable[[], Params], job: Any) -> dg.Sens
     return new_teacher_sensor
 
 
-def build_retrain_schedule(params: Params, job: Any) -> dg.ScheduleDefinition:
-    """Retraining on ``retrain.cron`` (UTC)."""
-    return dg.ScheduleDefinition(job=job, cron_schedule=params.retrain.cron, name="retrain_schedule",
-                                 execution_timezone="UTC",
-                                 description="periodic retraining (retrain.cron); stopped until switched on")
+def champion_teacher_tags(params: Params) -> dict[str, str]:
+    """Run tags that pretrain on the champion's teacher when a teacher upgrade was promoted (a released file in
+    ``retrain.teacher_dir``, not the params' teacher); empty: the params' teacher."""
+    from gfm_core import tracking
+
+    tracking.configure(params.tracking)
+    t = champion_teacher(params.promote.model_name, params.promote.alias, params.retrain.teacher_dir,
+                         params.retrain.teacher_patterns, params.pretrain.teacher.checkpoint)
+    if t is None:
+        return {}
+    return {TEACHER_SHA_TAG: t.sha256, TEACHER_FILE_TAG: str(t.path), **({TEACHER_ARCH_TAG: t.arch} if t.arch else {})}
+
+
+def build_retrain_schedule(params: Params, load_params: Callable[[], Params], job: Any) -> dg.ScheduleDefinition:
+    """Retraining on ``retrain.cron`` (UTC), on the champion's teacher (:func:`champion_teacher_tags`)."""
+
+    @dg.schedule(job=job, cron_schedule=params.retrain.cron, name="retrain_schedule", execution_timezone="UTC",
+                 description="periodic retraining (retrain.cron) on the champion's teacher; stopped until switched on")
+    def retrain_schedule(context: dg.ScheduleEvaluationContext) -> dg.RunRequest:
+        tags = champion_teacher_tags(load_params())
+        if tags:
+            context.log.info(f"retraining on the champion's teacher {tags[TEACHER_FILE_TAG]}")
+        return dg.RunRequest(tags=tags)
+
+    return retrain_schedule

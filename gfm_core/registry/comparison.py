@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -30,6 +30,23 @@ class ArpDifference:
     n_bootstrap: int
     tasks: tuple[str, ...]
     seeds: dict[str, tuple[int, ...]]
+    per_task: dict[str, TaskDifference] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class TaskDifference:
+    """One task's raw headline scores (candidate, reference) and their difference's paired percentile interval."""
+
+    headline: str
+    candidate: float
+    reference: float
+    lo: float
+    hi: float
+
+    @property
+    def diff(self) -> float:
+        """Candidate minus reference, in the metric's own units."""
+        return self.candidate - self.reference
 
 
 def _aligned(cand: TaskEvidence, champ: TaskEvidence) -> tuple[dict[int, dict[str, np.ndarray]], str | None]:
@@ -63,6 +80,8 @@ def arp_difference(
 
     reasons: list[str] = []
     per_task = []
+    raw: dict[str, TaskDifference] = {}
+    alpha = (1 - ci) / 2
     for i, (task, cand) in enumerate(sorted(candidate.items())):
         champ = champion.get(task)
         if champ is None:
@@ -87,11 +106,12 @@ def arp_difference(
         b = bootstrap_values(cand.head, cand.headline, [champ_stats[s] for s in seeds], draws)
         point = cand.score(seeds) - base
         per_task.append((task, tuple(seeds), 100.0 * point / abs(base), 100.0 * (a - b) / abs(base)))
+        t_lo, t_hi = (float(x) for x in np.quantile(a - b, [alpha, 1 - alpha]))
+        raw[task] = TaskDifference(cand.headline, cand.score(seeds), base, t_lo, t_hi)
     if reasons or not per_task:
         return None, reasons or ["the candidate has no evaluated task"]
     diff = float(np.mean([p[2] for p in per_task]))
     reps = np.mean(np.stack([p[3] for p in per_task]), axis=0)
-    alpha = (1 - ci) / 2
     lo, hi = (float(x) for x in np.quantile(reps, [alpha, 1 - alpha]))
     return ArpDifference(diff, lo, hi, ci, n_bootstrap, tuple(p[0] for p in per_task),
-                         {p[0]: p[1] for p in per_task}), []
+                         {p[0]: p[1] for p in per_task}, raw), []

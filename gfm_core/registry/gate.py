@@ -156,7 +156,7 @@ def _against_champion(
     reasons: list[str] = []
     run_id = current.tags.get("gfm.evidence_run_id")
     if run_id:
-        champ_ev = _champion_evidence(client, name, champ_version, run_id)
+        champ_ev = read_version_evidence(client, name, champ_version, run_id)
         diff, why = arp_difference(evaluation.evidence, champ_ev, n_bootstrap=n_bootstrap, ci=ci, seed=seed)
         if diff is None:
             return "bootstrap", None, None, [f"cannot compare with champion v{champ_version}: {w}" for w in why]
@@ -180,7 +180,7 @@ def _against_champion(
     return "point", champ_arp, None, reasons
 
 
-def _champion_evidence(client: Any, name: str, champ_version: str, run_id: str) -> dict[str, TaskEvidence]:
+def read_version_evidence(client: Any, name: str, champ_version: str, run_id: str) -> dict[str, TaskEvidence]:
     """The champion's evidence, read from the artifacts (``evidence/``) of the run ``run_id`` that judged it."""
     with tempfile.TemporaryDirectory(prefix="gfm-evidence-") as tmp:
         try:

@@ -85,3 +85,21 @@ def timm_teachers(patterns: Sequence[str]) -> tuple[str, list[str]]:
     for pat in patterns:
         names.update(timm.list_pretrained(pat))
     return timm.__version__, sorted(names)
+
+
+def champion_teacher(
+    model_name: str, alias: str, folder: str | Path, patterns: Sequence[str], in_force: Path | None
+) -> TeacherFile | None:
+    """The released teacher ``models:/<model_name>@<alias>`` was pretrained on, when it is not ``in_force`` (the
+    params' teacher) and its file is in the teacher folder: a promoted teacher upgrade then sticks for scheduled
+    retraining. None: no champion, the champion used the params' teacher, or its teacher file is gone."""
+    import mlflow
+
+    from gfm_core.io import sha256_file
+    from gfm_core.registry.gate import version_at_alias
+
+    champion = version_at_alias(mlflow.MlflowClient(), model_name, alias)
+    sha = champion.tags.get("gfm.teacher_sha256") if champion is not None else None
+    if not sha or (in_force is not None and in_force.is_file() and sha256_file(in_force) == sha):
+        return None
+    return scan_teachers(folder, patterns).get(sha)

@@ -13,7 +13,7 @@ from helpers.registry import TINY, tiny_backbone
 
 from gfm_core import registry, tracking
 from gfm_core.config import PromoteCfg
-from gfm_core.errors import CheckpointError
+from gfm_core.errors import CheckpointError, ConfigError
 from gfm_core.io import sha256_file
 
 N = 300
@@ -172,3 +172,29 @@ def test_must_beat_names_the_models_the_candidate_has_to_beat(store):
     assert passed.promoted and passed.baseline_arps == {"random": -12.0}
     missing = _register_and_promote(path, ev, PromoteCfg(must_beat=("mim_only",)))
     assert not missing.promoted and any("mim_only was not evaluated" in r for r in missing.reasons)
+
+
+def test_compare_versions_pairs_each_version_with_the_reference(store):
+    from gfm_core.registry.versions import compare_versions, render_markdown
+
+    first, _ = tiny_backbone(store, 0, {"steps": 0})
+    assert _register_and_promote(first, _evaluation(240, arp=10.0)).promoted  # v1: 80 %
+    second, _ = tiny_backbone(store, 1, {"steps": 1})
+    _register_and_promote(second, _evaluation(285, arp=12.0))  # v2: 95 %, promoted
+    third, _ = tiny_backbone(store, 2, {"steps": 2})
+    assert not _register_and_promote(third, _evaluation(210, arp=8.0)).promoted  # v3: 70 %
+
+    rows = compare_versions("gfm-foundation", ["1", "v2", "@champion", "3"], n_bootstrap=200)
+    assert [r.version for r in rows] == ["1", "2", "2", "3"] and rows[0].versus is None
+    assert rows[0].scores == {"crops": pytest.approx(80.0), "scene": pytest.approx(80.0)}
+    up, down = rows[1].versus, rows[3].versus
+    assert up.diff == pytest.approx(100 * 15 / 80) and 0 < up.lo <= up.diff <= up.hi
+    assert down.diff == pytest.approx(-100 * 10 / 80) and down.lo <= down.diff <= down.hi < 0
+    scene = down.per_task["scene"]
+    assert (scene.candidate, scene.reference) == (pytest.approx(70.0), pytest.approx(80.0))
+    assert scene.lo <= scene.diff <= scene.hi < 0
+    assert [r.gate for r in rows] == ["passed", "passed", "passed", "refused"]
+    table = render_markdown(rows)
+    assert "| v1 |" in table and "reference" in table and "70.0 (-10.0 [" in table and "+18.75 [" in table
+    with pytest.raises(ConfigError, match="alias 'nope'"):
+        compare_versions("gfm-foundation", ["1", "@nope"])

@@ -117,3 +117,38 @@ def test_schedule_and_automation_make_downstream_follow_a_retrain(repo_root, tmp
     after = dg.evaluate_automation_conditions(defs=defs, instance=instance, cursor=before.cursor)
     assert after.get_requested_partitions(dg.AssetKey("finetuned_models")) == {"scene", "change"}
     assert after.total_requested == 2  # evaluation waits for the fine-tuning
+
+
+def test_the_schedule_retrains_on_the_champions_teacher(repo_root, workdir):
+    import mlflow
+
+    from gfm_core import tracking
+    from orchestration.resources import TEACHER_ARCH_TAG, TEACHER_FILE_TAG
+
+    path = write_params(repo_root, workdir)
+    schedule = build_defs(str(path)).get_repository_def().get_schedule_def("retrain_schedule")
+
+    def tick_tags():
+        (req,) = schedule.evaluate_tick(dg.build_schedule_context()).run_requests
+        return {k: v for k, v in req.tags.items() if k.startswith("gfm/")}
+
+    assert tick_tags() == {}  # no champion yet: the params' teacher
+    in_force = workdir / "demo" / "teacher" / TEACHER
+    teachers = workdir / "teachers"
+    teachers.mkdir()
+    upgrade = teachers / "tf_efficientnet_lite0.upgraded.safetensors"
+    data = bytearray(in_force.read_bytes())
+    data[-1] ^= 1
+    upgrade.write_bytes(bytes(data))
+
+    tracking.configure(GfmParams(params_path=str(path)).load().tracking)
+    client = mlflow.MlflowClient()
+    client.create_registered_model("gfm-foundation")
+    for sha in (sha256_file(in_force), sha256_file(upgrade), "0" * 64):
+        v = client.create_model_version("gfm-foundation", str(workdir), tags={"gfm.teacher_sha256": sha})
+        client.set_registered_model_alias("gfm-foundation", "champion", v.version)
+        tags = tick_tags()
+        if sha == sha256_file(upgrade):  # a promoted teacher upgrade sticks
+            assert tags[TEACHER_FILE_TAG] == str(upgrade) and tags[TEACHER_ARCH_TAG] == "tf_efficientnet_lite0"
+        else:  # the params' own teacher, or a teacher file no longer in the folder
+            assert tags == {}, sha
