@@ -161,11 +161,12 @@ def finetune(
     from gfm_core.training.ledger import metered
     from gfm_core.training.loop import fit
     from gfm_core.training.optim import layer_decay_fn, param_groups
-    from gfm_core.training.setup import loader_factory, make_backend
+    from gfm_core.training.setup import loader_factory, make_backend, with_effective_precision
 
     t0 = time.perf_counter()
     out_dir = Path(out_dir)
     device = auto_device(cfg.device)
+    cfg = with_effective_precision(cfg, device)
     seed_everything(seed)
     loaded = load_task_backbone(spec, task, drop_path_rate=cfg.drop_path_rate)
     _bind_start(out_dir / START_FILE, spec, loaded.sha256, resume)

@@ -193,11 +193,12 @@ def _run_pretrain(
     from gfm_core.training.ledger import make_ledger, metered
     from gfm_core.training.loop import fit
     from gfm_core.training.optim import param_groups
-    from gfm_core.training.setup import loader_factory, make_backend
+    from gfm_core.training.setup import loader_factory, make_backend, with_effective_precision
 
+    device = auto_device(params.pretrain.device)
+    params = params.model_copy(update={"pretrain": with_effective_precision(params.pretrain, device)})
     cfg = params.pretrain
     out_dir = cfg.out_dir
-    device = auto_device(cfg.device)
     seed_everything(cfg.seed)
     backend = make_backend(cfg, device, cfg.batch_size)
     objective = build_continual_pretrain(cfg)

@@ -39,6 +39,15 @@ def schedule(cfg: RunSection, *, steps_per_epoch: int, epochs: int, limit: int |
     )
 
 
+def with_effective_precision(cfg: RunSection, device: str) -> Any:
+    """``cfg`` with the precision it runs at on ``device`` (:func:`~gfm_core.training.backends.base.
+    effective_precision`: bf16 falls back to fp32 on a CPU without bf16 kernels)."""
+    from gfm_core.training.backends.base import effective_precision
+
+    precision = effective_precision(cfg.precision, device)
+    return cfg if precision == cfg.precision else cfg.model_copy(update={"precision": precision})
+
+
 def make_backend(cfg: RunSection, device: str, micro_batch: int) -> Any:
     """The execution backend named by ``cfg.backend`` (``torch`` or ``deepspeed``) on ``device``."""
     from gfm_core.training.backends import DeepSpeedBackend, TorchBackend

@@ -307,3 +307,31 @@ def test_deepspeed_launcher_two_processes(tmp_path):
     two = _run_launcher(cmd, out)
     one = train("deepspeed", tmp_path / "one", steps=4, global_batch=16, zero_stage=1)
     assert _losses(two) == pytest.approx(_losses(one.history), rel=1e-5)
+
+
+def test_bf16_runs_in_fp32_on_a_cpu_without_bf16_kernels(monkeypatch, caplog):
+    from gfm_core.config import FinetuneCfg
+    from gfm_core.training.backends import base
+    from gfm_core.training.setup import with_effective_precision
+
+    monkeypatch.delenv("GFM_FORCE_BF16", raising=False)
+    monkeypatch.setattr(base, "cpu_has_fast_bf16", lambda: False)
+    with caplog.at_level("WARNING", logger=base.__name__):
+        assert base.effective_precision("bf16", "cpu") == "fp32"
+    assert "no bf16 kernels" in caplog.text and "GFM_FORCE_BF16" in caplog.text
+    assert [base.effective_precision(p, "cpu") for p in ("fp32", "fp16")] == ["fp32", "fp16"]
+    assert base.effective_precision("bf16", "cuda") == "bf16"  # GPUs keep it
+    cfg = FinetuneCfg(precision="bf16")
+    assert with_effective_precision(cfg, "cpu").precision == "fp32" and cfg.precision == "bf16"
+    monkeypatch.setenv("GFM_FORCE_BF16", "1")
+    assert base.effective_precision("bf16", "cpu") == "bf16"
+    monkeypatch.delenv("GFM_FORCE_BF16")
+    monkeypatch.setattr(base, "cpu_has_fast_bf16", lambda: True)
+    assert with_effective_precision(cfg, "cpu") is cfg
+
+
+def test_the_bf16_kernel_probe_matches_the_isa():
+    from gfm_core.training.backends.base import cpu_has_fast_bf16
+
+    isa = torch.backends.cpu.get_cpu_capability()
+    assert cpu_has_fast_bf16() == (isa not in ("DEFAULT", "NO AVX", "AVX2")), isa

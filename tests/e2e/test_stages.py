@@ -175,7 +175,8 @@ def test_cli_reports_config_errors_in_one_line(tmp_path, capsys):
 
 
 @pytest.mark.distributed
-def test_pretrain_on_the_deepspeed_engine(repo_root, demo_params, tmp_path):
+def test_pretrain_on_the_deepspeed_engine(repo_root, demo_params, tmp_path, monkeypatch):
+    monkeypatch.setenv("GFM_FORCE_BF16", "1")  # the bf16 path even on a CPU without bf16 kernels
     raw = demo_params.model_dump(mode="json")
     raw["pretrain"].update(backend="deepspeed", zero_stage=1, precision="bf16", out_dir=str(tmp_path / "ds"),
                            max_steps=2, log_every=1)
