@@ -1,7 +1,9 @@
-"""``gfm embed`` and ``gfm predict``: their arguments and what they run (no torch import until a command runs).
+"""``gfm embed``, ``gfm predict``, ``gfm similar``: their arguments and what they run (no torch import until a
+command runs).
 
 - ``gfm embed SCENE --model models:/gfm-foundation@champion|backbone.safetensors --out tiles.parquet``
 - ``gfm predict SCENE --model <finetune run folder> --out map.tif``
+- ``gfm similar tiles.parquet --query ROW,COL --k 8 --out grid.png`` (the scene the file names, or ``--scene``)
 
 ``--bands 3,2,1`` (1-based indexes) or ``--band-names red,green,blue`` choose the scene's bands; by default the
 model's band contract decides (:mod:`gfm_core.inference.bands`). A registry URI is resolved against the
@@ -32,6 +34,34 @@ def _range(text: str) -> tuple[float, float]:
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected LO,HI like 0,10000, got {text!r}") from None
     return lo, hi
+
+
+def _cell(text: str) -> tuple[int, int]:
+    try:
+        row, col = (int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a grid position ROW,COL like 3,4, got {text!r}") from None
+    return row, col
+
+
+def add_similar_arguments(p: argparse.ArgumentParser) -> None:
+    """The arguments of ``gfm similar``."""
+    p.add_argument("embeddings", type=Path, help="a GeoParquet written by gfm embed")
+    p.add_argument("--query", type=_cell, required=True, help="the query tile's grid position ROW,COL")
+    p.add_argument("--k", type=int, default=8, help="neighbours to show (default: %(default)s)")
+    p.add_argument("--out", type=Path, required=True, help="the PNG grid to write")
+    p.add_argument("--scene", type=Path, default=None, help="the scene (default: the one the file was made from)")
+    p.add_argument("--cell", type=int, default=160, help="panel size in pixels (default: %(default)s)")
+
+
+def run_similar(args: argparse.Namespace) -> list[str]:
+    """Draw the query tile and its nearest neighbours; returns the lines to print (one per tile)."""
+    from gfm_core.inference.gallery import similar_grid
+
+    row, col = args.query
+    res = similar_grid(args.embeddings, args.out, row=row, col=col, k=args.k, scene=args.scene, cell=args.cell)
+    return [f"grid: {res.out} ({res.width} x {res.height} px)"] + [
+        f"  ({h['row']},{h['col']}) x={h['x']} y={h['y']} cos {h['similarity']:.4f}" for h in res.hits]
 
 
 def add_arguments(p: argparse.ArgumentParser, name: str) -> None:
