@@ -2,7 +2,8 @@
 command runs).
 
 - ``gfm embed SCENE --model models:/gfm-foundation@champion|backbone.safetensors --out tiles.parquet``
-- ``gfm predict SCENE --model <finetune run folder> --out map.tif``
+- ``gfm predict SCENE --model <finetune run folder> --out map.tif`` (a change model: ``SCENE`` is the before
+  date, ``--after AFTER.tif`` the after date, on the same grid)
 - ``gfm similar tiles.parquet --query ROW,COL --k 8 --out grid.png`` (the scene the file names, or ``--scene``)
 
 ``--bands 3,2,1`` (1-based indexes) or ``--band-names red,green,blue`` choose the scene's bands; by default the
@@ -93,6 +94,9 @@ def add_arguments(p: argparse.ArgumentParser, name: str) -> None:
                        help="pixels shared by neighbouring tiles (default: tile/4)")
         p.add_argument("--output", choices=("classes", "probabilities", "values"), default=None,
                        help="classes (uint8 map), probabilities or values (float32); default: the head's")
+        p.add_argument("--after", type=Path, default=None,
+                       help="change detection: the after date (SCENE is the before date; same size, CRS and "
+                            "transform)")
 
 
 def _check(args: argparse.Namespace, name: str) -> None:
@@ -134,16 +138,22 @@ def run_embed(args: argparse.Namespace, params: Any) -> list[str]:
 def run_predict(args: argparse.Namespace, params: Any) -> list[str]:
     """Predict ``args.scene`` with a fine-tuned task model; returns the lines to print."""
     _check(args, "predict")
+    from gfm_core.errors import ConfigError
     from gfm_core.inference.finetuned import load_finetuned
     from gfm_core.inference.predict import predict_scene
 
     loaded, task = load_finetuned(args.model, params)
+    if task["pair"] != (args.after is not None):
+        raise ConfigError(f"{args.model}: a {loaded.info['head']} model " + (
+            "compares two dates: pass the after scene with --after AFTER.tif" if task["pair"] else
+            "takes one scene: --after is only for change models"))
     chosen = args.bands is not None or args.band_names is not None
     res = predict_scene(
         args.scene, loaded.model, loaded.contract, args.out, tile=args.tile, overlap=args.overlap,
         output=args.output or task["output"], batch_size=args.batch,
         bands=args.bands if chosen else task["bands"], band_names=args.band_names if chosen else task["band_names"],
         value_range=args.value_range or task["value_range"], device=args.device, precision=args.precision,
+        after=args.after,
     )
     return [f"{res.output}: {res.out} ({res.channels} band(s), {res.height} x {res.width}; {res.tiles} tiles, "
             f"{res.skipped} nodata tiles skipped, {res.seconds:.1f} s; {loaded.info['task']} / {loaded.info['model']})"]
