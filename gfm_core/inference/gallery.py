@@ -2,9 +2,9 @@
 
 The embeddings file says which scene, bands and value range it was made from (its ``gfm`` metadata); each tile
 is read back from the scene through a rasterio window (``x``, ``y``, ``h``, ``w`` of its row), so the scene is
-never read whole. One contrast stretch (2nd-98th percentile per band over all drawn tiles) is shared by every
-panel, so brightness compares across them. The picture is exactly ``cols * cell`` by ``rows * (cell + TITLE_PX)``
-pixels and is written atomically.
+never read whole. One contrast stretch (2nd-98th percentile per band over the valid pixels of all drawn tiles) is
+shared by every panel, so brightness compares across them; nodata is drawn light grey. The picture is exactly
+``cols * cell`` by ``rows * (cell + TITLE_PX)`` pixels and is written atomically.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from gfm_core.inference.similar import nearest, tile_record
 from gfm_core.io import atomic_write
 
 TITLE_PX = 18
+NODATA_GREY = 0.85
 DPI = 100
 
 
@@ -52,18 +53,26 @@ def embedding_metadata(path: str | Path) -> dict[str, Any]:
 
 
 def _tiles(scene: Path, hits: list[dict[str, Any]], bands: list[int], value_range: list[float]) -> list[np.ndarray]:
-    """Each hit's window as ``[h, w, C]`` float32 in ``[0, 1]`` of the value range."""
+    """Each hit's window as ``[h, w, C]`` float32 in ``[0, 1]`` of the value range, NaN where it is nodata."""
     lo, hi = value_range
+    out = []
     with rasterio.open(scene) as src:
-        return [np.clip((src.read(indexes=bands, window=Window(h["x"], h["y"], h["w"], h["h"])).astype(np.float32)
-                         - lo) / (hi - lo), 0, 1).transpose(1, 2, 0) for h in hits]
+        for h in hits:
+            window = Window(h["x"], h["y"], h["w"], h["h"])
+            x = np.clip((src.read(indexes=bands, window=window).astype(np.float32) - lo) / (hi - lo), 0, 1)
+            x[:, src.read_masks(bands[0], window=window) == 0] = np.nan
+            out.append(x.transpose(1, 2, 0))
+    return out
 
 
 def _stretch(tiles: list[np.ndarray]) -> list[np.ndarray]:
-    """One 2-98 % stretch per band over all tiles; a single band is shown grey."""
+    """One 2-98 % stretch per band over the valid pixels of all tiles; nodata light grey, one band grey."""
     stacked = np.concatenate([t.reshape(-1, t.shape[-1]) for t in tiles])
+    stacked = stacked[np.isfinite(stacked).all(axis=1)]
+    if not stacked.size:
+        raise DataValidationError("every drawn tile is nodata")
     lo, hi = np.percentile(stacked, 2, axis=0), np.percentile(stacked, 98, axis=0)
-    out = [np.clip((t - lo) / np.maximum(hi - lo, 1e-6), 0, 1) for t in tiles]
+    out = [np.nan_to_num(np.clip((t - lo) / np.maximum(hi - lo, 1e-6), 0, 1), nan=NODATA_GREY) for t in tiles]
     return [np.repeat(t, 3, axis=-1) if t.shape[-1] == 1 else t[..., :3] for t in out]
 
 

@@ -66,3 +66,17 @@ def test_a_scene_of_another_size_is_refused(tmp_path, embedded):
     other = make_geotiff(tmp_path / "other.tif", size=(100, 100))
     with pytest.raises(DataValidationError, match="made from a 128 x 192 scene"):
         similar_grid(tiles, tmp_path / "g.png", row=0, col=0, scene=other)
+
+
+def test_nodata_is_drawn_grey_and_left_out_of_the_stretch(tmp_path):
+    from gfm_core.inference.gallery import NODATA_GREY
+
+    loaded = load_exported(tiny_backbone(tmp_path, 1)[0])
+    data = np.random.default_rng(6).integers(1, 255, (3, 64, 128), dtype=np.uint8)
+    data[:, :32, :64] = 0  # the top half of tile (0, 0) is nodata
+    scene = make_geotiff(tmp_path / "scene.tif", data=data, nodata=0)
+    tiles = embed_scene(scene, loaded.model, loaded.contract, tmp_path / "t.parquet", device="cpu").out
+    res = similar_grid(tiles, tmp_path / "g.png", row=0, col=0, k=1, cell=64)
+    png = matplotlib.image.imread(res.out)[TITLE_PX:TITLE_PX + 64, :64, :3]
+    np.testing.assert_allclose(png[:32], NODATA_GREY, atol=1 / 255)
+    assert png[32:].min() < 0.05 and png[32:].max() > 0.95  # the valid half spans the stretch
