@@ -24,6 +24,10 @@ class InferenceCfg(Section):
     out_dir: Path = Field(Path("outputs/embeddings"), description="<relative scene path>.parquet per scene")
     model: str = Field("models:/gfm-foundation@champion",
                        description="registry URI (alias, version or /latest) or an exported backbone file")
+    bands: tuple[int, ...] | None = Field(None, description="1-based band indexes in the model's order (every "
+                                          "scene); None = the model's band contract decides")
+    value_range: tuple[float, float] | None = Field(
+        None, description="LO, HI mapped to [0, 1]; None = by dtype (uint8 0-255, 16-bit 0-10000, float 0-1)")
     tile: int | None = Field(None, gt=0, description="tile size in px; None = the model's input size")
     stride: int | None = Field(None, gt=0, description="tile step in px; None = the tile (no overlap)")
     batch_size: int = Field(16, gt=0)

@@ -83,8 +83,9 @@ def run_scene_embeddings(params: Params, key: str, *, progress: bool | None = Fa
     loaded = load_model(cfg.model)
     out = embeddings_path(cfg, key)
     res = embed_scene(scene, loaded.model, loaded.contract, out, tile=cfg.tile, stride=cfg.stride,
-                      batch_size=cfg.batch_size, device=cfg.device, precision=cfg.precision, info=loaded.info,
-                      raster=out.with_suffix(".tif") if cfg.raster else None, progress=progress)
+                      batch_size=cfg.batch_size, bands=cfg.bands, value_range=cfg.value_range, device=cfg.device,
+                      precision=cfg.precision, info=loaded.info, progress=progress,
+                      raster=out.with_suffix(".tif") if cfg.raster else None)
     version = loaded.info.get("model_version")
     return SceneEmbedResult(
         scene=scene, out=res.out, raster=res.raster, tiles=res.tiles, skipped=res.skipped, dim=res.dim,

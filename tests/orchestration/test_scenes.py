@@ -23,12 +23,12 @@ def backbone(tmp_path_factory):
     return path
 
 
-def _params(tmp_path, model):
+def _params(tmp_path, model, **inference):
     path = tmp_path / "params.yaml"
     path.write_text(yaml.safe_dump({
         "tracking": {"uri": f"sqlite:///{tmp_path}/mlflow.db", "artifacts": str(tmp_path / "mlartifacts")},
         "inference": {"scenes_dir": str(tmp_path / "scenes"), "out_dir": str(tmp_path / "emb"), "model": str(model),
-                      "device": "cpu", "batch_size": 4},
+                      "device": "cpu", "batch_size": 4, **inference},
     }))
     return path
 
@@ -67,6 +67,7 @@ def test_sensor_adds_scenes_then_one_partition_materialises_one_scene(tmp_path, 
     assert meta["model_version"].value == "(not registered)"
     gfm = json.loads(table.schema.metadata[b"gfm"])
     assert gfm["scene"] == str(tmp_path / "scenes" / "a.tif") and gfm["weights_sha256"] == meta["weights_sha256"].value
+    assert gfm["bands"] == [1, 2, 3] and gfm["value_range"] == [0, 255]  # the defaults: file order, by dtype
     key = dg.AssetKey("scene_embeddings")
     assert instance.get_materialized_partitions(key) == {"a.tif"}  # the other scene waits for its own request
     assert not (tmp_path / "emb" / "2026").exists()
@@ -87,7 +88,7 @@ def test_a_vanished_scene_fails_by_name_and_keys_cannot_leave_the_folder(tmp_pat
 def test_the_command_embeds_new_scenes_with_the_registry_champion(tmp_path, backbone, capsys, monkeypatch):
     from gfm_core import tracking
 
-    path = _params(tmp_path, "models:/gfm-foundation@champion")
+    path = _params(tmp_path, "models:/gfm-foundation@champion", bands=[3, 2, 1], value_range=[0, 200])
     _scenes(tmp_path)
     tracking.configure(load_params(path).tracking)
     with tracking.stage_run("promote", {"seed": 1}):
@@ -100,5 +101,6 @@ def test_the_command_embeds_new_scenes_with_the_registry_champion(tmp_path, back
     assert "2026/b.tiff: 1 rows" in out and str(tmp_path / "emb" / "2026" / "b.parquet") in out
     gfm = json.loads(pq.read_schema(tmp_path / "emb" / "2026" / "b.parquet").metadata[b"gfm"])
     assert gfm["model_uri"] == "models:/gfm-foundation@champion" and gfm["model_version"] == version
+    assert gfm["bands"] == [3, 2, 1] and gfm["value_range"] == [0, 200]
     assert not (tmp_path / "emb" / "a.parquet").exists()
     mlflow.set_tracking_uri(None)
