@@ -47,18 +47,23 @@ def _cell(text: str) -> tuple[int, int]:
 
 def add_similar_arguments(p: argparse.ArgumentParser) -> None:
     """The arguments of ``gfm similar``."""
-    p.add_argument("embeddings", type=Path, help="a GeoParquet written by gfm embed")
-    p.add_argument("--query", type=_cell, required=True, help="the query tile's grid position ROW,COL")
+    p.add_argument("embeddings", type=Path, nargs="?", help="a GeoParquet written by gfm embed; required")
+    p.add_argument("--query", type=_cell, help="the query tile's grid position ROW,COL; required")
     p.add_argument("--k", type=int, default=8, help="neighbours to show (default: %(default)s)")
-    p.add_argument("--out", type=Path, required=True, help="the PNG grid to write")
+    p.add_argument("--out", type=Path, help="the PNG grid to write; required")
     p.add_argument("--scene", type=Path, default=None, help="the scene (default: the one the file was made from)")
     p.add_argument("--cell", type=int, default=160, help="panel size in pixels (default: %(default)s)")
 
 
 def run_similar(args: argparse.Namespace) -> list[str]:
     """Draw the query tile and its nearest neighbours; returns the lines to print (one per tile)."""
+    from gfm_core.errors import ConfigError
     from gfm_core.inference.gallery import similar_grid
 
+    missing = [flag for flag, value in (("EMBEDDINGS", args.embeddings), ("--query", args.query), ("--out", args.out))
+               if value is None]
+    if missing:
+        raise ConfigError(f"gfm similar needs {', '.join(missing)} (see gfm similar --help)")
     row, col = args.query
     res = similar_grid(args.embeddings, args.out, row=row, col=col, k=args.k, scene=args.scene, cell=args.cell)
     return [f"grid: {res.out} ({res.width} x {res.height} px)"] + [

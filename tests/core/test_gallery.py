@@ -59,6 +59,8 @@ def test_cli_writes_the_grid_and_names_a_missing_tile(tmp_path, embedded, capsys
     assert matplotlib.image.imread(out).shape[:2] == (356, 320)
     rc = cli.main(["similar", str(tiles), "--query", "9,0", "--out", str(tmp_path / "x.png")])
     assert rc == 2 and "no tile at row 9, col 0" in capsys.readouterr().err and not (tmp_path / "x.png").exists()
+    assert cli.main(["similar", str(tiles), "--out", str(out)]) == 2
+    assert "gfm similar needs --query" in capsys.readouterr().err
 
 
 def test_a_scene_of_another_size_is_refused(tmp_path, embedded):
