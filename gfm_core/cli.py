@@ -140,6 +140,13 @@ def _cmd_predict(args: argparse.Namespace) -> None:
         print(line)
 
 
+def _cmd_similar(args: argparse.Namespace) -> None:
+    from gfm_core.inference.commands import run_similar
+
+    for line in run_similar(args):
+        print(line)
+
+
 #: The paper's figures the estimate is set beside (GeoPile images; Table 1's GFM row).
 PAPER_IMAGES, PAPER_V100_HOURS, PAPER_CO2_KG = 587_954, 93.3, 13.3
 
@@ -207,6 +214,7 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], None], str]] = {
                 "dense probes, paired bootstrap, report"),
     "embed": (_cmd_embed, "per-tile embeddings of a whole scene (GeoParquet) from a registered or exported backbone"),
     "predict": (_cmd_predict, "tiled prediction of a whole scene (GeoTIFF) with a fine-tuned task model"),
+    "similar": (_cmd_similar, "the tiles nearest a query tile by cosine over gfm embed's GeoParquet, as a PNG grid"),
 }
 
 
@@ -255,6 +263,10 @@ def build_parser() -> argparse.ArgumentParser:
             from gfm_core.inference.commands import add_arguments
 
             add_arguments(p, name)
+        if name == "similar":
+            from gfm_core.inference.commands import add_similar_arguments
+
+            add_similar_arguments(p)
         p.set_defaults(func=fn)
     return parser
 

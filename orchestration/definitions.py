@@ -24,6 +24,7 @@ from orchestration.assets import (
     imagenet_teacher,
 )
 from orchestration.resources import GfmParams, MlflowTracking, PretrainLauncher
+from orchestration.scenes import build_scene_sensor, embed_scenes, scene_embeddings
 from orchestration.science import science_job, science_report
 from orchestration.sensors import build_retrain_schedule, build_teacher_sensor
 
@@ -43,11 +44,12 @@ def build_defs(
     params = load_params(params_path, preset=preset)
     downstream = build_downstream_assets(params)
     assets = [demo_data, geopile_manifest, geopile_shards, imagenet_teacher, foundation_model, ablation_models,
-              *downstream, science_report]
+              *downstream, science_report, scene_embeddings]
     finetuned, evaluation, champion = downstream
     # Jobs never mix the task-partitioned fine-tuning with unpartitioned assets (Dagster launches those apart):
     foundation = dg.define_asset_job(
-        "gfm_foundation", selection=dg.AssetSelection.all() - dg.AssetSelection.assets(*downstream, science_report),
+        "gfm_foundation",
+        selection=dg.AssetSelection.all() - dg.AssetSelection.assets(*downstream, science_report, scene_embeddings),
         description="demo data, ingestion, validation, shards, pretraining and its ablations",
     )
     finetune = dg.define_asset_job("gfm_finetune", selection=[finetuned], partitions_def=finetuned.partitions_def,
@@ -64,10 +66,11 @@ def build_defs(
     return dg.Definitions(
         assets=assets,
         asset_checks=[great_expectations_suite],
-        jobs=[foundation, finetune, report, retrain, observe, science_job],
+        jobs=[foundation, finetune, report, retrain, observe, science_job, embed_scenes],
         schedules=[build_retrain_schedule(params, lambda: load_params(params_path, preset=preset), retrain)],
         sensors=[
             build_teacher_sensor(lambda: load_params(params_path, preset=preset), retrain),
+            build_scene_sensor(lambda: load_params(params_path, preset=preset)),
             dg.AutomationConditionSensorDefinition(
                 "gfm_automation", target=dg.AssetSelection.assets(*downstream),
                 default_status=dg.DefaultSensorStatus.RUNNING,

@@ -5,7 +5,7 @@ some of them. The top-level ``preset`` key (or ``--preset`` on the CLI) picks th
 
 Sections by job: :mod:`.data` (demo data, ingest, validate), :mod:`.pretrain`, :mod:`.downstream` (tasks, models,
 fine-tuning, evaluation), :mod:`.registry` (tracking, promotion, retraining), :mod:`.compute` (the ledger's prices),
-:mod:`.science`; :mod:`.params`
+:mod:`.science`, :mod:`.inference` (scenes embedded on demand); :mod:`.params`
 holds the whole file, its presets and the loaders.
 """
 
@@ -13,6 +13,7 @@ from gfm_core.config.base import Section
 from gfm_core.config.compute import ComputeCfg
 from gfm_core.config.data import DemoDataCfg, IngestCfg, ValidateCfg
 from gfm_core.config.downstream import BackboneSpec, EvaluateCfg, FinetuneCfg, TaskCfg, TaskLayout, derive_models
+from gfm_core.config.inference import InferenceCfg
 from gfm_core.config.params import Params, load_params, parse_params, teacher_overrides
 from gfm_core.config.pretrain import PretrainCfg, StudentCfg, TeacherCfg
 from gfm_core.config.registry import PromoteCfg, RetrainCfg, TrackingCfg
@@ -25,6 +26,7 @@ __all__ = [
     "EvalSetCfg",
     "EvaluateCfg",
     "FinetuneCfg",
+    "InferenceCfg",
     "IngestCfg",
     "Params",
     "PretrainCfg",

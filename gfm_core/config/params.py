@@ -13,6 +13,7 @@ from gfm_core.config.base import Section, _deep_merge, _format_error
 from gfm_core.config.compute import ComputeCfg
 from gfm_core.config.data import DemoDataCfg, IngestCfg, ValidateCfg
 from gfm_core.config.downstream import BackboneSpec, EvaluateCfg, FinetuneCfg, TaskCfg, derive_models
+from gfm_core.config.inference import InferenceCfg
 from gfm_core.config.pretrain import PretrainCfg
 from gfm_core.config.registry import PromoteCfg, RetrainCfg, TrackingCfg
 from gfm_core.config.science import ScienceCfg
@@ -38,6 +39,7 @@ class Params(Section):
     retrain: RetrainCfg = RetrainCfg()
     science: ScienceCfg = ScienceCfg()
     compute: ComputeCfg = ComputeCfg()
+    inference: InferenceCfg = InferenceCfg()
     presets: dict[str, dict[str, Any]] = Field(default_factory=dict)
     sets: tuple[str, ...] = Field((), description="the -S key=value overrides applied (recorded by the loader)")
 

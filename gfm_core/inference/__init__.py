@@ -6,8 +6,9 @@ Modules: :mod:`~gfm_core.inference.tiles` (the tiling plan and blending weight),
 :mod:`~gfm_core.inference.predict`, :mod:`~gfm_core.inference.embed` (+ :mod:`~gfm_core.inference.embed_raster`,
 one pixel per tile), :mod:`~gfm_core.inference.geoparquet` (WKB and ``geo`` metadata by hand),
 :mod:`~gfm_core.inference.source` (an exported file or a registry URI), :mod:`~gfm_core.inference.finetuned`
-(a fine-tuning run's task model), :mod:`~gfm_core.inference.similar` (nearest tiles by cosine) and
-:mod:`~gfm_core.inference.commands` (``gfm embed``, ``gfm predict``).
+(a fine-tuning run's task model), :mod:`~gfm_core.inference.similar` (nearest tiles by cosine),
+:mod:`~gfm_core.inference.gallery` (them as a PNG grid) and :mod:`~gfm_core.inference.commands` (``gfm embed``,
+``gfm predict``, ``gfm similar``).
 Nothing here imports dagster; memory stays flat in the scene's size (each module says how). The package
 re-exports nothing, so that ``gfm --help`` (:mod:`~gfm_core.inference.commands`) does not import torch.
 """

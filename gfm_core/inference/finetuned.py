@@ -8,8 +8,9 @@ value range, contrast stretch, decoder) and the model section (where the backbon
 outputs is read from the checkpoint's classifier. The model is the *last* step's weights (under
 ``scoring: paper`` the reported score is the best validation epoch's, which is not stored).
 
-Supported heads: ``segmentation`` (logits ``[B, K, H, W]``) and ``superres`` (``[B, C, H, W]`` in ``[0, 1]``);
-change detection needs two co-registered scenes and the classification heads give no map.
+Supported heads: ``segmentation`` (logits ``[B, K, H, W]``), ``superres`` (``[B, C, H, W]`` in ``[0, 1]``) and
+``change`` (siamese: ``[B, 2, C, H, W]`` -> 2-class logits; two co-registered scenes, see
+:mod:`~gfm_core.inference.pairs`); the classification heads give no map.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from gfm_core.inference.bands import RGB, BandContract
 from gfm_core.inference.source import LoadedModel
 from gfm_core.io import read_json
 
-PREDICT_HEADS = ("segmentation", "superres")
+PREDICT_HEADS = ("segmentation", "superres", "change")
 
 
 class SuperResPixels(nn.Module):
@@ -75,7 +76,8 @@ def load_finetuned(run_dir: str | Path, params: Params) -> tuple[LoadedModel, di
 
     Returns:
         ``(loaded, read_options)``: ``read_options`` holds the task's ``bands``, ``band_names`` and
-        ``value_range`` (defaults for :func:`~gfm_core.inference.predict.predict_scene`) and ``output``.
+        ``value_range`` (defaults for :func:`~gfm_core.inference.predict.predict_scene`), ``output``, and
+        ``pair`` (True for a change model: it needs the two dates).
 
     Raises:
         CheckpointError: no result/checkpoint, the backbone bytes changed since fine-tuning, or weights that do
@@ -116,5 +118,5 @@ def load_finetuned(run_dir: str | Path, params: Params) -> tuple[LoadedModel, di
             "backbone_sha256": loaded.sha256, "arch": loaded.arch}
     net: nn.Module = SuperResPixels(model) if task.head == "superres" else model
     options = {"bands": task.bands, "band_names": task.band_names, "value_range": task.value_range,
-               "output": "values" if task.head == "superres" else "classes"}
+               "output": "values" if task.head == "superres" else "classes", "pair": task.head == "change"}
     return LoadedModel(net, contract, info), options

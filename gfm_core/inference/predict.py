@@ -6,7 +6,9 @@ weighted by the separable ramp of :mod:`~gfm_core.inference.tiles` times its val
 strip that is written row block by row block (:class:`~gfm_core.inference.writer.StripWriter`). The output keeps
 the input's CRS; its transform is the input's, scaled by ``1 / scale`` for a super-resolution model
 (``scale`` output pixels per input pixel). Tiles with no valid pixel are skipped; pixels that are nodata in the
-input are nodata in the output.
+input are nodata in the output. With ``after`` (change detection), the scene is the *before* date and the model
+a siamese one taking ``[B, 2, C, H, W]`` (:mod:`~gfm_core.inference.pairs`); a pixel is nodata in the output
+where it is nodata on either date.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from affine import Affine
@@ -22,6 +25,7 @@ from torch import nn
 
 from gfm_core.errors import DataValidationError
 from gfm_core.inference.bands import BandContract
+from gfm_core.inference.pairs import PairModel, PairScene, pair_contract
 from gfm_core.inference.runner import TileRunner, batched, probe, progress_bar
 from gfm_core.inference.scene import Scene, pad_to
 from gfm_core.inference.tiles import Tile, TilePlan, blend_weight, plan_tiles
@@ -74,6 +78,7 @@ def predict_scene(
     device: str = "auto",
     precision: str = "fp32",
     progress: bool | None = None,
+    after: str | Path | None = None,
 ) -> PredictResult:
     """Predict ``scene`` tile by tile with ``model`` and write the blended result to ``out`` (module docstring).
 
@@ -84,6 +89,8 @@ def predict_scene(
         out: the output GeoTIFF (written atomically).
         tile: window size (default: the contract's input size); overlap: shared pixels (default: tile / 4).
         output: ``classes`` (uint8 argmax of blended softmax), ``probabilities`` or ``values`` (float32).
+        after: the second date of a change pair (``scene`` is the first); ``model`` then takes
+            ``[B, 2, C, tile, tile]``. The two must share size, CRS and transform.
 
     Raises:
         ConfigError, DataValidationError, RasterReadError: bad options, a band mismatch, an unreadable scene,
@@ -92,8 +99,12 @@ def predict_scene(
     t0 = time.perf_counter()
     tile = tile or contract.input_size[1]
     overlap = tile // 4 if overlap is None else overlap
-    runner = TileRunner(model, device=device, precision=precision)
-    with Scene(scene, contract, bands=bands, band_names=band_names, value_range=value_range) as src:
+    runner = TileRunner(model if after is None else PairModel(model), device=device, precision=precision)
+    read_kw: dict[str, Any] = {"bands": bands, "band_names": band_names, "value_range": value_range}
+    src: Scene | PairScene = Scene(scene, contract, **read_kw) if after is None else \
+        PairScene(scene, after, contract, **read_kw)
+    contract = contract if after is None else pair_contract(contract)  # the stacked pair's bands from here on
+    with src:
         plan = plan_tiles(src.height, src.width, tile, overlap)
         k = _probe(runner, contract, tile, tile, scale)
         transform = src.transform @ Affine.scale(1 / scale)
@@ -106,7 +117,7 @@ def predict_scene(
                          len(plan) - skipped, skipped, round(time.perf_counter() - t0, 3))
 
 
-def _run(src: Scene, plan: TilePlan, runner: TileRunner, contract: BandContract, writer: StripWriter,
+def _run(src: Scene | PairScene, plan: TilePlan, runner: TileRunner, contract: BandContract, writer: StripWriter,
          weight: np.ndarray, scale: int, batch_size: int, bar: object) -> int:
     """Every tile of ``plan`` through the model into ``writer``, in row-major batches; returns tiles skipped."""
     cols, skipped, done = plan.shape[1], 0, 0

@@ -1,6 +1,7 @@
 """Similarity search over an embedding GeoParquet: the tiles nearest a query tile by cosine similarity.
 
-The file is read one row group at a time (only ``embedding``, ``row``, ``col``, ``x``, ``y`` and ``geometry``),
+The file is read one row group at a time (only ``embedding``, ``row``, ``col``, ``x``, ``y``, ``h``, ``w`` and
+``geometry``),
 so a search costs one pass and memory for one row group plus the ``k`` best.
 """
 
@@ -15,7 +16,7 @@ import pyarrow.parquet as pq
 
 from gfm_core.errors import DataValidationError
 
-COLUMNS = ["geometry", "embedding", "row", "col", "x", "y"]
+COLUMNS = ["geometry", "embedding", "row", "col", "x", "y", "h", "w"]
 
 
 def _unit(v: np.ndarray) -> np.ndarray:
@@ -23,19 +24,25 @@ def _unit(v: np.ndarray) -> np.ndarray:
     return v / np.where(norm > 0, norm, 1.0)
 
 
-def tile_vector(path: str | Path, row: int, col: int) -> np.ndarray:
-    """The embedding of grid tile ``(row, col)``.
+def tile_record(path: str | Path, row: int, col: int) -> dict[str, Any]:
+    """Grid tile ``(row, col)``'s row: :data:`COLUMNS`, with ``embedding`` as float32.
 
     Raises:
         DataValidationError: the file has no such tile (skipped as nodata, or outside the grid).
     """
     f = pq.ParquetFile(path)
     for i in range(f.num_row_groups):
-        t = f.read_row_group(i, columns=["embedding", "row", "col"])
+        t = f.read_row_group(i, columns=COLUMNS)
         hit = np.flatnonzero((t["row"].to_numpy() == row) & (t["col"].to_numpy() == col))
         if hit.size:
-            return np.asarray(t["embedding"][int(hit[0])].as_py(), np.float32)
+            rec = {c: t[c][int(hit[0])].as_py() for c in COLUMNS}
+            return {**rec, "embedding": np.asarray(rec["embedding"], np.float32)}
     raise DataValidationError(f"{path}: no tile at row {row}, col {col} (all nodata, or outside the grid)")
+
+
+def tile_vector(path: str | Path, row: int, col: int) -> np.ndarray:
+    """The embedding of grid tile ``(row, col)`` (:func:`tile_record`)."""
+    return np.asarray(tile_record(path, row, col)["embedding"])
 
 
 def nearest(path: str | Path, query: np.ndarray, k: int = 8) -> list[dict[str, Any]]:

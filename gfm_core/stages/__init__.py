@@ -2,8 +2,9 @@
 
 Each takes the validated :class:`~gfm_core.config.Params` and returns a frozen result of paths and numbers;
 none of them knows who called it. By job: :mod:`.data` (demo data, ingest, validate, shards), :mod:`.pretrain`
-(the foundation model and its ablations), :mod:`.finetune`, :mod:`.evaluate` (report, promotion) and
-:mod:`.pipeline` (every stage in order).
+(the foundation model and its ablations), :mod:`.finetune`, :mod:`.evaluate` (report, promotion),
+:mod:`.pipeline` (every stage in order) and :mod:`.inference` (scenes embedded on demand; not in the list below:
+no pipeline run reaches it).
 """
 
 import importlib
@@ -57,6 +58,8 @@ _HOMES = {
     **dict.fromkeys(("PromoteResult", "dvc_lineage", "lineage_tags", "run_evaluate", "run_promote"), "evaluate"),
     **dict.fromkeys(("finetune", "run_finetune", "run_finetune_task"), "finetune"),
     **dict.fromkeys(("run_demo",), "pipeline"),
+    **dict.fromkeys(("SceneEmbedResult", "embeddings_path", "list_scenes", "run_scene_embeddings", "scene_path"),
+                    "inference"),
     **dict.fromkeys(("PretrainResult", "ablation_params", "learning_margins", "pretrain_fingerprint",
                      "pretrain_stream", "run_pretrain"), "pretrain"),
 }
@@ -75,14 +78,17 @@ __all__ = [
     "IngestResult",
     "PretrainResult",
     "PromoteResult",
+    "SceneEmbedResult",
     "ShardsResult",
     "Stage",
     "ValidateResult",
     "ablation_params",
     "dvc_lineage",
+    "embeddings_path",
     "finetune",
     "learning_margins",
     "lineage_tags",
+    "list_scenes",
     "pretrain_fingerprint",
     "pretrain_stream",
     "run_contamination_check",
@@ -94,7 +100,9 @@ __all__ = [
     "run_ingest",
     "run_pretrain",
     "run_promote",
+    "run_scene_embeddings",
     "run_shards",
     "run_validate",
+    "scene_path",
     "stage",
 ]

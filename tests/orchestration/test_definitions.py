@@ -19,22 +19,25 @@ def test_definitions_hold_the_stage_assets_jobs_schedule_sensor_and_partitions(r
     path = write_params(repo_root, tmp_path)
     defs = build_defs(str(path))
     repo = defs.get_repository_def()
-    assert {"gfm_foundation", "gfm_finetune", "gfm_evaluate_and_promote", "retrain", "gfm_science"} <= set(
-        repo.job_names)
+    assert {"gfm_foundation", "gfm_finetune", "gfm_evaluate_and_promote", "retrain", "gfm_science",
+            "embed_scenes"} <= set(repo.job_names)
     assert [k.to_user_string() for k in repo.get_job("gfm_science").asset_layer.executable_asset_keys] == [
         "science_report"]  # the experiment runs on its own, never inside the demo's jobs
-    assert "science_report" not in {k.to_user_string() for k in
-                                    repo.get_job("gfm_foundation").asset_layer.executable_asset_keys}
+    foundation = {k.to_user_string() for k in repo.get_job("gfm_foundation").asset_layer.executable_asset_keys}
+    assert not {"science_report", "scene_embeddings"} & foundation
     assert repo.get_schedule_def("retrain_schedule").cron_schedule == "0 3 * * 0"
     assert repo.has_sensor_def("new_teacher_sensor")
     running = {s.name for s in repo.sensor_defs if s.default_status == dg.DefaultSensorStatus.RUNNING}
-    assert running == {"new_teacher_sensor", "gfm_automation"}  # retraining needs only the daemon
+    assert running == {"new_teacher_sensor", "gfm_automation", "scene_sensor"}  # retraining needs only the daemon
     graph = repo.asset_graph
     keys = {k.to_user_string() for k in graph.get_all_asset_keys()}
     assert keys == {"demo_data", "geopile_manifest", "geopile_shards", "imagenet_teacher", "foundation_model",
-                    "ablation_models", "finetuned_models", "evaluation_report", "champion_model", "science_report"}
+                    "ablation_models", "finetuned_models", "evaluation_report", "champion_model", "science_report",
+                    "scene_embeddings"}
     assert graph.get(dg.AssetKey("finetuned_models")).partitions_def.get_partition_keys() == ["scene", "change"]
     assert graph.get(dg.AssetKey("imagenet_teacher")).is_observable
+    scene = graph.get(dg.AssetKey("scene_embeddings"))  # on demand: a partition per scene file, no automation
+    assert scene.partitions_def == dg.DynamicPartitionsDefinition(name="scenes") and scene.automation_condition is None
     checks = {c.name: c for c in defs.resolve_asset_graph().asset_check_keys}
     assert {"great_expectations_suite", "candidate_promoted"} <= set(checks)
     blocking = [s for a in (*defs.assets, *defs.asset_checks) if isinstance(a, dg.AssetsDefinition)
