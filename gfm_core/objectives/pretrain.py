@@ -200,6 +200,8 @@ def build_continual_pretrain(
         )
     decoder = PixelShuffleDecoder(student.num_features, student.out_stride, cfg.student.in_chans)
     teacher = create_teacher(cfg.teacher) if cfg.alpha > 0 else None
+    if teacher is not None:
+        teacher.drop_unused_()  # the stages past the distilled one are never run: less memory
     teacher_dim = teacher.feature_dim if teacher is not None else student.stage_dim
     projector = make_projector(student.stage_dim, teacher_dim)
     if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()):
