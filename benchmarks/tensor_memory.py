@@ -18,6 +18,7 @@ import argparse
 import gc
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -61,7 +62,9 @@ class LiveTensors(TorchDispatchMode):
 def existing_storages() -> set[int]:
     """Data pointers of every tensor storage alive now."""
     gc.collect()
-    return {o.untyped_storage().data_ptr() for o in gc.get_objects() if isinstance(o, torch.Tensor)}
+    with warnings.catch_warnings():  # isinstance() on deprecated torch aliases found by get_objects() warns
+        warnings.simplefilter("ignore", FutureWarning)
+        return {o.untyped_storage().data_ptr() for o in gc.get_objects() if isinstance(o, torch.Tensor)}
 
 
 def main(argv: list[str] | None = None) -> dict[str, dict[str, int]]:
