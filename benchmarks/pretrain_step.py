@@ -320,7 +320,14 @@ def write_teacher(g: Geometry, workdir: Path) -> Path:
 
 
 def build_candidate(
-    g: Geometry, device: torch.device, precision: str, teacher_file: Path, lr: float, compile_candidate: bool
+    g: Geometry,
+    device: torch.device,
+    precision: str,
+    teacher_file: Path,
+    lr: float,
+    compile_candidate: bool,
+    *,
+    grad_checkpointing: bool = False,
 ) -> tuple[Any, Any, Any]:
     """The config -> objective -> backend -> optimizer path of ``fit()`` (seed 0): (cfg, objective, backend)."""
     from gfm_core.config import PretrainCfg, StudentCfg, TeacherCfg
@@ -341,6 +348,7 @@ def build_candidate(
         mask_ratio=g.mask_ratio,
         precision=precision,
         device=device.type,
+        grad_checkpointing=grad_checkpointing,
     )
     torch.manual_seed(0)
     objective = build_continual_pretrain(cfg)
@@ -365,6 +373,7 @@ def build_variants(
     *,
     lr: float = 1e-4,
     compile_candidate: bool = False,
+    grad_checkpointing: bool = False,
 ) -> tuple[Variant, Variant, Callable[[], None]]:
     """The baseline and candidate steps on the same initial weights, and the candidate's forward+backward."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -374,7 +383,9 @@ def build_variants(
         return time.perf_counter()
 
     teacher_file = write_teacher(g, workdir)
-    cfg, objective, backend = build_candidate(g, device, precision, teacher_file, lr, compile_candidate)
+    cfg, objective, backend = build_candidate(
+        g, device, precision, teacher_file, lr, compile_candidate, grad_checkpointing=grad_checkpointing
+    )
     optimizer = backend.optimizer
 
     # baseline: same initial trainable weights, same teacher weights
@@ -509,6 +520,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="torch.compile the candidate's student and teacher (experimental; fit does not)",
     )
+    p.add_argument(
+        "--grad-checkpointing",
+        action="store_true",
+        help="the candidate recomputes its student's blocks in backward (pretrain.grad_checkpointing)",
+    )
     p.add_argument("--peak-tflops", type=float, default=None, help="bf16 peak for MFU on an unlisted GPU")
     p.add_argument(
         "--json",
@@ -586,7 +602,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="gfm_step_bench_") as tmp:
         t_build = time.perf_counter()
         base, cand, cand_fwd_bwd = build_variants(
-            g, device, batch, precision, Path(tmp), compile_candidate=args.compile
+            g,
+            device,
+            batch,
+            precision,
+            Path(tmp),
+            compile_candidate=args.compile,
+            grad_checkpointing=args.grad_checkpointing,
         )
         build_s = time.perf_counter() - t_build
         _progress(f"built both variants in {build_s:.1f} s; {warmup} warm-up + {steps} timed steps each")
@@ -605,6 +627,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "warmup": warmup,
         "precision": precision,
         "compile": bool(args.compile),
+        "grad_checkpointing": bool(args.grad_checkpointing),
         "device": str(device),
     }
     result = _result(created, machine, settings, base, cand, flops, ceiling, build_s, args.peak_tflops)
@@ -696,7 +719,9 @@ def format_report(r: dict[str, Any]) -> str:
         f"baseline    eager {'fp16 AMP + GradScaler' if r['device'] == 'cuda' else 'fp32'}, timm default attention, "
         "teacher every step, torch AdamW, clip 5",
         f"candidate   build_continual_pretrain + TorchBackend({r['precision']}) + "
-        "build_optimizer(param_groups, fused=True)" + (" + torch.compile" if r["compile"] else ""),
+        "build_optimizer(param_groups, fused=True)"
+        + (" + torch.compile" if r["compile"] else "")
+        + (" + grad checkpointing" if r["settings"].get("grad_checkpointing") else ""),
         "",
         f"{'variant':<10} {'step s (median)':>15} {'IQR':>5} {'min':>7} {'images/s':>9} {'fwd s':>7} {'bwd s':>7} "
         f"{'opt s':>7} {'state MiB':>10} {'step MiB':>9} {'peak MiB':>9} {'GFLOP/s':>9} {'1st loss':>9}",

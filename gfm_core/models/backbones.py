@@ -120,6 +120,24 @@ class FrozenTeacher(nn.Module):
         self.compute_dtype = dtype
         return self
 
+    def drop_unused_(self) -> int:
+        """Free the Swin modules past the distilled stage, which :meth:`forward` never runs. In place.
+
+        Stage ``s`` (1-based) runs ``layers[:s]`` and ``layers[s].downsample``, so ``layers[s].blocks``, the later
+        stages and the final norm go (Swin-B at stage 3: 25 M of its 87 M parameters). The features are
+        unchanged. Other models are kept whole. Returns the number of parameters dropped.
+        """
+        model = self.model
+        if not is_swin(model):
+            return 0
+        before = sum(p.numel() for p in self.parameters())
+        layers = list(swin_stages(model))
+        if self.stage < len(layers):
+            layers[self.stage].blocks = nn.Sequential()
+        model.layers = nn.Sequential(*layers[: self.stage + 1])
+        model.norm = nn.Identity()
+        return before - sum(p.numel() for p in self.parameters())
+
     def _autocast(self, device: torch.device) -> contextlib.AbstractContextManager[Any]:
         if self.compute_dtype is None or self.compute_dtype == torch.float32:
             return contextlib.nullcontext()

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -175,12 +175,15 @@ def build_continual_pretrain(
     ``F.scaled_dot_product_attention`` (:func:`set_fused_attention`; the same function, the memory-efficient
     kernel); on the CPU timm's own path is kept, as it is the faster one there under bf16 autocast. (Under
     bf16/fp16 autocast the backends keep the frozen teacher's matmul weights in that dtype:
-    :meth:`FrozenTeacher.lower_precision_`.)
+    :meth:`FrozenTeacher.lower_precision_`.) ``cfg.grad_checkpointing`` recomputes the student's blocks in the
+    backward pass instead of keeping their activations.
 
     Raises:
         ConfigError, CheckpointError: from :func:`create_student` / :func:`create_teacher`.
     """
     encoder = create_student(cfg.student)
+    if cfg.grad_checkpointing:
+        cast(Any, encoder).set_grad_checkpointing(True)
     student = MaskedSwin(
         encoder,
         feature_stage=STUDENT_FEATURE_STAGE,
@@ -197,6 +200,8 @@ def build_continual_pretrain(
         )
     decoder = PixelShuffleDecoder(student.num_features, student.out_stride, cfg.student.in_chans)
     teacher = create_teacher(cfg.teacher) if cfg.alpha > 0 else None
+    if teacher is not None:
+        teacher.drop_unused_()  # the stages past the distilled one are never run: less memory
     teacher_dim = teacher.feature_dim if teacher is not None else student.stage_dim
     projector = make_projector(student.stage_dim, teacher_dim)
     if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()):

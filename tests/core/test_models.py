@@ -107,6 +107,20 @@ def test_create_teacher_is_frozen_and_matches_its_source(tmp_path):
         assert stage_map(teacher.model, x, 3).shape == (2, 128, 3, 3)
 
 
+@pytest.mark.parametrize("stage", [2, 3, 4])
+def test_dropping_the_teachers_unused_stages_keeps_its_features(tmp_path, stage):
+    ckpt = _save(_tiny_swin(img_size=96, window_size=3), tmp_path / "teacher.safetensors")
+    cfg = TeacherCfg(arch=SWIN, checkpoint=ckpt, img_size=96, feature_stage=stage)
+    teacher = create_teacher(cfg, window_size=3, embed_dim=16, depths=(2, 2, 2, 2), num_heads=(1, 1, 2, 2))
+    x = torch.randn(2, 3, 96, 96)
+    whole = teacher(x)
+    total = sum(p.numel() for p in teacher.parameters())
+    dropped = teacher.drop_unused_()
+    assert 0 < dropped < total and len(teacher.model.layers) == min(stage + 1, 4)
+    assert sum(p.numel() for p in teacher.parameters()) == total - dropped
+    torch.testing.assert_close(teacher(x), whole, rtol=0, atol=0)
+
+
 def test_original_swin_release_layout_loads_exactly(tmp_path):
     src = _tiny_swin()
     ckpt = tmp_path / "swin_tiny_22k.pth"
