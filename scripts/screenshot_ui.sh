@@ -89,3 +89,9 @@ shot "http://127.0.0.1:$DAGSTER_PORT/assets/champion_model" "$OUT/dagster_champi
 shot "http://127.0.0.1:$DAGSTER_PORT/assets/evaluation_report" "$OUT/dagster_evaluation_report.png"
 shot "http://127.0.0.1:$MLFLOW_PORT/#/experiments" "$OUT/mlflow_experiments.png"
 shot "http://127.0.0.1:$MLFLOW_PORT/#/models/gfm-foundation" "$OUT/mlflow_gfm_foundation.png"
+# the newest registered version: its tags carry the teacher lineage and the gate's verdict and reasons
+LATEST=$(MLFLOW_TRACKING_URI="$TRACKING_URI" "$VENV/bin/python" -c '
+import mlflow
+vs = mlflow.MlflowClient().search_model_versions("name=\x27gfm-foundation\x27")
+print(max((int(v.version) for v in vs), default=1))')
+shot "http://127.0.0.1:$MLFLOW_PORT/#/models/gfm-foundation/versions/$LATEST" "$OUT/mlflow_gfm_foundation_v$LATEST.png" 1680,1600
