@@ -253,8 +253,8 @@ def build_parser() -> argparse.ArgumentParser:
                            help="lite0 | lite1 | lite2 (or its timm arch); with --weights, a timm arch")
             p.add_argument("--weights", type=Path, default=None, help="release this weight file instead")
         if name == "compare":
-            p.add_argument("versions", nargs="+", help="versions of promote.model_name, the reference first: "
-                           "`1 2 3`, `@champion 4`")
+            p.add_argument("versions", nargs="*", help="versions of promote.model_name, the reference first: "
+                           "`1 2 3`, `@champion 4` (at least two)")
         if name == "finetune":
             p.add_argument("--task", action="append", help="only this task (repeatable)")
             p.add_argument("--model", action="append", help="only this model (repeatable)")

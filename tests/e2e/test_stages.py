@@ -189,12 +189,13 @@ def test_pretrain_on_the_deepspeed_engine(repo_root, demo_params, tmp_path, monk
 
 def test_loss_falls_on_the_demo_pile(demo_params, tmp_path):
     raw = demo_params.model_dump(mode="json")
-    raw["pretrain"].update(out_dir=str(tmp_path / "fall"), batch_size=8, max_steps=30, log_every=10,
-                           checkpoint_every=30)
+    raw["pretrain"].update(out_dir=str(tmp_path / "fall"), batch_size=8, max_steps=60, log_every=20,
+                           checkpoint_every=60)
     res = stages.run_pretrain(parse_params({**raw, "preset": None}, source="test-params"))
     losses = [h["loss"] for h in res.history]
     assert len(losses) == 3 and losses[-1] < losses[0] - 0.05, losses
-    assert res.history[-1]["cosine"] > res.history[0]["cosine"]  # the student moves towards the teacher
+    # the student moves towards the teacher (over 30 steps fp32 still dipped: 0.41 -> 0.32; over 60, 0.48 -> 0.66)
+    assert res.history[-1]["cosine"] > res.history[0]["cosine"]
 
 
 def test_a_downstream_test_image_planted_in_the_pile_fails_validation(repo_root, demo_params, tmp_path):
