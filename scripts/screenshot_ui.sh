@@ -6,7 +6,8 @@
 #   2. materialises the whole graph into $DAGSTER_HOME (python -m orchestration.materialize);
 #   3. starts `dagster dev` and `mlflow ui` on 127.0.0.1 only, waits for them, and takes headless shots;
 #   4. stops both servers (process groups, `set -m`: see ../shared/research/stack.md section 4).
-# Environment: GFM_PARAMS / GFM_PRESET (the config), DAGSTER_PORT (3071), MLFLOW_PORT (5071), SKIP_MATERIALIZE=1.
+# Environment: GFM_PARAMS / GFM_PRESET (the config), DAGSTER_PORT (3071), MLFLOW_PORT (5071), SKIP_MATERIALIZE=1,
+# NO_DAEMON=1 (dagster-webserver instead of dagster dev: no sensors tick).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -40,7 +41,11 @@ from gfm_core.config import load_params
 print(load_params(os.environ.get("GFM_PARAMS", "params.yaml"), preset=os.environ.get("GFM_PRESET")).tracking.uri)')
 
 set -m  # each server in its own process group, so that TERM reaches it and its children
-"$VENV/bin/dagster" dev -m orchestration.definitions -h 127.0.0.1 -p "$DAGSTER_PORT" >"$OUT/dagster.log" 2>&1 &
+if [ "${NO_DAEMON:-0}" = 1 ]; then  # the webserver alone: no sensor ticks (e.g. while a drill runs on the instance)
+    "$VENV/bin/dagster-webserver" -m orchestration.definitions -h 127.0.0.1 -p "$DAGSTER_PORT" >"$OUT/dagster.log" 2>&1 &
+else
+    "$VENV/bin/dagster" dev -m orchestration.definitions -h 127.0.0.1 -p "$DAGSTER_PORT" >"$OUT/dagster.log" 2>&1 &
+fi
 DAGSTER_PID=$!
 "$VENV/bin/mlflow" ui --backend-store-uri "$TRACKING_URI" --host 127.0.0.1 --port "$MLFLOW_PORT" --workers 1 \
     >"$OUT/mlflow.log" 2>&1 &
