@@ -2,11 +2,9 @@
 for the same geometry, batch and precision: the two count independently, so a ledger that dropped the backward
 pass, the teacher or a micro-batch would fail here."""
 
-import importlib.util
-import sys
-
 import pytest
 import torch
+from helpers.bench import load_benchmark
 
 from gfm_core.objectives import build_continual_pretrain
 from gfm_core.training.backends import TorchBackend
@@ -14,17 +12,8 @@ from gfm_core.training.loop import LoopCfg, fit
 from gfm_core.training.optim import param_groups
 
 
-def _load_benchmark(repo_root, monkeypatch):
-    path = repo_root / "benchmarks" / "pretrain_step.py"
-    spec = importlib.util.spec_from_file_location("pretrain_step", path)
-    module = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, spec.name, module)  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_fit_ledger_flops_match_the_benchmark_count(repo_root, tmp_path, monkeypatch):
-    bench = _load_benchmark(repo_root, monkeypatch)
+    bench = load_benchmark(repo_root, monkeypatch)
     g, device, batch_size = bench.TINY, torch.device("cpu"), 2
     teacher = bench.write_teacher(g, tmp_path)
     cfg, _, backend = bench.build_candidate(g, device, "bf16", teacher, 1e-4, False)

@@ -1,23 +1,13 @@
 """The pretraining-step benchmark runs end to end on the tiny geometry, writes a complete results JSON, and a
 second run compares itself with it (no timing assertions: the numbers depend on the machine and its load)."""
 
-import importlib.util
 import json
 import math
-import sys
 
 import pytest
+from helpers.bench import load_benchmark
 
 from gfm_core.errors import ConfigError
-
-
-def _load_benchmark(repo_root, monkeypatch):
-    path = repo_root / "benchmarks" / "pretrain_step.py"
-    spec = importlib.util.spec_from_file_location("pretrain_step", path)
-    module = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, spec.name, module)  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
 
 
 def _check_run(data):
@@ -50,7 +40,7 @@ def _check_run(data):
 
 
 def test_pretrain_step_benchmark_tiny_writes_results_and_compares(repo_root, tmp_path, capsys, monkeypatch):
-    bench = _load_benchmark(repo_root, monkeypatch)
+    bench = load_benchmark(repo_root, monkeypatch)
     first, second = tmp_path / "first.json", tmp_path / "second.json"
     args = ["--tiny", "--device", "cpu", "--steps", "1", "--warmup", "0"]
     result = bench.main([*args, "--json", str(first)])
@@ -74,7 +64,7 @@ def test_pretrain_step_benchmark_tiny_writes_results_and_compares(repo_root, tmp
 
 
 def test_compare_rejects_a_file_that_is_not_a_results_json(repo_root, tmp_path, monkeypatch):
-    bench = _load_benchmark(repo_root, monkeypatch)
+    bench = load_benchmark(repo_root, monkeypatch)
     bad = tmp_path / "other.json"
     bad.write_text(json.dumps({"speedup": 3.0}))
     with pytest.raises(ConfigError, match=r"--compare .*other\.json: no \['baseline', 'candidate', 'settings'\]"):
