@@ -24,9 +24,12 @@ for the paper geometry on 2 cores).
 FLOPs of one step are counted once with ``torch.utils.flop_counter.FlopCounterMode`` over the candidate's
 forward + backward (the same math as the baseline's: matmuls, convolutions and attention; the optimizer's
 element-wise work is not counted); achieved FLOP/s = FLOPs / median step time. The same process measures this
-machine's bf16 matmul ceiling (a large ``torch.mm``, median FLOP/s, the same threads) and prints the
-candidate's share of it. On CUDA, MFU = the candidate's achieved FLOP/s over the GPU's dense bf16 peak (table
-below, or ``--peak-tflops``).
+machine's matmul ceiling in the dtype the candidate's matmuls run in (a large ``torch.mm``, median FLOP/s, the
+same threads) and prints the candidate's share of it. The candidate's precision is the one ``fit()`` would run:
+``precision: bf16`` on a CPU without bf16 kernels trains in fp32 there
+(:func:`gfm_core.training.backends.base.effective_precision`), so the candidate and its ceiling are fp32 on
+such a host (``GFM_FORCE_BF16=1`` keeps bf16). On CUDA, MFU = the candidate's achieved FLOP/s over the GPU's
+dense bf16 peak (table below, or ``--peak-tflops``).
 
 Every run writes a results JSON (machine, versions, settings, every step time, medians, IQR, ratio, FLOP/s,
 ceiling) to ``--json`` or ``benchmarks/results/pretrain_step-<device>-<UTC time>.json`` (git-ignored; copy a
@@ -537,7 +540,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--matmul-n",
         type=int,
         default=None,
-        help="edge of the bf16 matmul that measures the ceiling (default: 512 tiny, 2048 CPU, 8192 CUDA)",
+        help="edge of the matmul that measures the ceiling (default: 512 tiny, 2048 CPU, 8192 CUDA)",
     )
     return p.parse_args(argv)
 
@@ -577,6 +580,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Run the benchmark; print the table; write the results JSON and return them."""
     args = parse_args(argv)
     from gfm_core.config import PretrainCfg
+    from gfm_core.training.backends.base import effective_precision
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -592,12 +596,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if steps < 1 or warmup < 0 or batch < 1:
         raise SystemExit("--steps and --batch must be >= 1, --warmup >= 0")
     previous = record.load(args.compare) if args.compare else None  # fail before the long run
-    precision = args.precision or PretrainCfg().precision
+    requested = args.precision or PretrainCfg().precision
+    precision = effective_precision(requested, device)  # what fit() runs on this device
     machine = record.machine(device)
     created = datetime.now(UTC).isoformat(timespec="seconds")
     n = args.matmul_n or (512 if g is TINY else 8192 if on_gpu else 2048)
-    _progress(f"bf16 matmul ceiling before the steps: {n} x {n}")
-    ceiling_before = record.matmul_ceiling(device, n)
+    _progress(f"{precision} matmul ceiling before the steps: {n} x {n}")
+    ceiling_before = record.matmul_ceiling(device, n, precision=precision)
 
     with tempfile.TemporaryDirectory(prefix="gfm_step_bench_") as tmp:
         t_build = time.perf_counter()
@@ -614,8 +619,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         _progress(f"built both variants in {build_s:.1f} s; {warmup} warm-up + {steps} timed steps each")
         _time_variants((base, cand), warmup, steps, on_gpu, device)
         flops = count_flops(cand_fwd_bwd)
-    _progress("bf16 matmul ceiling after the steps")
-    ceiling = record.best_ceiling(ceiling_before, record.matmul_ceiling(device, n))
+    _progress(f"{precision} matmul ceiling after the steps")
+    ceiling = record.best_ceiling(ceiling_before, record.matmul_ceiling(device, n, precision=precision))
     machine["load_avg_1_5_15_end"] = record.machine(device)["load_avg_1_5_15"]
 
     settings = {
@@ -626,6 +631,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "steps": steps,
         "warmup": warmup,
         "precision": precision,
+        "precision_requested": requested,
         "compile": bool(args.compile),
         "grad_checkpointing": bool(args.grad_checkpointing),
         "device": str(device),
@@ -746,6 +752,7 @@ def format_report(r: dict[str, Any]) -> str:
         )
     )
     b_peak, c_peak = r["baseline"]["peak_mem_bytes"], r["candidate"]["peak_mem_bytes"]
+    ceiling = r["matmul_ceiling"]
     lines += [
         "",
         f"speedup     {r['speedup']:.2f}x images/s, candidate over baseline, median steps "
@@ -757,7 +764,8 @@ def format_report(r: dict[str, Any]) -> str:
         f"FLOPs/step  {r['flops_per_step'] / 1e12:.3f} TFLOP (FlopCounterMode, candidate fwd + bwd); "
         f"achieved {r['candidate']['achieved_flops_per_s'] / 1e12:.3f} TFLOP/s candidate, "
         f"{r['baseline']['achieved_flops_per_s'] / 1e12:.3f} TFLOP/s baseline",
-        f"ceiling     bf16 matmul {r['matmul_ceiling']['flops_per_s'] / 1e12:.3f} TFLOP/s on this machine "
+        f"ceiling     {ceiling.get('precision', 'bf16')} matmul {ceiling['flops_per_s'] / 1e12:.3f} TFLOP/s "
+        "on this machine "
         f"({r['matmul_ceiling']['what']}); candidate at {r['candidate_share_of_ceiling']:.1%} of it",
         f"MFU         {mfu}",
     ]

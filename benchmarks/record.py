@@ -94,11 +94,19 @@ def stats(times: list[float]) -> dict[str, float]:
     return {"median": med, "q1": q1, "q3": q3, "iqr": q3 - q1, "iqr_rel": (q3 - q1) / med, "min": min(times)}
 
 
-def matmul_ceiling(device: torch.device, n: int, reps: int = 10, warmup: int = 2) -> dict[str, Any]:
-    """bf16 ``n x n @ n x n`` matmul FLOP/s on this device with the current threads: median over ``reps``."""
+#: the matmul dtype that bounds a step trained in each precision (fp16 and bf16 autocast run their matmuls there)
+CEILING_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def matmul_ceiling(
+    device: torch.device, n: int, reps: int = 10, warmup: int = 2, precision: str = "bf16"
+) -> dict[str, Any]:
+    """``n x n @ n x n`` matmul FLOP/s in ``precision``'s dtype on this device with the current threads: median
+    over ``reps``."""
+    dtype = CEILING_DTYPES[precision]
     gen = torch.Generator().manual_seed(0)
-    a = torch.randn(n, n, generator=gen).to(device, torch.bfloat16)
-    b = torch.randn(n, n, generator=gen).to(device, torch.bfloat16)
+    a = torch.randn(n, n, generator=gen).to(device, dtype)
+    b = torch.randn(n, n, generator=gen).to(device, dtype)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     rates = []
     for i in range(warmup + reps):
@@ -109,8 +117,9 @@ def matmul_ceiling(device: torch.device, n: int, reps: int = 10, warmup: int = 2
         if i >= warmup:
             rates.append(2 * n**3 / (time.perf_counter() - t0))
     return {
-        "what": f"torch.mm bf16 {n}x{n} @ {n}x{n}, median of {reps} after {warmup} warm-up",
+        "what": f"torch.mm {precision} {n}x{n} @ {n}x{n}, median of {reps} after {warmup} warm-up",
         "n": n,
+        "precision": precision,
         "reps": reps,
         "tflops_all": [round(r / 1e12, 4) for r in rates],
         "flops_per_s": statistics.median(rates),

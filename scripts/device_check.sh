@@ -84,7 +84,7 @@ if step:
     mfu = step.get("mfu")
     print(
         f"device_check: step speedup {step['speedup']:.2f}x, candidate {step['candidate']['achieved_flops_per_s'] / 1e12:.3f}"
-        f" TFLOP/s, {step['candidate_share_of_ceiling']:.0%} of the measured bf16 matmul ceiling"
+        f" TFLOP/s, {step['candidate_share_of_ceiling']:.0%} of the measured {step['matmul_ceiling'].get('precision', 'bf16')} matmul ceiling"
         + (f", MFU {mfu:.1%}" if mfu is not None else "")
     )
 print(f"device_check: results {out}")

@@ -8,6 +8,7 @@ import pytest
 from helpers.bench import load_benchmark
 
 from gfm_core.errors import ConfigError
+from gfm_core.training.backends.base import effective_precision
 
 
 def _check_run(data):
@@ -20,7 +21,11 @@ def _check_run(data):
     assert machine["gpu_name"] is None and len(machine["load_avg_1_5_15"]) == 3
     assert versions["torch"] and versions["timm"] and versions["python"] and "deepspeed" in versions
     assert settings == {**settings, "geometry": "tiny", "batch": 2, "steps": 1, "warmup": 0, "compile": False}
+    # the candidate runs what fit() would here (bf16 -> fp32 on a CPU without bf16 kernels), bounded in that dtype
+    assert settings["precision_requested"] == "bf16"
+    assert settings["precision"] == effective_precision("bf16", "cpu")
     ceiling = data["matmul_ceiling"]
+    assert ceiling["precision"] == settings["precision"]
     assert ceiling["flops_per_s"] == max(ceiling["flops_per_s_before"], ceiling["flops_per_s_after"]) > 0
     assert len(ceiling["tflops_all"]) == ceiling["reps"]
     share = data["candidate"]["achieved_flops_per_s"] / ceiling["flops_per_s"]
@@ -49,7 +54,8 @@ def test_pretrain_step_benchmark_tiny_writes_results_and_compares(repo_root, tmp
     _check_run(data)
     printed = capsys.readouterr().out
     assert "speedup" in printed and "MFU         n/a on CPU" in printed
-    assert "bf16 matmul" in printed and "candidate at" in printed and str(first) in printed
+    assert f"ceiling     {data['settings']['precision']} matmul" in printed
+    assert "candidate at" in printed and str(first) in printed
 
     data["versions"]["torch"] = "0.0-older"  # as if the first run had used another torch
     first.write_text(json.dumps(data))

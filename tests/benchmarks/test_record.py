@@ -27,7 +27,12 @@ def test_stats_median_and_interquartile_range(record):
 def test_matmul_ceiling_measures_bf16_flops(record):
     c = record.matmul_ceiling(torch.device("cpu"), 64, reps=3, warmup=1)
     assert c["n"] == 64 and len(c["tflops_all"]) == 3 and c["flops_per_s"] > 0
-    assert "bf16 64x64" in c["what"]
+    assert "bf16 64x64" in c["what"] and c["precision"] == "bf16"
+
+
+def test_matmul_ceiling_in_the_candidates_dtype(record):
+    c = record.matmul_ceiling(torch.device("cpu"), 64, reps=2, warmup=0, precision="fp32")
+    assert "fp32 64x64" in c["what"] and c["precision"] == "fp32" and c["flops_per_s"] > 0
 
 
 def test_compare_ratios_and_what_differs(record, tmp_path):
