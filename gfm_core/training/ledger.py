@@ -7,6 +7,9 @@
   ``/sys/class/powercap`` on CPU, NVML's total-energy counter on NVIDIA GPUs when ``nvidia-ml-py`` is installed);
   elsewhere it is power x time from the device table or ``compute`` settings, and the ledger says ``estimate``.
 - **CO2** = energy x the configured grid intensity (``compute.grid_gco2_per_kwh``, its source stated).
+- **Teacher pool**: with ``pretrain.teacher_pool`` the teacher's targets come from forwards run once, before
+  training (:mod:`gfm_core.data.pretrain.teacher_pool`); the steps do not count them, so the ledger states that
+  one-off cost beside them (``pool_flops``, ``pool_s``; ``pool_cached`` when this run read an earlier run's pool).
 - **MFU** = achieved FLOP/s / the device's published dense peak at the run's precision (unknown on CPU unless
   ``compute.peak_tflops`` is given).
 """
@@ -18,7 +21,7 @@ import logging
 import os
 import platform
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -168,6 +171,9 @@ class Ledger:
     grid_gco2_per_kwh: float
     grid_source: str
     co2_kg: float
+    pool_flops: float | None = None  # the teacher pool's forwards (one-off; not in ``flops``)
+    pool_s: float | None = None
+    pool_cached: bool | None = None  # read from an earlier run's file: its cost was paid there
 
     def to_json(self) -> dict[str, Any]:
         """The ledger as a JSON-ready dict."""
@@ -192,12 +198,13 @@ def _estimate(cfg: ComputeCfg, spec: DeviceSpec | None, on_gpu: bool, count: int
 
 
 def make_ledger(cfg: ComputeCfg, *, wall_s: float, steps: int, global_batch: int, flops_per_step: float | None,
-                device: str, world_size: int, precision: str, energy: tuple[float, str] | None) -> Ledger:
+                device: str, world_size: int, precision: str, energy: tuple[float, str] | None,
+                pool: Mapping[str, Any] | None = None) -> Ledger:
     """The ledger of a run of ``steps`` optimizer steps of ``global_batch`` samples in ``wall_s`` seconds on
     ``world_size`` ranks.
 
     ``flops_per_step`` is one step's count on all ranks; ``energy`` what :meth:`EnergyMeter.stop` returned
-    (None: estimated from power x time).
+    (None: estimated from power x time); ``pool`` the teacher pool's ``cost`` (``flops``, ``seconds``, ``cached``).
     """
     name = device_name(device)
     on_gpu = str(device).startswith("cuda")
@@ -216,6 +223,8 @@ def make_ledger(cfg: ComputeCfg, *, wall_s: float, steps: int, global_batch: int
         mfu=achieved / total_peak if achieved is not None and total_peak else None,
         energy_kwh=kwh, energy_source=source, grid_gco2_per_kwh=cfg.grid_gco2_per_kwh, grid_source=cfg.grid_source,
         co2_kg=kwh * cfg.grid_gco2_per_kwh / 1000,
+        pool_flops=pool.get("flops") if pool else None, pool_s=pool.get("seconds") if pool else None,
+        pool_cached=pool.get("cached") if pool else None,
     )
 
 

@@ -179,6 +179,9 @@ def test_teacher_pool_targets_are_the_teachers_and_are_keyed_by_teacher(shards, 
         assert torch.allclose(pool.targets[7], net(st.render(pool.crop(7))[None])[0], atol=1e-6)
     again = load_or_build_pool(st, teacher, path, size=40, seed=0, teacher_id={"sha256": "a"})
     assert sum(calls) == 40 and torch.equal(again.targets, pool.targets)  # read back, not recomputed
+    # the one-off cost the ledger reports: 40 views x a 3x3 conv 3 -> 5 over 14 x 14 outputs (2 FLOPs per MAC)
+    assert pool.cost["flops"] == 40 * 2 * (14 * 14 * 5) * (3 * 3 * 3) and pool.cost["seconds"] > 0
+    assert not pool.cost["cached"] and again.cost == {**pool.cost, "cached": True}  # the file keeps its cost
     other = load_or_build_pool(st, teacher, path, size=40, seed=0, teacher_id={"sha256": "b"})
     assert sum(calls) == 80 and other.key != pool.key  # a new teacher invalidates the stored targets
     st.pool = other

@@ -63,6 +63,8 @@ def test_ingest_then_pretrain_exports_a_loadable_backbone(demo_params):
     compute = summary["compute"]  # the ledger: measured FLOPs of a step, device-hours, energy, CO2
     assert compute["steps"] == 4 and compute["flops"] == 4 * compute["flops_per_step"] > 0
     assert compute["energy_kwh"] > 0 and compute["co2_kg"] > 0 and compute["device_hours"] > 0
+    assert compute["pool_flops"] > 0 and compute["pool_s"] > 0  # the teacher pool's one-off forwards, beside
+    assert compute["pool_cached"] is not None
     assert res.tracked_metrics()["compute.flops_per_step"] == compute["flops_per_step"]
     rows = res.metrics_csv.read_text().splitlines()
     assert rows[0].startswith("step,") and len(rows) == 3  # header + steps 2 and 4

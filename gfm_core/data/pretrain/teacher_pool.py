@@ -8,6 +8,10 @@ training then picks views from the pool (a fresh SimMIM mask every time), so the
 masking of a view at every step, but only ``N`` distinct crops. The views are stored too (uint8, 12 KB each at
 64 px), so a step only normalises and masks them: no decoding, cropping or resizing.
 
+Building a pool costs teacher forwards that no training step counts: the pool records them (``cost``: FLOPs
+counted by torch's ``FlopCounterMode`` over every forward, and the seconds), in the file's metadata too, so the
+compute ledger of every run that reads the pool names the one-off cost it rests on.
+
 The file is keyed by everything the targets depend on (teacher weights sha256 and geometry, the shards'
 generation, the view settings, pool size and seed, the student's normalisation): a new teacher, another pile or
 other crop settings compute a new pool instead of reusing a stale one. It is a safetensors file (nothing
@@ -16,15 +20,18 @@ pickled) whose metadata holds the key, written atomically.
 
 from __future__ import annotations
 
+import json
 import logging
+import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
+from torch.utils.flop_counter import FlopCounterMode
 
 from gfm_core.data.pretrain.stream import Crop, PretrainStream
 from gfm_core.errors import CheckpointError
@@ -42,12 +49,15 @@ class TeacherPool:
         views: ``[N, C, S, S]`` uint8: the views themselves (a step then only normalises and masks them).
         targets: ``[N, D]`` float32 teacher features.
         key: what the targets were computed for (:func:`pool_key`).
+        cost: what building it took: ``flops`` (teacher forwards) and ``seconds``; ``cached`` when this run read
+            it from the file instead of building it (empty for a file written before costs were recorded).
     """
 
     crops: np.ndarray
     views: Tensor
     targets: Tensor
     key: str
+    cost: Mapping[str, Any] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.crops)
@@ -95,26 +105,31 @@ def load_or_build_pool(
     if path.is_file():
         try:
             with safe_open(str(path), framework="pt") as f:
-                if (f.metadata() or {}).get("key") == key:
+                meta = f.metadata() or {}
+                if meta.get("key") == key:
+                    cost = {**json.loads(meta.get("cost", "{}")), "cached": True}
                     return TeacherPool(f.get_tensor("crops").numpy(), f.get_tensor("views"), f.get_tensor("targets"),
-                                       key)
+                                       key, cost)
         except Exception as e:  # a foreign or damaged file: rebuilt below
             log.warning("%s: unreadable teacher pool (%s); recomputing it", path, e)
         log.info("%s: teacher pool of other settings or teacher; recomputing it", path)
     rng = np.random.default_rng([seed, 0x7001])
     crops = [stream.sampler.draw(rng) for _ in range(size)]
     views = torch.stack([stream.view(c) for c in crops])
-    with torch.no_grad():
+    t0 = time.perf_counter()
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
         targets = torch.cat([teacher(torch.stack([stream.normalise(v) for v in views[s : s + batch_size]]))
                              .float().cpu() for s in range(0, size, batch_size)])
+    cost = {"flops": int(counter.get_total_flops()), "seconds": round(time.perf_counter() - t0, 3)}
     if not torch.isfinite(targets).all():
         raise CheckpointError(f"{path}: the teacher produced non-finite targets; check teacher.checkpoint")
     rows = torch.tensor([c.as_row() for c in crops], dtype=torch.int64)
     write_bytes(path, save({"crops": rows, "views": views.contiguous(), "targets": targets.contiguous()},
-                           metadata={"key": key}))
-    log.info("teacher pool: %d views, targets %s -> %s", size, tuple(targets.shape), path)
+                           metadata={"key": key, "cost": json.dumps(cost)}))
+    log.info("teacher pool: %d views, targets %s -> %s (%.3g FLOPs, %.1f s)", size, tuple(targets.shape), path,
+             cost["flops"], cost["seconds"])
     _prune(path.parent, keep=KEEP_POOLS)
-    return TeacherPool(rows.numpy(), views, targets, key)
+    return TeacherPool(rows.numpy(), views, targets, key, {**cost, "cached": False})
 
 
 KEEP_POOLS = 2  # pools of other teachers or settings kept beside the newest (a switch back costs nothing)
