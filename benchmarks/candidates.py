@@ -1,7 +1,8 @@
 """Speed-up candidates for the pretraining step, each against today's candidate path, in one process.
 
 Every variant is :func:`pretrain_step.build_candidate` (the ``fit()`` path: bf16 autocast, bf16 frozen teacher,
-fused AdamW) from the same seed and batch, with one change:
+fused AdamW; fp32 where ``fit()`` would fall back to it, on a CPU without bf16 kernels) from the same seed and
+batch, with one change:
 
 - ``eager``: unchanged (the reference);
 - ``compile``: ``torch.compile`` (inductor) of the student and the teacher; the first step's extra time is
@@ -73,12 +74,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--variants", default="eager,sdpa,channels_last", help=f"comma list of {', '.join(VARIANTS)}")
-    p.add_argument("--precision", default="bf16", choices=("fp32", "bf16"))
+    p.add_argument("--precision", default=None, choices=("fp32", "bf16"),
+                   help="default: what fit() runs here (bf16, or fp32 on a CPU without bf16 kernels)")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.precision is None:
+        from gfm_core.training.backends.base import effective_precision
+
+        args.precision = effective_precision("bf16", "cpu")
     names = ["eager", *(v for v in args.variants.split(",") if v and v != "eager")]
     unknown = set(names) - set(VARIANTS)
     if unknown:

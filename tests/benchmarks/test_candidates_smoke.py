@@ -20,3 +20,6 @@ def test_candidates_tiny_same_first_loss_and_a_results_json(repo_root, tmp_path,
         assert len(v["step_s"]) == 2 and v["ratio_to_eager"] > 0
         assert v["first_loss_rel_diff"] < 1e-2, name  # the tolerance on the first steps
     assert result["settings"]["geometry"] == "tiny" and result["machine"]["threads"] >= 1
+    from gfm_core.training.backends.base import effective_precision
+
+    assert result["settings"]["precision"] == effective_precision("bf16", "cpu")  # what fit() runs here
