@@ -23,7 +23,8 @@ steps disturbed by other processes, and the printed IQR shows how disturbed the 
 for the paper geometry on 2 cores).
 FLOPs of one step are counted once with ``torch.utils.flop_counter.FlopCounterMode`` over the candidate's
 forward + backward (the same math as the baseline's: matmuls, convolutions and attention; the optimizer's
-element-wise work is not counted); achieved FLOP/s = FLOPs / median step time. The same process measures this
+element-wise work is not counted; with ``--grad-checkpointing`` the count runs without it: the recomputed
+forwards are extra work, not model FLOPs); achieved FLOP/s = FLOPs / median step time. The same process measures this
 machine's matmul ceiling in the dtype the candidate's matmuls run in (a large ``torch.mm``, median FLOP/s, the
 same threads) and prints the candidate's share of it. The candidate's precision is the one ``fit()`` would run:
 ``precision: bf16`` on a CPU without bf16 kernels trains in fp32 there
@@ -447,9 +448,14 @@ def build_variants(
         return value, t1 - t0, t2 - t1, t3 - t2
 
     def candidate_fwd_bwd() -> None:
-        out = backend.forward(batch)
-        backend.backward(out["loss"])
-        backend.optimizer.zero_grad(set_to_none=True)
+        encoder = objective.student.encoder  # model FLOPs: gradient checkpointing's recomputed forwards not counted
+        encoder.set_grad_checkpointing(False)
+        try:
+            out = backend.forward(batch)
+            backend.backward(out["loss"])
+            backend.optimizer.zero_grad(set_to_none=True)
+        finally:
+            encoder.set_grad_checkpointing(grad_checkpointing)
 
     base = Variant("baseline", baseline_step, lambda: state_bytes(baseline, b_opt))
     cand = Variant("candidate", candidate_step, lambda: state_bytes(objective, optimizer))

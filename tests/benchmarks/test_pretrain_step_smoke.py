@@ -57,6 +57,11 @@ def test_pretrain_step_benchmark_tiny_writes_results_and_compares(repo_root, tmp
     assert f"ceiling     {data['settings']['precision']} matmul" in printed
     assert "candidate at" in printed and str(first) in printed
 
+    ckpt = bench.main([*args, "--grad-checkpointing", "--json", str(tmp_path / "ckpt.json")])
+    assert ckpt["settings"]["grad_checkpointing"] and ckpt["baseline"]["first_loss"] == result["baseline"]["first_loss"]
+    assert ckpt["flops_per_step"] == result["flops_per_step"]  # model FLOPs: recomputed forwards are not counted
+    capsys.readouterr()
+
     data["versions"]["torch"] = "0.0-older"  # as if the first run had used another torch
     first.write_text(json.dumps(data))
     bench.main([*args, "--json", str(second), "--compare", str(first)])
