@@ -224,9 +224,10 @@ def _run_pretrain(
         )
     elapsed = meter["wall_s"]
     ledger = make_ledger(params.compute, wall_s=elapsed, steps=fit_res.steps - fit_res.start_step,
-                         global_batch=cfg.batch_size * cfg.grad_accum * backend.world_size,
-                         flops_per_step=fit_res.flops_per_step, device=device, world_size=backend.world_size,
-                         precision=cfg.precision, energy=meter["energy"], pool=stream.pool and stream.pool.cost)
+                         global_batch=cfg.batch_size * cfg.grad_accum * backend.world_size, device=device,
+                         flops_per_step=fit_res.flops_per_step, world_size=backend.world_size, precision=cfg.precision,
+                         energy=meter["energy"], pool=stream.pool and stream.pool.cost,
+                         recompute=cfg.grad_checkpointing)
 
     backbone, summary = out_dir / "backbone.safetensors", out_dir / "summary.json"
     weights = backend.state_dict()  # collective under ZeRO-3 (gathers the shards): every rank calls it

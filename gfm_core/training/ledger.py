@@ -174,6 +174,7 @@ class Ledger:
     pool_flops: float | None = None  # the teacher pool's forwards (one-off; not in ``flops``)
     pool_s: float | None = None
     pool_cached: bool | None = None  # read from an earlier run's file: its cost was paid there
+    recompute: bool = False  # FLOPs include gradient checkpointing's recomputed forwards (MFU is then HFU)
 
     def to_json(self) -> dict[str, Any]:
         """The ledger as a JSON-ready dict."""
@@ -199,12 +200,13 @@ def _estimate(cfg: ComputeCfg, spec: DeviceSpec | None, on_gpu: bool, count: int
 
 def make_ledger(cfg: ComputeCfg, *, wall_s: float, steps: int, global_batch: int, flops_per_step: float | None,
                 device: str, world_size: int, precision: str, energy: tuple[float, str] | None,
-                pool: Mapping[str, Any] | None = None) -> Ledger:
+                pool: Mapping[str, Any] | None = None, recompute: bool = False) -> Ledger:
     """The ledger of a run of ``steps`` optimizer steps of ``global_batch`` samples in ``wall_s`` seconds on
     ``world_size`` ranks.
 
     ``flops_per_step`` is one step's count on all ranks; ``energy`` what :meth:`EnergyMeter.stop` returned
-    (None: estimated from power x time); ``pool`` the teacher pool's ``cost`` (``flops``, ``seconds``, ``cached``).
+    (None: estimated from power x time); ``pool`` the teacher pool's ``cost`` (``flops``, ``seconds``, ``cached``);
+    ``recompute``: the counted step ran gradient checkpointing, so its FLOPs include the recomputed forwards.
     """
     name = device_name(device)
     on_gpu = str(device).startswith("cuda")
@@ -224,7 +226,7 @@ def make_ledger(cfg: ComputeCfg, *, wall_s: float, steps: int, global_batch: int
         energy_kwh=kwh, energy_source=source, grid_gco2_per_kwh=cfg.grid_gco2_per_kwh, grid_source=cfg.grid_source,
         co2_kg=kwh * cfg.grid_gco2_per_kwh / 1000,
         pool_flops=pool.get("flops") if pool else None, pool_s=pool.get("seconds") if pool else None,
-        pool_cached=pool.get("cached") if pool else None,
+        pool_cached=pool.get("cached") if pool else None, recompute=recompute,
     )
 
 

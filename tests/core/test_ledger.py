@@ -59,6 +59,12 @@ def test_mfu_against_a_given_peak_and_measured_energy():
     assert led.energy_kwh == pytest.approx(2.0) and led.energy_source == "measured (rapl)"
     assert led.co2_kg == pytest.approx(0.2)
     assert led.metrics()["compute.co2_kg"] == pytest.approx(0.2) and "compute.device" not in led.metrics()
+    assert not led.recompute and led.pool_flops is None  # no checkpointing, no teacher pool
+    pooled = make_ledger(cfg, wall_s=10.0, steps=5, global_batch=8, flops_per_step=2e12, device="cpu", world_size=2,
+                         precision="bf16", energy=None, pool={"flops": 3e12, "seconds": 4.0, "cached": True},
+                         recompute=True)
+    assert (pooled.pool_flops, pooled.pool_s, pooled.pool_cached, pooled.recompute) == (3e12, 4.0, True, True)
+    assert pooled.flops == 1e13  # the steps' count; the one-off pool stands beside it
 
 
 def _rapl(root, name, uj, rng=1000):
