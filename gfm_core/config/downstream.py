@@ -130,7 +130,7 @@ class BackboneSpec(Section):
     ``export``: a backbone written by pretraining (``path`` = ``backbone.safetensors`` + JSON sidecar; default:
     the export of ``pretrain`` or of its ablation ``ablation``).
     ``teacher``: a timm model loaded from a local checkpoint (``arch`` + ``path``; default: the pretraining
-    teacher, the ImageNet baseline).
+    teacher, the ImageNet baseline, which then follows the teacher the export was distilled from: ``teacher_of``).
     ``random``: ``arch`` + ``timm_kwargs``, randomly initialised (default: the student's architecture).
     The defaults are filled in when the params are loaded (:func:`derive_models`).
     """
@@ -141,6 +141,11 @@ class BackboneSpec(Section):
     arch: str | None = None
     timm_kwargs: dict[str, Any] = Field(default_factory=dict)
     ablation: str | None = Field(None, description="export: the pretrain.ablations entry that wrote it")
+    teacher_of: Path | None = Field(
+        None, description="teacher: an export whose sidecar names the teacher it was distilled from; when that "
+        "teacher's file is there with the recorded sha256 and is another file than path, it is loaded instead (a "
+        "retraining on a released teacher compares its student with that teacher)",
+    )
     description: str = ""
 
     @model_validator(mode="after")
@@ -149,6 +154,8 @@ class BackboneSpec(Section):
             raise ValueError(f"model {self.name!r}: kind {self.kind!r} needs a path (a local weight file)")
         if self.kind in ("teacher", "random") and not self.arch:
             raise ValueError(f"model {self.name!r}: kind {self.kind!r} needs an arch (a timm model name)")
+        if self.teacher_of is not None and self.kind != "teacher":
+            raise ValueError(f"model {self.name!r}: only a teacher follows an export's teacher (teacher_of)")
         if self.ablation is not None and self.kind != "export":
             raise ValueError(f"model {self.name!r}: only an export comes from a pretraining ablation")
         return self
@@ -176,6 +183,8 @@ def derive_models(raw: dict[str, Any]) -> dict[str, Any]:
         if m.get("kind") == "export" and m.get("path") is None:
             m["path"] = str(pre.ablation_dir(m.get("ablation")) / "backbone.safetensors")
         elif m.get("kind") == "teacher" and not m.get("arch"):
+            if not m.get("path"):  # the pretraining teacher itself: the one the export was distilled from
+                m.setdefault("teacher_of", str(pre.out_dir / "backbone.safetensors"))
             m.update(arch=pre.teacher.arch, path=m.get("path") or pre.teacher.checkpoint,
                      timm_kwargs=m.get("timm_kwargs") or dict(pre.teacher.timm_kwargs))
         elif m.get("kind") == "random" and not m.get("arch"):

@@ -9,6 +9,7 @@ returns it with the normalisation its weights expect and the sha256 of the bytes
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,8 @@ from gfm_core.config import BackboneSpec, TaskCfg
 from gfm_core.errors import CheckpointError, ConfigError
 from gfm_core.io import sha256_file, sha256_json
 from gfm_core.models.weights import load_backbone, load_timm_weights
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -69,17 +72,42 @@ def _export_hint(spec: BackboneSpec) -> str:
     return "produce it with `gfm pretrain` (stages.run_pretrain) or point finetune.models[].path at an export"
 
 
+def distilled_teacher(spec: BackboneSpec) -> BackboneSpec:
+    """``spec``; for a teacher that follows an export (``teacher_of``), the teacher that export's sidecar names,
+    when its file is there with the recorded sha256 and is another file: after a retraining on a released teacher
+    the ImageNet baseline is the teacher the student was distilled from, not the one in the params."""
+    if spec.kind != "teacher" or spec.teacher_of is None:
+        return spec
+    side = Path(spec.teacher_of).with_suffix(".json")
+    try:
+        teacher = json.loads(side.read_text()).get("meta", {}).get("teacher") or {}
+    except (OSError, ValueError, AttributeError):
+        return spec  # no export (yet): the configured teacher
+    file, arch, sha = teacher.get("file"), teacher.get("arch"), teacher.get("sha256")
+    if not (file and arch and sha) or Path(file) == Path(str(spec.path)):
+        return spec
+    if not Path(file).is_file() or sha256_file(file) != sha:
+        log.warning("%s: the export was distilled from %s (sha256 %s), which is not there with those bytes; "
+                    "model %r stays %s", side, file, sha[:12], spec.name, spec.path)
+        return spec
+    log.info("model %r: %s %s, the teacher %s was distilled from (params name %s)", spec.name, arch, file, side,
+             spec.path)
+    return spec.model_copy(update={"path": Path(file), "arch": arch})
+
+
 def backbone_sha256(spec: BackboneSpec) -> str:
     """What a fine-tuning run of ``spec`` starts from: the sha256 of its weight file (``export``, ``teacher``).
 
     A ``random`` backbone has no file: its identity is the sha256 of ``{kind, arch, timm_kwargs}``; with the
-    run's seed (recorded next to it) that fixes the initial weights.
+    run's seed (recorded next to it) that fixes the initial weights. A teacher that follows an export is the
+    teacher it resolves to (:func:`distilled_teacher`).
 
     Raises:
         CheckpointError: the weight file is missing.
     """
     if spec.kind == "random":
         return sha256_json({"kind": "random", "arch": spec.arch, "timm_kwargs": spec.timm_kwargs})
+    spec = distilled_teacher(spec)
     assert spec.path is not None
     if not Path(spec.path).is_file():
         hint = _export_hint(spec) if spec.kind == "export" else "copy the weights there or fix the path"
@@ -99,6 +127,7 @@ def load_task_backbone(spec: BackboneSpec, task: TaskCfg, *, drop_path_rate: flo
         ConfigError: unknown arch, a window size for a backbone without one, SciPy interpolation requested.
     """
     _check_no_scipy_interp()
+    spec = distilled_teacher(spec)
     if spec.kind == "export" and spec.path is not None and not Path(spec.path).is_file():
         raise CheckpointError(
             f"{spec.path}: backbone export of model {spec.name!r} not found; {_export_hint(spec)}"

@@ -43,7 +43,7 @@ from gfm_core.evaluation.results import (
 from gfm_core.evaluation.scoring import BestEpoch, evaluate_objective
 from gfm_core.io import read_json, write_json
 from gfm_core.models.heads import build_task_model
-from gfm_core.models.loading import LoadedBackbone, load_task_backbone
+from gfm_core.models.loading import LoadedBackbone, distilled_teacher, load_task_backbone
 from gfm_core.objectives.mixing import batch_mix
 from gfm_core.objectives.protocols import build_objective
 from gfm_core.task_heads import get_head
@@ -168,6 +168,7 @@ def finetune(
     device = auto_device(cfg.device)
     cfg = with_effective_precision(cfg, device)
     seed_everything(seed)
+    spec = distilled_teacher(spec)  # the ImageNet baseline: the teacher the export was distilled from
     loaded = load_task_backbone(spec, task, drop_path_rate=cfg.drop_path_rate)
     _bind_start(out_dir / START_FILE, spec, loaded.sha256, resume)
     data = _datasets(cfg, task, spec, loaded, seed)

@@ -47,9 +47,15 @@ def _tick(defs: dg.Definitions, instance: dg.DagsterInstance, cursor: str | None
         return sensor.evaluate_tick(context)
 
 
+def _imagenet_backbone(workdir) -> str:
+    """The sha256 of the backbone the ImageNet baseline's fine-tuning started from."""
+    result = workdir / "finetune" / "scene" / "imagenet" / "seed_0" / "result.json"
+    return json.loads(result.read_text())["backbone"]["sha256"]
+
+
 def test_a_released_lite2_teacher_retrains_evaluates_and_gates_once(repo_root, workdir):
     tasks = ("scene",)
-    path = write_params(repo_root, workdir, tasks=tasks, models=("gfm",),
+    path = write_params(repo_root, workdir, tasks=tasks, models=("gfm", "imagenet"),
                         edit=lambda raw: raw["presets"]["demo"]["promote"].update(must_beat=[]))
     defs = build_defs(str(path))
     instance = dg.DagsterInstance.ephemeral()
@@ -66,6 +72,7 @@ def test_a_released_lite2_teacher_retrains_evaluates_and_gates_once(repo_root, w
     v1 = client.get_model_version("gfm-foundation", "1")
     assert v1.tags["gfm.teacher"] == "tf_efficientnet_lite0" and v1.tags["gfm.teacher_sha256"] == lite0_sha
     assert v1.tags["gfm.previous_teacher"] == "none"
+    assert _imagenet_backbone(workdir) == lite0_sha
     quiet = _tick(defs, instance, None)
     assert quiet.run_requests == []  # the teacher in force is not news
 
@@ -92,6 +99,7 @@ def test_a_released_lite2_teacher_retrains_evaluates_and_gates_once(repo_root, w
     after = dg.evaluate_automation_conditions(defs=defs, instance=instance, cursor=before.cursor)
     assert after.get_requested_partitions(dg.AssetKey("finetuned_models")) == set(tasks)
     gate = _downstream(defs, instance, tasks)
+    assert _imagenet_backbone(workdir) == rel.sha256  # the baseline is the teacher the student learned from
 
     # (e) a new registry version records the teacher change, the champion it was judged against, and why
     v2 = client.get_model_version("gfm-foundation", "2")
