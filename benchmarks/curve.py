@@ -48,16 +48,10 @@ from benchmarks import record  # noqa: E402  (after the path insert: run as a sc
 
 def demo_params(work: Path) -> Any:
     """The demo preset of ``params.yaml`` with every path under ``work``."""
-    from gfm_core import stages
     from gfm_core.config import parse_params
+    from gfm_core.stages.data import demo_under
 
-    raw = yaml.safe_load((REPO / "params.yaml").read_text())
-    raw["demo_data"]["root"] = str(work / "demo")
-    demo = raw["presets"]["demo"]
-    demo["ingest"].update(root=str(work / "demo" / "pile"), out_dir=str(work / "geopile"))
-    demo["pretrain"]["teacher"]["checkpoint"] = str(work / "demo" / "teacher" / stages.TEACHER_FILE)
-    for task in demo["finetune"]["tasks"]:  # the contamination check reads the tasks' test splits
-        task["root"] = str(work / "demo" / "tasks" / task["name"])
+    raw = demo_under(yaml.safe_load((REPO / "params.yaml").read_text()), work)
     return parse_params(raw, source="benchmarks/curve.py")
 
 

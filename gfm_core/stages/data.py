@@ -36,6 +36,18 @@ class DemoDataStageResult:
         return {"manifest": self.root / "manifest.json"}
 
 
+def demo_under(raw: dict[str, Any], folder: Path) -> dict[str, Any]:
+    """``raw`` params (``params.yaml`` as parsed YAML) with the demo's data, pile outputs, teacher and task folders
+    under ``folder``: a scratch copy of the demo for tests and benchmarks. Edits ``raw`` and returns it."""
+    raw["demo_data"]["root"] = str(folder / "demo")
+    demo = raw["presets"]["demo"]
+    demo["ingest"].update(root=str(folder / "demo" / "pile"), out_dir=str(folder / "geopile"))
+    demo["pretrain"]["teacher"]["checkpoint"] = str(folder / "demo" / "teacher" / TEACHER_FILE)
+    for task in demo["finetune"]["tasks"]:  # the contamination check reads every task's test split
+        task["root"] = str(folder / "demo" / "tasks" / task["name"])
+    return raw
+
+
 def run_demo_data(params: Params) -> DemoDataStageResult:
     """Build the embedded demo GeoPile and tasks, and export the real ImageNet demo teacher next to them."""
     from gfm_core.demo.build import build_demo_data

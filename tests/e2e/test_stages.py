@@ -16,19 +16,14 @@ from gfm_core.config import parse_params
 from gfm_core.errors import CheckpointError, DataValidationError
 from gfm_core.io import load_weights
 from gfm_core.models.weights import load_backbone
+from gfm_core.stages.data import demo_under
 from gfm_core.training.checkpoint import exclusive_out_dir
 
 
 def _params(repo_root, tmp, **pretrain):
-    raw = yaml.safe_load((repo_root / "params.yaml").read_text())
-    raw["demo_data"]["root"] = str(tmp / "demo")
-    demo = raw["presets"]["demo"]
-    demo["ingest"].update(root=str(tmp / "demo" / "pile"), out_dir=str(tmp / "geopile"))
-    demo["pretrain"]["teacher"]["checkpoint"] = str(tmp / "demo" / "teacher" / stages.TEACHER_FILE)
-    for task in demo["finetune"]["tasks"]:  # the contamination check reads the tasks' test splits
-        task["root"] = str(tmp / "demo" / "tasks" / task["name"])
-    demo["pretrain"].update(out_dir=str(tmp / "pretrain"), batch_size=4, max_steps=4, log_every=2,
-                            checkpoint_every=2, teacher_pool=32, holdout_crops=8, **pretrain)
+    raw = demo_under(yaml.safe_load((repo_root / "params.yaml").read_text()), tmp)
+    raw["presets"]["demo"]["pretrain"].update(out_dir=str(tmp / "pretrain"), batch_size=4, max_steps=4, log_every=2,
+                                              checkpoint_every=2, teacher_pool=32, holdout_crops=8, **pretrain)
     return parse_params(raw, source="test-params")
 
 
