@@ -13,7 +13,8 @@ Two checks, both printed and written to a JSON:
 - **curve**: each run's loss smoothed over ``--window`` steps; at every step, the gap between the precisions'
   seed means against the seed-to-seed spread (standard deviation over seeds of the reference precision's
   smoothed curve). The curves agree "within noise" when the largest gap is at most that spread: changing the
-  precision moves the curve less than changing the seed does.
+  precision moves the curve less than changing the seed does. The paired differences at the last step (the
+  same seed in both precisions) are printed too: where one seed's runs part, the gap comes from that seed.
 
 bf16 runs with ``GFM_FORCE_BF16=1`` (a CPU without bf16 kernels would otherwise train in fp32: see
 :func:`gfm_core.training.backends.base.effective_precision`), so on such a host they are slow but still bf16.
@@ -27,11 +28,13 @@ Usage (from the repository root)::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -109,6 +112,11 @@ def smooth(values: list[float], window: int) -> list[float]:
     return [statistics.fmean(values[max(0, i + 1 - window) : i + 1]) for i in range(len(values))]
 
 
+def _over(gap: float, spread: float) -> float:
+    """``gap / spread``; with no spread (identical seeds), 0 for no gap and infinity for any gap."""
+    return gap / spread if spread > 0 else (0.0 if gap == 0 else float("inf"))
+
+
 def compare(curves: dict[str, dict[int, list[float]]], ref: str, cand: str, first: int, window: int) -> dict:
     """The two checks of the module docstring on ``{precision: {seed: losses}}``."""
     seeds = sorted(curves[ref])
@@ -122,7 +130,7 @@ def compare(curves: dict[str, dict[int, list[float]]], ref: str, cand: str, firs
         gaps.append(abs(means[1] - means[0]))
         spreads.append(statistics.stdev(sm[ref][s][t] for s in seeds) if len(seeds) > 1 else float("nan"))
     judged = range(min(window, steps) - 1, steps)  # from the first full window on
-    ratio = max(gaps[t] / spreads[t] for t in judged) if len(seeds) > 1 else float("nan")
+    ratio = max(_over(gaps[t], spreads[t]) for t in judged) if len(seeds) > 1 else float("nan")
     return {
         "first_steps_rel_diff": first_rel,
         "first_step_ok": first_rel[0] <= 1e-2,
@@ -131,7 +139,20 @@ def compare(curves: dict[str, dict[int, list[float]]], ref: str, cand: str, firs
         "max_gap_over_spread": ratio,
         "curve_within_noise": ratio <= 1.0,
         "end_mean": {p: statistics.fmean(sm[p][s][-1] for s in seeds) for p in (ref, cand)},
+        "end_diff_per_seed": {str(s): sm[cand][s][-1] - sm[ref][s][-1] for s in seeds},  # paired: same seed
     }
+
+
+@contextlib.contextmanager
+def _restore_env(name: str, value: str | None) -> Iterator[None]:
+    """Put environment variable ``name`` back to ``value`` (None: unset) when the block ends."""
+    try:
+        yield
+    finally:
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -149,10 +170,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    os.environ["GFM_FORCE_BF16"] = "1"  # measure bf16 itself, even where fit() would fall back to fp32
     curves: dict[str, dict[int, list[float]]] = {args.reference: {}, args.candidate: {}}
     seconds: dict[str, float] = {}
-    with tempfile.TemporaryDirectory(prefix="gfm_curve_") as tmp:
+    forced = os.environ.get("GFM_FORCE_BF16")
+    os.environ["GFM_FORCE_BF16"] = "1"  # measure bf16 itself, even where fit() would fall back to fp32
+    with tempfile.TemporaryDirectory(prefix="gfm_curve_") as tmp, _restore_env("GFM_FORCE_BF16", forced):
         params = prepare(Path(tmp))
         for precision in curves:
             t0 = time.perf_counter()
@@ -176,6 +198,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
           f"{result['max_gap_over_spread']:.2f}x the seed-to-seed spread "
           f"({'within noise' if result['curve_within_noise'] else 'NOT within noise'}); end loss "
           + ", ".join(f"{k} {v:.4f}" for k, v in result["end_mean"].items()))
+    print(f"end, {args.candidate} - {args.reference} per seed (same weights, views and masks): "
+          + ", ".join(f"seed {s} {d:+.4f}" for s, d in result["end_diff_per_seed"].items()))
     path = record.write(result, args.json or REPO / "benchmarks" / "results" /
                         f"curve-{datetime.now(UTC).strftime('%Y%m%dT%H%M%SZ')}.json")
     print(f"results     {path}")

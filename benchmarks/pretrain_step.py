@@ -22,9 +22,10 @@ oneDNN primitives and grow the allocator's pools; a median of ten alternating st
 steps disturbed by other processes, and the printed IQR shows how disturbed the run was; about three minutes
 for the paper geometry on 2 cores).
 FLOPs of one step are counted once with ``torch.utils.flop_counter.FlopCounterMode`` over the candidate's
-forward + backward (the same math as the baseline's: matmuls, convolutions and attention; the optimizer's
-element-wise work is not counted; with ``--grad-checkpointing`` the count runs without it: the recomputed
-forwards are extra work, not model FLOPs); achieved FLOP/s = FLOPs / median step time. The same process measures this
+forward + backward of one image, times the batch (every counted op is linear in the batch). That is the same
+math as the baseline's: matmuls, convolutions and attention; the optimizer's element-wise work is not counted.
+With ``--grad-checkpointing`` the count runs without it: the recomputed forwards are extra work, not model
+FLOPs. Achieved FLOP/s = FLOPs / median step time. The same process measures this
 machine's matmul ceiling in the dtype the candidate's matmuls run in (a large ``torch.mm``, median FLOP/s, the
 same threads) and prints the candidate's share of it. The candidate's precision is the one ``fit()`` would run:
 ``precision: bf16`` on a CPU without bf16 kernels trains in fp32 there
@@ -379,7 +380,8 @@ def build_variants(
     compile_candidate: bool = False,
     grad_checkpointing: bool = False,
 ) -> tuple[Variant, Variant, Callable[[], None]]:
-    """The baseline and candidate steps on the same initial weights, and the candidate's forward+backward."""
+    """The baseline and candidate steps on the same initial weights, and the candidate's forward+backward of the
+    batch's first image (for the FLOP count)."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
     def now() -> float:
@@ -447,11 +449,13 @@ def build_variants(
         t3 = now()
         return value, t1 - t0, t2 - t1, t3 - t2
 
+    one = {k: v[:1] for k, v in batch.items()}  # FLOPs are linear in the batch: count one image
+
     def candidate_fwd_bwd() -> None:
         encoder = objective.student.encoder  # model FLOPs: gradient checkpointing's recomputed forwards not counted
-        encoder.set_grad_checkpointing(False)
+        encoder.set_grad_checkpointing(False)  # at one image, so switching it off cannot run out of memory
         try:
-            out = backend.forward(batch)
+            out = backend.forward(one)
             backend.backward(out["loss"])
             backend.optimizer.zero_grad(set_to_none=True)
         finally:
@@ -624,7 +628,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         build_s = time.perf_counter() - t_build
         _progress(f"built both variants in {build_s:.1f} s; {warmup} warm-up + {steps} timed steps each")
         _time_variants((base, cand), warmup, steps, on_gpu, device)
-        flops = count_flops(cand_fwd_bwd)
+        flops = count_flops(cand_fwd_bwd) * batch  # the candidate's forward + backward of one image, x batch
     _progress(f"{precision} matmul ceiling after the steps")
     ceiling = record.best_ceiling(ceiling_before, record.matmul_ceiling(device, n, precision=precision))
     machine["load_avg_1_5_15_end"] = record.machine(device)["load_avg_1_5_15"]

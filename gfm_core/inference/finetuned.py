@@ -95,6 +95,11 @@ def load_finetuned(run_dir: str | Path, params: Params) -> tuple[LoadedModel, di
         raise ConfigError(f"{run_dir}: head {result.get('head')!r} gives no map; predict supports "
                           f"{', '.join(PREDICT_HEADS)}")
     task, spec = params.task(result["task"]), params.model(result["model"])
+    started_from = result.get("backbone") or {}
+    if spec.kind == "teacher" and started_from.get("source") and started_from.get("arch"):
+        # the teacher this run was fine-tuned from (a followed teacher too), not whichever the export names today
+        spec = spec.model_copy(update={"path": Path(started_from["source"]), "arch": started_from["arch"],
+                                       "teacher_of": None})
     loaded = load_task_backbone(spec, task)
     started = (result.get("backbone") or {}).get("sha256")
     if started != loaded.sha256:

@@ -80,11 +80,13 @@ def distilled_teacher(spec: BackboneSpec) -> BackboneSpec:
         return spec
     side = Path(spec.teacher_of).with_suffix(".json")
     try:
-        teacher = json.loads(side.read_text()).get("meta", {}).get("teacher") or {}
+        teacher = json.loads(side.read_text()).get("meta", {}).get("teacher")
     except (OSError, ValueError, AttributeError):
         return spec  # no export (yet): the configured teacher
+    if not isinstance(teacher, dict):
+        return spec
     file, arch, sha = teacher.get("file"), teacher.get("arch"), teacher.get("sha256")
-    if not (file and arch and sha) or Path(file) == Path(str(spec.path)):
+    if not (file and arch and sha) or Path(file).resolve() == Path(str(spec.path)).resolve():
         return spec
     if not Path(file).is_file() or sha256_file(file) != sha:
         log.warning("%s: the export was distilled from %s (sha256 %s), which is not there with those bytes; "

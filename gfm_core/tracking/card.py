@@ -60,7 +60,8 @@ def model_card(backbone: Path, params: Params | None = None, metrics: Mapping[st
     if summary.is_file():  # the pretraining's compute ledger (gfm_core.training.ledger)
         ledger = json.loads(summary.read_text()).get("compute") or {}
         card["compute"] = {k: ledger.get(k) for k in ("device", "device_count", "device_hours", "wall_s", "flops",
-                                                      "pool_flops", "mfu", "energy_kwh", "energy_source")}
+                                                      "pool_flops", "pool_cached", "mfu", "energy_kwh",
+                                                      "energy_source")}
         card["co2"] = {"kg": ledger.get("co2_kg"), "grid_gco2_per_kwh": ledger.get("grid_gco2_per_kwh"),
                        "grid_source": ledger.get("grid_source")}
     if params is not None:

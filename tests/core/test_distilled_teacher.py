@@ -69,3 +69,34 @@ def test_a_released_teacher_replaces_the_params_teacher_only_with_its_recorded_b
     pinned = spec.model_copy(update={"teacher_of": None})
     _export_sidecar(export, {"arch": "resnet14t", "file": str(new), "sha256": sha256_file(new)})
     assert distilled_teacher(pinned) == pinned and backbone_sha256(pinned) == sha256_file(old)
+
+
+def test_a_run_on_a_followed_teacher_reloads_from_what_it_started_from(tmp_path, tmp_path_factory):
+    from gfm_core.config import DemoDataCfg
+    from gfm_core.demo.build import build_demo_data
+    from gfm_core.inference.finetuned import load_finetuned
+    from gfm_core.stages.finetune import run_finetune_task
+
+    root = tmp_path_factory.mktemp("demo")
+    build_demo_data(DemoDataCfg(root=root))
+    old = _weights(tmp_path / "old.safetensors", "resnet10t", 0)
+    new = _weights(tmp_path / "new.safetensors", "resnet14t", 1)
+    seg = {"name": "segmentation", "head": "segmentation", "layout": "folders", "root": str(root / "tasks" /
+           "segmentation"), "img_size": 32, "bands": [3, 2, 1], "value_range": [0, 255],
+           "mask_values": [1, 2, 3, 4, 5, 6, 7]}
+    params = parse_params({
+        "pretrain": {"out_dir": str(tmp_path / "pre"), "teacher": {"arch": "resnet10t", "checkpoint": str(old)}},
+        "finetune": {"tasks": [seg], "models": [{"name": "imagenet", "kind": "teacher"}], "seeds": [0],
+                     "batch_size": 16, "max_steps": 2, "decoder_dim": 8, "device": "cpu", "num_workers": 0,
+                     "precision": "fp32", "out_dir": str(tmp_path / "ft")},
+        "evaluate": {"models": ["imagenet"], "out_dir": str(tmp_path / "eval")},
+    })
+    export = tmp_path / "pre" / "backbone.safetensors"
+    export.parent.mkdir()
+    _export_sidecar(export, {"arch": "resnet14t", "file": str(new), "sha256": sha256_file(new)})
+    res = run_finetune_task(params, "segmentation", "imagenet", 0)
+    assert res.backbone["sha256"] == sha256_file(new) and res.backbone["arch"] == "resnet14t"
+    # a later pretraining on the params' teacher: the export now names the old teacher, the run still reloads
+    _export_sidecar(export, {"arch": "resnet10t", "file": str(old), "sha256": sha256_file(old)})
+    loaded, _ = load_finetuned(res.out_dir, params)
+    assert loaded.info["backbone_sha256"] == sha256_file(new) and loaded.info["arch"] == "resnet14t"

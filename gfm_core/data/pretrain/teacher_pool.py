@@ -120,7 +120,7 @@ def load_or_build_pool(
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         targets = torch.cat([teacher(torch.stack([stream.normalise(v) for v in views[s : s + batch_size]]))
                              .float().cpu() for s in range(0, size, batch_size)])
-    cost = {"flops": int(counter.get_total_flops()), "seconds": round(time.perf_counter() - t0, 3)}
+    cost = {"flops": int(counter.get_total_flops()), "seconds": time.perf_counter() - t0}
     if not torch.isfinite(targets).all():
         raise CheckpointError(f"{path}: the teacher produced non-finite targets; check teacher.checkpoint")
     rows = torch.tensor([c.as_row() for c in crops], dtype=torch.int64)
