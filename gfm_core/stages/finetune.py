@@ -168,7 +168,6 @@ def finetune(
     device = auto_device(cfg.device)
     cfg = with_effective_precision(cfg, device)
     seed_everything(seed)
-    spec = distilled_teacher(spec)  # the ImageNet baseline: the teacher the export was distilled from
     loaded = load_task_backbone(spec, task, drop_path_rate=cfg.drop_path_rate)
     _bind_start(out_dir / START_FILE, spec, loaded.sha256, resume)
     data = _datasets(cfg, task, spec, loaded, seed)
@@ -345,7 +344,7 @@ def run_finetune_task(
     return finetune(
         cfg,
         params.task(task),
-        params.model(model_name),
+        distilled_teacher(params.model(model_name)),  # the ImageNet baseline: the teacher of the export
         seed=seed,
         out_dir=result_dir(cfg, task, model_name, seed),
         max_steps=max_steps,
